@@ -1,0 +1,1 @@
+"""HTTP API layer: OpenAI-compatible endpoints, health and metrics."""

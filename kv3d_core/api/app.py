@@ -1,0 +1,344 @@
+"""The FastAPI application: OpenAI-compatible endpoints over an :class:`Engine`.
+
+Bodies are parsed by hand (not by FastAPI's signature binding) so that every
+bad input is a 400 in OpenAI's error shape -- never FastAPI's 422 -- and the
+server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kv3d_core import __version__
+from kv3d_core.api.errors import APIError, from_validation_error
+from kv3d_core.api.schemas import ChatCompletionRequest, CompletionRequest
+from kv3d_core.contracts.backend import SamplingParams
+from kv3d_core.engine.engine import Engine, Prepared
+from kv3d_core.engine.prompt import TemplateError
+from kv3d_core.engine.scheduler import JobHandle, QueueFull
+
+log = logging.getLogger("kv3d.api")
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy endpoint
+DISCONNECT_POLL_S = 0.25
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class _Run:
+    """One submitted request seen from the event loop."""
+
+    def __init__(self, handle: JobHandle, queue: asyncio.Queue) -> None:
+        self.handle = handle
+        self.queue = queue
+        self.done = False
+
+    async def next_event(self, request: Request) -> tuple | None:
+        """The next scheduler event; None when the client went away (the job is cancelled)."""
+        while True:
+            try:
+                ev = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.handle.cancel()
+                    return None
+                continue
+            if ev[0] in ("done", "error"):
+                self.done = True
+            return ev
+
+
+def _error_from_event(ev: tuple) -> APIError:
+    _, status, message, etype, code, *rest = ev
+    headers = {"Retry-After": str(rest[0])} if rest else ({"Retry-After": "2"} if status == 503 else None)
+    return APIError(status, message, etype=etype, code=code, headers=headers)
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float = 16,
+               default_max_tokens: int | None = None) -> FastAPI:
+    app = FastAPI(title="kv3d", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.state.engine = engine
+    metrics = engine.metrics
+    max_body = int(max_body_mb * 1024 * 1024)
+
+    # -- errors ---------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return from_validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        msg = {404: "Unknown endpoint", 405: "Method not allowed"}.get(exc.status_code, str(exc.detail))
+        return APIError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, "internal server error", code="internal_error").response()
+
+    # -- middleware: auth and request metrics ---------------------------------------------------
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        path = request.url.path
+        endpoint = path if path in _ENDPOINTS else "other"
+        if api_key and path.startswith(("/v1/", "/debug/")):
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                metrics.http_requests.labels(endpoint, "401").inc()
+                return APIError(401, "Incorrect API key provided" if auth else "Missing API key: send 'Authorization: Bearer <key>'",
+                                code="invalid_api_key").response()
+        t0 = time.monotonic()
+        response = await call_next(request)
+        metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.request_seconds.labels(endpoint).observe(time.monotonic() - t0)
+        return response
+
+    async def _body(request: Request, model_cls):
+        raw = await request.body()
+        if len(raw) > max_body:
+            raise APIError(413, f"request body larger than {max_body_mb:g} MB", code="request_too_large")
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from exc
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        try:
+            req = model_cls.model_validate(data)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from exc
+        if req.model != engine.model_id:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{engine.model_id}'.",
+                           param="model", code="model_not_found", etype="invalid_request_error")
+        return req
+
+    def _sampling(req) -> SamplingParams:
+        return SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repeat_penalty=req.repeat_penalty or 1.0,
+        )
+
+    def _max_tokens(req, prepared: Prepared, default: int | None) -> int:
+        ctx = engine.info.n_ctx_seq
+        n = prepared.n_tokens
+        limit = req.limit if req.limit is not None else default
+        if limit is not None and req.limit is None:
+            limit = min(limit, ctx - n)          # a server default never makes a request fail
+        if n >= ctx or (limit is not None and n + limit > ctx):
+            asked = f"{n + limit} tokens ({n} in the prompt, {limit} for the completion)" if limit else f"{n} tokens in the prompt"
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested {asked}. "
+                                "Please reduce the length of the messages or completion.",
+                           param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                           code="context_length_exceeded")
+        return limit if limit is not None else ctx - n
+
+    async def _start(request: Request, prepared: Prepared, req, default_max: int | None) -> tuple[_Run, int]:
+        max_tokens = _max_tokens(req, prepared, default_max)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(ev: tuple) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        try:
+            handle = engine.submit(prepared, _sampling(req), max_tokens, req.stops, sink)
+        except QueueFull as exc:
+            raise APIError(503, str(exc), code="server_overloaded", headers={"Retry-After": str(exc.retry_after)}) from exc
+        return _Run(handle, queue), max_tokens
+
+    def _usage(u: dict) -> dict:
+        return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+                "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
+
+    async def _collect(request: Request, run: _Run) -> tuple[str, str, dict] | None:
+        parts: list[str] = []
+        while True:
+            ev = await run.next_event(request)
+            if ev is None:
+                return None
+            if ev[0] == "token":
+                parts.append(ev[1])
+            elif ev[0] == "done":
+                return "".join(parts), ev[1], _usage(ev[2])
+            else:
+                raise _error_from_event(ev)
+
+    async def _sse(request: Request, run: _Run, first: tuple, make_chunk, usage_chunk, include_usage: bool,
+                   prelude: list[dict]) -> AsyncIterator[bytes]:
+        try:
+            for c in prelude:
+                yield b"data: " + json.dumps(c).encode() + b"\n\n"
+            ev: tuple | None = first
+            while ev is not None:
+                if ev[0] == "token":
+                    yield b"data: " + json.dumps(make_chunk(ev[1], None)).encode() + b"\n\n"
+                elif ev[0] == "done":
+                    yield b"data: " + json.dumps(make_chunk(None, ev[1])).encode() + b"\n\n"
+                    if include_usage:
+                        yield b"data: " + json.dumps(usage_chunk(_usage(ev[2]))).encode() + b"\n\n"
+                    break
+                else:  # an error after the stream started: report it in-band, as OpenAI does
+                    yield b"data: " + json.dumps(_error_from_event(ev).body()).encode() + b"\n\n"
+                    break
+                ev = await run.next_event(request)
+            if ev is not None:
+                yield b"data: [DONE]\n\n"
+        finally:
+            if not run.done:
+                run.handle.cancel()
+
+    async def _first_or_error(request: Request, run: _Run) -> tuple | None:
+        ev = await run.next_event(request)
+        if ev is not None and ev[0] == "error":
+            raise _error_from_event(ev)
+        return ev
+
+    # -- endpoints ------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = await _body(request, ChatCompletionRequest)
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported_parameter")
+        messages = [m.canonical() for m in req.messages]
+        try:
+            prepared = await asyncio.to_thread(engine.prepare_chat, messages, req.tools, req.cache_salt)
+        except TemplateError as exc:
+            raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
+        run, _ = await _start(request, prepared, req, default_max_tokens)
+        rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", _now(), engine.model_id
+        if not req.stream:
+            result = await _collect(request, run)
+            if result is None:
+                return Response(status_code=499)
+            text, reason, usage = result
+            return JSONResponse({
+                "id": rid, "object": "chat.completion", "created": created, "model": model,
+                "system_fingerprint": f"kv3d-{__version__}",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": reason}],
+                "usage": usage,
+            })
+        first = await _first_or_error(request, run)
+        if first is None:
+            return Response(status_code=499)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(delta_text: str | None, reason: str | None) -> dict:
+            c: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                 "system_fingerprint": f"kv3d-{__version__}",
+                                 "choices": [{"index": 0, "delta": {"content": delta_text} if delta_text is not None else {},
+                                              "logprobs": None, "finish_reason": reason}]}
+            if include_usage:
+                c["usage"] = None
+            return c
+
+        def usage_chunk(usage: dict) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [], "usage": usage}
+
+        role = chunk(None, None)
+        role["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        return StreamingResponse(_sse(request, run, first, chunk, usage_chunk, include_usage, [role]),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = await _body(request, CompletionRequest)
+        for name, bad in (("echo", req.echo), ("suffix", req.suffix is not None), ("logprobs", req.logprobs is not None)):
+            if bad:
+                raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+        p = req.prompt_value
+        if isinstance(p, list) and any((not isinstance(t, int)) or t < 0 or t >= engine.info.n_vocab for t in p):
+            raise APIError(400, f"'prompt' token ids must be within 0..{engine.info.n_vocab - 1}", param="prompt",
+                           code="invalid_value")
+        prepared = await asyncio.to_thread(engine.prepare_completion, p, req.cache_salt)
+        if prepared.n_tokens == 0:
+            raise APIError(400, "'prompt' produced no tokens", param="prompt", code="invalid_value")
+        run, _ = await _start(request, prepared, req, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        rid, created, model = f"cmpl-{uuid.uuid4().hex}", _now(), engine.model_id
+        if not req.stream:
+            result = await _collect(request, run)
+            if result is None:
+                return Response(status_code=499)
+            text, reason, usage = result
+            return JSONResponse({
+                "id": rid, "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": f"kv3d-{__version__}",
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+                "usage": usage,
+            })
+        first = await _first_or_error(request, run)
+        if first is None:
+            return Response(status_code=499)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(text: str | None, reason: str | None) -> dict:
+            c: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                                 "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
+            if include_usage:
+                c["usage"] = None
+            return c
+
+        def usage_chunk(usage: dict) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [], "usage": usage}
+
+        return StreamingResponse(_sse(request, run, first, chunk, usage_chunk, include_usage, []),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _model_card() -> dict:
+        return {"id": engine.model_id, "object": "model", "created": _now(), "owned_by": "kv3d",
+                "meta": {"n_ctx": engine.info.n_ctx_seq, "architecture": engine.info.architecture}}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != engine.model_id:
+            raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return _model_card()
+
+    @app.get("/health")
+    async def health():
+        return engine.health()
+
+    @app.get("/debug/stats")
+    async def debug_stats():
+        """Cache tiers and scheduler state (read on the scheduler thread)."""
+        return await asyncio.to_thread(engine.stats)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}

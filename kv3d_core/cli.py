@@ -1,0 +1,100 @@
+"""The ``kv3d`` command.
+
+::
+
+    kv3d serve [OVERRIDES...]      start the OpenAI-compatible server
+    kv3d plugins                   installed plugins as JSON
+    kv3d config [OVERRIDES...]     print the composed configuration
+
+OVERRIDES are Hydra overrides: ``server.port=9000``, ``model.path=/m.gguf``,
+``+codec=int8``, ``+tier=ssd``, ``+detector=radix``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+from kv3d_core.errors import Kv3dError
+
+USAGE = __doc__ or ""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: Sequence[str]) -> int:
+    import uvicorn
+
+    from kv3d_core.api.app import create_app
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+
+    cfg = compose(args)
+    _setup_logging(cfg.server.log_level)
+    log = logging.getLogger("kv3d")
+    engine = Engine(cfg)
+    try:
+        engine.start()
+        app = create_app(engine, api_key=cfg.server.api_key, max_body_mb=cfg.server.max_body_mb,
+                         default_max_tokens=cfg.server.default_max_tokens)
+        info = engine.info
+        log.info("kv3d serving %s (%s, %d cells = %.0f MiB hot KV, %d sequences, codec=%s, tier=%s, detector=%s%s) "
+                 "on http://%s:%d", info.model_id, info.architecture, info.n_ctx,
+                 info.n_ctx * info.kv_bytes_per_token / 2**20, info.n_seq_max, cfg.codec.name, cfg.tier.name,
+                 cfg.detector.name, ", SAFE MODE" if cfg.safe_mode else "", cfg.server.host, cfg.server.port)
+        uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
+                    access_log=False, timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_plugins(args: Sequence[str]) -> int:
+    from kv3d_core.plugins import make_plugin_manager
+
+    print(json.dumps(make_plugin_manager().describe(), indent=2))
+    return 0
+
+
+def cmd_config(args: Sequence[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from kv3d_core.config import compose
+
+    print(OmegaConf.to_yaml(compose(args)), end="")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "serve": cmd_serve,
+    "plugins": cmd_plugins,
+    "config": cmd_config,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.strip())
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    fn = COMMANDS.get(cmd)
+    if fn is None:
+        print(f"kv3d: unknown command {cmd!r}\n\n{USAGE.strip()}", file=sys.stderr)
+        return 2
+    try:
+        return fn(rest)
+    except Kv3dError as exc:
+        print(f"kv3d {cmd}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Configuration: the Hydra config tree, a typed schema for the core's keys,
+and the overrides the CLI passes.
+
+The tree lives in the repository's ``configs/`` folder (installed as the
+package ``kv3d_core.configs``). Plugin groups (``detector``, ``codec``,
+``tier``) are appended with ``+group=option``; :func:`normalize_overrides` also
+accepts them without the ``+``.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kv3d_core.errors import ConfigError
+
+PRIMARY = "config"
+PLUGIN_GROUPS = ("detector", "codec", "tier")
+
+
+@dataclass
+class ServerSchema:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    threads: Optional[int] = None
+    api_key: Optional[str] = None
+    log_level: str = "info"
+    max_body_mb: float = 16
+    default_max_tokens: Optional[int] = None
+
+
+@dataclass
+class ModelSchema:
+    path: Optional[str] = None
+    id: Optional[str] = None
+
+
+@dataclass
+class CacheSchema:
+    gpu_hot_mb: float = 512
+    ram_warm_mb: float = 1024
+    ssd_cold_path: str = "~/.cache/kv3d/cold"
+    ssd_cold_mb: float = 4096
+    min_snapshot_tokens: int = 32
+
+
+@dataclass
+class SchedulerSchema:
+    n_seq_max: int = 64
+    max_running: int = 32
+    max_waiting: int = 256
+    queue_timeout_s: float = 60
+    prefill_chunk: int = 256
+
+
+@dataclass
+class CoreSchema:
+    server: ServerSchema = field(default_factory=ServerSchema)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    cache: CacheSchema = field(default_factory=CacheSchema)
+    scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
+    safe_mode: bool = False
+
+
+def config_dir() -> Path:
+    """Absolute path of the config tree (source checkout or installed package)."""
+    here = Path(__file__).resolve().parent.parent / "configs"
+    if (here / f"{PRIMARY}.yaml").is_file():
+        return here
+    return Path(str(importlib.resources.files("kv3d_core.configs")))
+
+
+def _group_options(group: str) -> set[str]:
+    d = config_dir() / group
+    return {p.stem for p in d.glob("*.yaml")} if d.is_dir() else set()
+
+
+def normalize_overrides(overrides: Sequence[str]) -> list[str]:
+    """``codec=int8`` -> ``+codec=int8`` for the plugin groups (Hydra needs the ``+``
+    because those groups are not in the defaults list)."""
+    out = []
+    for o in overrides:
+        key, sep, _ = o.partition("=")
+        if sep and key in PLUGIN_GROUPS:
+            o = "+" + o
+        out.append(o)
+    return out
+
+
+def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConfig:
+    """The composed configuration, as ``kv3d serve`` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None, job_name="kv3d"):
+            cfg = hydra_compose(config_name=PRIMARY, overrides=normalize_overrides(list(overrides)))
+    except HydraException as exc:
+        raise ConfigError(f"bad configuration override: {exc}") from exc
+    return validated(cfg) if validate else cfg
+
+
+def validated(cfg: DictConfig) -> DictConfig:
+    """Check the core's keys against the schema (types, ranges); plugin nodes are
+    checked by the plugins themselves."""
+    core_keys = {k: cfg[k] for k in ("server", "model", "cache", "scheduler", "safe_mode") if k in cfg}
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(CoreSchema), core_keys)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid configuration: {exc}".split("\n    full_key")[0]) from exc
+    s = typed
+    problems = []
+    if not 0 <= s.server.port <= 65535:
+        problems.append(f"server.port={s.server.port} must be within 0..65535")
+    if s.cache.gpu_hot_mb <= 0:
+        problems.append("cache.gpu_hot_mb must be > 0")
+    if s.cache.ram_warm_mb < 0 or s.cache.ssd_cold_mb < 0:
+        problems.append("cache.ram_warm_mb and cache.ssd_cold_mb must be >= 0")
+    if not 1 <= s.scheduler.n_seq_max <= 256:
+        problems.append(f"scheduler.n_seq_max={s.scheduler.n_seq_max} must be within 1..256 (llama.cpp's limit)")
+    if s.scheduler.max_running < 1 or s.scheduler.max_waiting < 0 or s.scheduler.prefill_chunk < 1:
+        problems.append("scheduler.max_running and prefill_chunk must be >= 1, max_waiting >= 0")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    for name in ("backend", *PLUGIN_GROUPS):
+        node = cfg.get(name)
+        if node is None or "name" not in node:
+            raise ConfigError(f"the {name!r} config node needs a 'name' (the plugin to use)")
+    out = OmegaConf.merge(cfg, typed)
+    assert isinstance(out, DictConfig)
+    return out
+
+
+def plugin_settings(node: DictConfig | dict | None) -> tuple[str, dict[str, Any]]:
+    """``(name, settings)`` of a plugin node: every key but ``name``."""
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    assert isinstance(data, dict)
+    name = str(data.pop("name"))
+    return name, data

@@ -1,0 +1,40 @@
+"""The contract of every plugin kind, one module per kind.
+
+- :mod:`.backend`  -- :class:`ExecutionBackend`: runs the model over many sequences of one KV cache
+- :mod:`.detector` -- :class:`PrefixDetector`: names a prompt's prefix family and what may be reused
+- :mod:`.codec`    -- :class:`DeltaCodec`: turns a session's own KV cells into bytes and back
+- :mod:`.tier`     -- :class:`StorageTier`: keeps encoded KV entries under a byte budget
+
+The docstring of each class is the specification an implementation must meet.
+"""
+
+from kv3d_core.contracts.backend import (
+    BatchEntry,
+    ExecutionBackend,
+    ModelInfo,
+    Sampler,
+    SamplingParams,
+)
+from kv3d_core.contracts.codec import DeltaCodec, KVArrays
+from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView
+from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
+
+KINDS = ("backend", "detector", "codec", "tier")
+
+__all__ = [
+    "KINDS",
+    "BatchEntry",
+    "Candidate",
+    "DeltaCodec",
+    "EntryMeta",
+    "ExecutionBackend",
+    "FamilyKey",
+    "KVArrays",
+    "ModelInfo",
+    "PrefixDetector",
+    "PromptView",
+    "Sampler",
+    "SamplingParams",
+    "StorageTier",
+    "TierEntry",
+]

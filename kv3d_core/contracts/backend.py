@@ -1,0 +1,196 @@
+"""Contract of the execution backend plugin kind.
+
+An execution backend owns one model and one KV cache shared by many sequences
+(llama.cpp's unified KV cache). The scheduler (``kv3d_core.engine.scheduler``)
+is its only caller and calls it from a single thread: implementations need not
+be thread-safe, except :meth:`ExecutionBackend.tokenize`,
+:meth:`ExecutionBackend.token_piece` and :attr:`ExecutionBackend.info`, which the
+API layer calls concurrently from worker threads.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine needs to know about the loaded model and context."""
+
+    model_id: str
+    """Name served in ``/v1/models`` and checked against a request's ``model``."""
+    path: str
+    architecture: str
+    fingerprint: str
+    """Hex digest that changes whenever stored KV would no longer be valid
+    (weights, KV types, layout). Storage tiers refuse entries of another fingerprint."""
+    n_ctx_train: int
+    n_ctx: int
+    """Cells in the KV cache (all sequences together)."""
+    n_ctx_seq: int
+    """Most positions one sequence may use (prompt + completion)."""
+    n_seq_max: int
+    n_layer: int
+    n_vocab: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    kv_bytes_per_token: int
+    """Bytes of K and V of one token over all layers, as stored in the cache."""
+    sliding_window: int = 0
+    """Window of sliding-window attention layers; 0 when the model has none."""
+    chat_template: str | None = None
+    bos_token: str = ""
+    eos_token: str = ""
+    add_bos: bool = False
+    gpu_layers: int = 0
+    build: dict = field(default_factory=dict)
+    """Free-form facts about the backend build (version, CPU/GPU, devices)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-sequence sampling settings; validated by the API layer."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """Tokens of one sequence to decode in one step.
+
+    ``tokens`` occupy positions ``pos0 .. pos0 + len(tokens) - 1`` of sequence ``seq``.
+    When ``logits`` is true the backend keeps the output of the last token so the
+    caller can sample from it or read it with :meth:`ExecutionBackend.logits`.
+    """
+
+    seq: int
+    tokens: Sequence[int]
+    pos0: int
+    logits: bool = False
+
+
+class Sampler(abc.ABC):
+    """A per-sequence sampler chain (its own seed, temperature, top-p, top-k, penalties)."""
+
+    @abc.abstractmethod
+    def sample(self, output: int) -> int:
+        """Sample the next token from output row ``output`` of the last decode and
+        record it in the chain's state (penalties, RNG)."""
+
+    @abc.abstractmethod
+    def accept(self, token: int) -> None:
+        """Record a token that was not sampled by this chain (a prompt token or a
+        replayed one), for penalty samplers."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free native resources; the sampler is unusable afterwards."""
+
+
+class ExecutionBackend(abc.ABC):
+    """Runs one model over many sequences sharing one KV cache.
+
+    Guarantees an implementation must give:
+
+    - Sequence ids are ``0 .. info.n_seq_max - 1``. The backend never chooses them:
+      the caller (the hot tier) allocates them.
+    - :meth:`decode` either processes the whole batch, or raises and leaves the KV
+      cache exactly as before the call (:class:`~kv3d_core.errors.KVCacheFullError`
+      when no free cells were found; :class:`~kv3d_core.errors.BackendError` otherwise).
+    - :meth:`seq_copy` shares cells, it never copies or recomputes KV: after
+      ``seq_copy(src, dst, 0, n)`` both sequences see the same cells for positions
+      ``[0, n)`` and a cell is freed only when no sequence holds it.
+    - :meth:`seq_state_get` / :meth:`seq_state_set` round-trip a sequence's cells
+      exactly; ``seq_state_set`` first drops every cell ``dst`` had and raises
+      :class:`~kv3d_core.errors.StateRestoreError` when the blob is refused (the
+      destination sequence is then empty).
+    - Nothing here downloads anything; ``model_path=None`` selects the backend's
+      embedded default model or raises :class:`~kv3d_core.errors.ModelLoadError`
+      with a message that says how to install it.
+    """
+
+    info: ModelInfo
+
+    # -- text ---------------------------------------------------------------
+    @abc.abstractmethod
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``. ``parse_special`` turns control-token text such as
+        ``<|im_start|>`` into its token (as a chat template's output needs)."""
+
+    @abc.abstractmethod
+    def token_piece(self, token: int) -> bytes:
+        """Bytes the token stands for in generated text (control tokens: empty).
+        Pieces may split a UTF-8 character; the caller reassembles them."""
+
+    @abc.abstractmethod
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, EOT, ``<|im_end|>``...)."""
+
+    # -- compute ------------------------------------------------------------
+    @abc.abstractmethod
+    def decode(self, entries: Sequence[BatchEntry]) -> list[int | None]:
+        """Decode one batch made of ``entries`` (at most ``max_batch_tokens`` tokens).
+
+        Returns, per entry, the output row holding its last token's logits (for
+        :meth:`Sampler.sample` and :meth:`logits`), or ``None`` when it asked for none.
+        """
+
+    @property
+    @abc.abstractmethod
+    def max_batch_tokens(self) -> int:
+        """Most tokens one :meth:`decode` call accepts."""
+
+    @abc.abstractmethod
+    def logits(self, output: int) -> np.ndarray:
+        """Float32 logits (``n_vocab``) of output row ``output`` of the last decode.
+        The array is a view valid until the next decode; copy it to keep it."""
+
+    @abc.abstractmethod
+    def make_sampler(self, params: SamplingParams) -> Sampler:
+        """A fresh sampler chain for one sequence."""
+
+    # -- KV cells -------------------------------------------------------------
+    @abc.abstractmethod
+    def seq_copy(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Make the cells of ``src`` at positions ``[p0, p1)`` also belong to ``dst``."""
+
+    @abc.abstractmethod
+    def seq_remove(self, seq: int, p0: int = 0, p1: int = -1) -> None:
+        """Remove ``seq`` from its cells at positions ``[p0, p1)`` (``p1=-1``: to the end)."""
+
+    @abc.abstractmethod
+    def seq_pos_max(self, seq: int) -> int:
+        """Largest position held by ``seq``; -1 when it holds none."""
+
+    @abc.abstractmethod
+    def seq_state_get(self, seq: int) -> bytes:
+        """Serialize the cells of ``seq`` (llama.cpp's per-sequence state format)."""
+
+    @abc.abstractmethod
+    def seq_state_set(self, seq: int, blob: bytes) -> None:
+        """Load a blob from :meth:`seq_state_get` into ``seq`` (emptied first)."""
+
+    def reset_kv(self) -> None:
+        """Drop every cell of every sequence (optional; used by tests and benchmarks)."""
+        for s in range(self.info.n_seq_max):
+            self.seq_remove(s)
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free the context and the model. Idempotent."""

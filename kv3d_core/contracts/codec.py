@@ -1,0 +1,77 @@
+"""Contract of the delta codec plugin kind.
+
+A codec turns the KV cells of one sequence (usually a session's *delta*: the
+cells at positions at or past its family prefix) into bytes, and back. It sees
+numpy arrays, never llama.cpp blobs: :mod:`kv3d_core.kv.state_format` converts
+between the two.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class KVArrays:
+    """KV cells of one sequence, layer by layer.
+
+    - ``positions``: int32 ``[n_cells]``, the position of each cell.
+    - ``k[l]``: ``[n_cells, k_width[l]]`` float16 (the K row of each cell in layer ``l``).
+    - ``v[l]``: ``[n_cells, v_width[l]]`` float16.
+    - ``head_dim_k`` / ``head_dim_v``: values per KV head, for codecs that scale
+      per head (``k_width`` is a multiple of it).
+    - ``extra``: layout facts the state writer needs to rebuild a blob
+      (stream count, V transposition, ggml types); codecs must carry it through
+      unchanged (it is small and JSON-serializable).
+    """
+
+    positions: np.ndarray
+    k: list[np.ndarray]
+    v: list[np.ndarray]
+    head_dim_k: int
+    head_dim_v: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.k)
+
+    def f16_bytes(self) -> int:
+        """Bytes of the K and V values as float16: the baseline of codec ratios."""
+        return int(sum(a.size for a in self.k) + sum(a.size for a in self.v)) * 2
+
+
+class DeltaCodec(abc.ABC):
+    """Encodes :class:`KVArrays` to bytes and back.
+
+    Requirements:
+
+    - The encoded bytes begin with a header carrying :attr:`codec_id` and
+      :attr:`version`; :meth:`decode` raises :class:`~kv3d_core.errors.CodecError`
+      on another id or version, a truncated payload, or any length that does not
+      add up -- never returns wrong-shaped arrays, never crashes the process.
+    - ``decode(encode(a))`` has the same positions, layer count, shapes and
+      ``extra`` as ``a``; values may differ by at most the codec's stated error
+      (:attr:`lossless` codecs: bit-exact).
+    - Pure functions of their input, thread-safe, vectorized (no per-element
+      Python loops): the tiers call them from worker threads.
+    """
+
+    codec_id: str = "?"
+    version: int = 1
+    lossless: bool = False
+
+    @abc.abstractmethod
+    def encode(self, arrays: KVArrays) -> bytes:
+        """Encode the cells."""
+
+    @abc.abstractmethod
+    def decode(self, data: bytes) -> KVArrays:
+        """Decode what :meth:`encode` produced."""

@@ -1,0 +1,87 @@
+"""Contract of the prefix detector plugin kind.
+
+A detector decides, for each request, (1) which *prefix family* it belongs to --
+the canonical key of its shared leading part (system/developer messages and tool
+definitions, as rendered into tokens) -- and (2) how much of a cached sequence the
+request may reuse. The core owns the data structures (the radix index of cached
+sequences, the family snapshots); a detector is pure policy and holds no state
+that must survive a restart.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class PromptView:
+    """A request's prompt as the model sees it."""
+
+    tokens: Sequence[int]
+    """All prompt tokens."""
+    family_len: int
+    """Tokens of the leading system/developer messages and tool definitions
+    (0 when there are none). ``tokens[:family_len]`` is what a family shares."""
+    model_id: str
+    cache_salt: str | None = None
+
+
+@dataclass(frozen=True)
+class FamilyKey:
+    """The identity of a prefix family.
+
+    ``namespace`` separates models and cache salts: the core never matches a
+    request against a cached sequence of another namespace. ``digest`` names the
+    family inside its namespace; ``length`` is the number of prefix tokens the
+    family's shared snapshot holds. A digest match is always confirmed by
+    comparing token ids, so a hash collision can never serve another prefix.
+    """
+
+    namespace: str
+    digest: str
+    length: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A cached sequence the index found for a request.
+
+    ``lcp`` is the exact number of leading tokens it shares with the request
+    (computed by comparing token ids). ``kind`` is ``"snapshot"`` (a family's
+    shared prefix) or ``"session"`` (a finished conversation turn).
+    """
+
+    family: str
+    lcp: int
+    n_tokens: int
+    kind: str
+
+
+class PrefixDetector(abc.ABC):
+    """Names prefix families and decides what a request may reuse.
+
+    Requirements:
+
+    - :meth:`family` is deterministic and depends only on the tokens the model
+      sees, the model id and the cache salt: two prompts whose first
+      ``family_len`` tokens are equal (same model, same salt) get the same key;
+      prompts with different such tokens get different keys (up to hash
+      collisions, which the core catches by comparing tokens).
+    - :meth:`reusable` returns how many leading tokens of ``candidate`` the
+      request may reuse, between 0 and ``candidate.lcp``. It never sees other
+      namespaces' candidates. Returning more than ``lcp`` is a contract violation
+      the core clamps.
+    - Both are called on the API's worker threads and must be thread-safe.
+    """
+
+    name: str = "?"
+
+    @abc.abstractmethod
+    def family(self, prompt: PromptView) -> FamilyKey:
+        """The family of ``prompt``."""
+
+    @abc.abstractmethod
+    def reusable(self, prompt: PromptView, family: FamilyKey, candidate: Candidate) -> int:
+        """How many leading tokens of ``candidate`` the request may reuse."""

@@ -1,0 +1,140 @@
+"""The engine: everything below the HTTP API, wired from a configuration.
+
+backend (plugin) -> prefix cache (detector plugin, hot tier, warm/cold tiers
+with the codec plugin) -> scheduler thread. The API layer calls
+:meth:`Engine.prepare_chat` / :meth:`Engine.prepare_completion` on worker
+threads, then :meth:`Engine.submit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from kv3d_core.config import plugin_settings
+from kv3d_core.contracts.backend import ExecutionBackend, SamplingParams
+from kv3d_core.contracts.detector import FamilyKey, PrefixDetector, PromptView
+from kv3d_core.engine.prompt import ChatPrompter
+from kv3d_core.engine.scheduler import Job, JobHandle, Scheduler, SchedulerConfig, Sink
+from kv3d_core.metrics import Metrics
+from kv3d_core.plugins import PluginManager, make_plugin_manager
+from kv3d_core.prefix.cache import PrefixCache
+
+log = logging.getLogger("kv3d.engine")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A prompt ready to submit."""
+
+    prompt: PromptView
+    family: FamilyKey
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt.tokens)
+
+
+class Engine:
+    def __init__(self, cfg: DictConfig, plugins: PluginManager | None = None) -> None:
+        self.cfg = cfg
+        self.plugins = plugins or make_plugin_manager()
+        self.metrics = Metrics()
+        backend_name, backend_settings = plugin_settings(cfg.backend)
+        backend_settings.update(
+            model_path=cfg.model.path,
+            model_id=cfg.model.id,
+            hot_mb=cfg.cache.gpu_hot_mb,
+            n_seq_max=cfg.scheduler.n_seq_max,
+            n_threads=cfg.server.threads,
+        )
+        det_name, det_settings = plugin_settings(cfg.detector)
+        # Resolve every configured plugin before loading the model: a missing one fails fast.
+        self.plugins.get("backend", backend_name)
+        self.detector: PrefixDetector = self.plugins.create("detector", det_name, **det_settings)
+        self.tiers = None
+        self.backend: ExecutionBackend = self.plugins.create("backend", backend_name, **backend_settings)
+        try:
+            self.info = self.backend.info
+            self.tiers = self._make_tiers(cfg)
+            self.cache = PrefixCache(
+                self.backend, self.detector, self.metrics,
+                enabled=not cfg.safe_mode,
+                min_snapshot_tokens=cfg.cache.min_snapshot_tokens,
+                tiers=self.tiers,
+            )
+            self.metrics.safe_mode.set(1 if cfg.safe_mode else 0)
+            self.prompter = ChatPrompter(self.info, self.backend.tokenize)
+            self.scheduler = Scheduler(self.backend, self.cache, self.metrics, SchedulerConfig(
+                max_running=cfg.scheduler.max_running,
+                max_waiting=cfg.scheduler.max_waiting,
+                queue_timeout_s=cfg.scheduler.queue_timeout_s,
+                prefill_chunk=cfg.scheduler.prefill_chunk,
+            ))
+        except BaseException:
+            self.backend.close()
+            raise
+
+    def _make_tiers(self, cfg: DictConfig):
+        """The warm (and cold) tiers below the hot one; None in safe mode or with no
+        warm budget."""
+        return None
+
+    # -- life cycle -------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self.scheduler.start()
+        return self
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        if self.tiers is not None:
+            self.tiers.close()
+        self.backend.close()
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id
+
+    # -- requests (API worker threads) -------------------------------------------------------
+    def _prepared(self, tokens: list[int], family_len: int, cache_salt: str | None) -> Prepared:
+        view = PromptView(tokens, family_len, self.info.model_id, cache_salt)
+        return Prepared(view, self.detector.family(view))
+
+    def prepare_chat(self, messages: list[dict], tools: list | None = None, cache_salt: str | None = None) -> Prepared:
+        r = self.prompter.chat(messages, tools)
+        return self._prepared(r.tokens, r.family_len, cache_salt)
+
+    def prepare_completion(self, prompt: str | list[int], cache_salt: str | None = None) -> Prepared:
+        r = self.prompter.completion(prompt)
+        return self._prepared(r.tokens, r.family_len, cache_salt)
+
+    def submit(self, prepared: Prepared, params: SamplingParams, max_tokens: int, stop: list[str],
+               sink: Sink, request_id: str | None = None) -> JobHandle:
+        job = Job(request_id or uuid.uuid4().hex, prepared.prompt, prepared.family, params, max_tokens, stop, sink)
+        return self.scheduler.submit(job)
+
+    # -- inspection ---------------------------------------------------------------------------
+    def health(self) -> dict:
+        """``/health``: ok, or why not."""
+        if not self.scheduler.alive:
+            return {"status": "error", "service": "kv3d-engine", "reason": "the scheduler thread is not running"}
+        return {"status": "ok", "service": "kv3d-engine"}
+
+    def stats(self, timeout: float = 10.0) -> dict:
+        """Cache and scheduler state, read on the scheduler thread."""
+        def read() -> dict:
+            out = self.cache.stats()
+            out["scheduler"] = dict(self.scheduler.load, steps=self.scheduler.steps,
+                                    max_batch_sequences=self.scheduler.max_batch_seqs_seen)
+            return out
+        return self.scheduler.call(read).result(timeout)

@@ -1,0 +1,394 @@
+"""The continuous-batching scheduler.
+
+One thread owns the execution backend (the asyncio server never blocks on
+llama.cpp). Each step it:
+
+1. takes new requests and cancellations from the intake queue, expires queued
+   requests past their timeout (503), cancels requests whose client went away;
+2. admits queued requests while sequences are free (``max_running``), asking
+   the prefix cache for a sequence that already holds as much of the prompt as
+   can be reused;
+3. builds one batch: the next token of every decoding sequence, then chunks of
+   pending prefills (at most ``prefill_chunk`` tokens each) up to the backend's
+   batch size, so decoding sequences are never starved by a long prompt;
+4. makes room for the batch's cells (evicting idle sessions, then preempting
+   the newest request, which is resumed later from its own cached state);
+5. decodes, samples each sequence with its own sampler chain, streams text.
+
+Every request ends with exactly one ``done`` or ``error`` event.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, Sampler, SamplingParams
+from kv3d_core.contracts.detector import FamilyKey, PromptView
+from kv3d_core.engine.session import SessionState, check_transition
+from kv3d_core.engine.textstream import TextStream
+from kv3d_core.errors import BackendError, KVCacheFullError
+from kv3d_core.metrics import Metrics
+from kv3d_core.prefix.cache import CacheEntry, PrefixCache
+
+log = logging.getLogger("kv3d.scheduler")
+
+Sink = Callable[[tuple], None]
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the client should retry later."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("the server is at capacity; retry later")
+        self.retry_after = retry_after
+
+
+@dataclass
+class SchedulerConfig:
+    max_running: int = 32
+    max_waiting: int = 256
+    queue_timeout_s: float = 60.0
+    prefill_chunk: int = 256
+    retry_after_s: int = 2
+
+
+@dataclass(eq=False)
+class Job:
+    """One request inside the scheduler."""
+
+    id: str
+    prompt: PromptView
+    family: FamilyKey
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str]
+    sink: Sink
+    context: list[int] = field(default_factory=list)   # prompt + generated; KV holds context[:n_past]
+    state: SessionState = SessionState.QUEUED
+    seq: int | None = None
+    n_past: int = 0
+    n_cached: int = 0
+    cache_source: str = "miss"
+    snapshot: CacheEntry | None = None
+    sampler: Sampler | None = None
+    stream: TextStream | None = None
+    generated: int = 0
+    t_submit: float = field(default_factory=time.monotonic)
+    t_first: float | None = None
+    cancelled: bool = False
+    preemptions: int = 0
+    keep_cache: bool = True
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.prompt.tokens)
+
+    def move(self, new: SessionState) -> None:
+        self.state = check_transition(self.state, new)
+
+
+class JobHandle:
+    """What the API holds: cancel a request from any thread."""
+
+    def __init__(self, job: Job, scheduler: "Scheduler") -> None:
+        self._job = job
+        self._scheduler = scheduler
+
+    @property
+    def id(self) -> str:
+        return self._job.id
+
+    def cancel(self) -> None:
+        if not self._job.cancelled:
+            self._job.cancelled = True
+            self._scheduler.wake()
+
+
+class Scheduler:
+    def __init__(self, backend: ExecutionBackend, cache: PrefixCache, metrics: Metrics,
+                 config: SchedulerConfig | None = None) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.metrics = metrics
+        self.cfg = config or SchedulerConfig()
+        self.cfg.max_running = max(1, min(self.cfg.max_running, backend.info.n_seq_max))
+        self._intake: collections.deque[Job] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: list[Job] = []
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.max_batch_seqs_seen = 0
+
+    # -- public, any thread -------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="kv3d-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def submit(self, job: Job) -> JobHandle:
+        with self._cond:
+            if len(self._intake) + len(self._waiting) >= self.cfg.max_waiting + max(0, self.cfg.max_running - len(self._running)):
+                self.metrics.rejected.labels("queue_full").inc()
+                raise QueueFull(self.cfg.retry_after_s)
+            job.context = list(job.prompt.tokens)
+            self._intake.append(job)
+            self._cond.notify_all()
+        self.metrics.prompt_tokens.inc(job.n_prompt)
+        return JobHandle(job, self)
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the scheduler thread between steps (inspection, admin)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._calls.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def load(self) -> dict:
+        return {"running": len(self._running), "waiting": len(self._waiting) + len(self._intake)}
+
+    # -- scheduler thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while (not self._stop and not self._intake and not self._calls and not self._running
+                       and not self._waiting):
+                    self._cond.wait(0.5)
+                if self._stop:
+                    break
+                new = list(self._intake)
+                self._intake.clear()
+                calls = list(self._calls)
+                self._calls.clear()
+            self._waiting.extend(new)
+            for fn, fut in calls:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:  # delivered to the caller
+                        fut.set_exception(exc)
+            try:
+                self._step()
+            except Exception:  # never let the thread die: fail what was running, go on
+                log.exception("scheduler step failed")
+                for job in list(self._running):
+                    self._fail(job, 500, "internal error in the scheduler", "server_error", None)
+            if self._waiting and not self._running:
+                with self._cond:   # nothing runnable (waiting for capacity): don't spin
+                    if not self._intake and not self._calls:
+                        self._cond.wait(0.05)
+        for job in list(self._running) + list(self._waiting) + list(self._intake):
+            self._emit(job, ("error", 503, "the server is shutting down", "server_error", "shutting_down"))
+            self._release(job, keep=False)
+
+    def _emit(self, job: Job, event: tuple) -> None:
+        try:
+            job.sink(event)
+        except Exception:  # a closed client must not break the scheduler
+            job.cancelled = True
+
+    def _release(self, job: Job, keep: bool, *, close_sampler: bool = True) -> None:
+        if job.sampler is not None and close_sampler:
+            job.sampler.close()
+            job.sampler = None
+        if job.seq is not None:
+            self.cache.release(job.seq, job.context, job.n_past, job.family, job.snapshot,
+                               keep=keep and job.keep_cache)
+            job.seq = None
+            job.snapshot = None
+        if job in self._running:
+            self._running.remove(job)
+
+    def _fail(self, job: Job, status: int, message: str, etype: str, code: str | None) -> None:
+        self._emit(job, ("error", status, message, etype, code))
+        self._release(job, keep=False)
+        if job.state is not SessionState.DROPPED:
+            job.state = SessionState.DROPPED
+
+    def _finish(self, job: Job, reason: str) -> None:
+        tail = job.stream.flush() if job.stream else ""
+        if tail:
+            self._emit(job, ("token", tail))
+        usage = {"prompt_tokens": job.n_prompt, "completion_tokens": job.generated,
+                 "total_tokens": job.n_prompt + job.generated, "cached_tokens": job.n_cached}
+        self._emit(job, ("done", reason, usage))
+        job.move(SessionState.IDLE)
+        self._release(job, keep=True)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        # cancellations and timeouts
+        for job in [j for j in self._waiting if j.cancelled]:
+            self._waiting.remove(job)
+            job.state = SessionState.DROPPED
+            self._release(job, keep=False)
+        for job in [j for j in self._running if j.cancelled]:
+            job.state = SessionState.DROPPED
+            self._release(job, keep=False)
+        while self._waiting and now - self._waiting[0].t_submit > self.cfg.queue_timeout_s:
+            job = self._waiting.popleft()
+            self.metrics.rejected.labels("queue_timeout").inc()
+            self._emit(job, ("error", 503, f"no sequence became free within {self.cfg.queue_timeout_s:g} s; retry later",
+                             "server_error", "queue_timeout", self.cfg.retry_after_s))
+            self._release(job, keep=False)
+            job.state = SessionState.DROPPED
+        self._admit()
+        self.metrics.running.set(len(self._running))
+        self.metrics.waiting.set(len(self._waiting) + len(self._intake))
+        self.cache.update_gauges()
+        if not self._running:
+            return
+        self._decode_step()
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.cfg.max_running:
+            job = self._waiting[0]
+            try:
+                admitted = self._admit_one(job)
+            except Exception as exc:   # a failure here concerns this request only
+                log.exception("admission of request %s failed", job.id)
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                self._fail(job, 500, f"internal error while starting the request: {exc}", "server_error", None)
+                continue
+            if not admitted:
+                break
+
+    def _admit_one(self, job: Job) -> bool:
+        view = PromptView(job.context, job.prompt.family_len, job.prompt.model_id, job.prompt.cache_salt)
+        lease = self.cache.acquire(view, job.family)
+        if lease is None:
+            if not self._running:
+                # nothing runs and still no room: the cache cannot hold this prompt at all
+                self._waiting.popleft()
+                self._fail(job, 503, "not enough KV cache for this prompt; retry later or raise cache.gpu_hot_mb",
+                           "server_error", "kv_cache_full")
+                return True
+            return False
+        self._waiting.popleft()
+        job.seq, job.n_past, job.snapshot = lease.seq, lease.n_cached, lease.snapshot
+        self._running.append(job)        # from here on a failure releases the sequence
+        if job.preemptions == 0:
+            job.n_cached, job.cache_source = lease.n_cached, lease.source
+        if job.sampler is None:
+            job.sampler = self.backend.make_sampler(job.params)
+            job.stream = TextStream(job.stop)
+        job.move(SessionState.PREFILL)
+        return True
+
+    def _build_batch(self) -> list[tuple[Job, BatchEntry]]:
+        plan: list[tuple[Job, BatchEntry]] = []
+        budget = self.backend.max_batch_tokens
+        for job in self._running:                      # decoding sequences first: one token each
+            if job.state is SessionState.DECODE and budget > 0:
+                plan.append((job, BatchEntry(job.seq, job.context[job.n_past:job.n_past + 1], job.n_past, True)))
+                budget -= 1
+        for job in self._running:                      # then prefill chunks, oldest first
+            if job.state is SessionState.PREFILL and budget > 0:
+                k = min(len(job.context) - job.n_past, self.cfg.prefill_chunk, budget)
+                if job.family.length > job.n_past and job.snapshot is None:
+                    k = min(k, job.family.length - job.n_past) or k  # end a chunk at the family boundary
+                end = job.n_past + k
+                plan.append((job, BatchEntry(job.seq, job.context[job.n_past:end], job.n_past, end == len(job.context))))
+                budget -= k
+        return plan
+
+    def _preempt_newest(self) -> bool:
+        if len(self._running) <= 1:
+            return False
+        job = self._running[-1]
+        job.preemptions += 1
+        self.metrics.preemptions.inc()
+        log.info("preempting request %s for lack of KV cells", job.id)
+        job.move(SessionState.QUEUED)
+        self._release(job, keep=True, close_sampler=False)   # its KV stays cached (evictable); it resumes from there
+        self._waiting.appendleft(job)
+        return True
+
+    def _decode_step(self) -> None:
+        while True:
+            plan = self._build_batch()
+            if not plan:
+                return
+            n_tokens = sum(len(e.tokens) for _, e in plan)
+            protect = {j.snapshot for j, _ in plan if j.snapshot is not None}
+            if not self.cache.ensure_cells(n_tokens, protect):
+                if self._preempt_newest():
+                    continue
+                if len(plan) == 1 and len(plan[0][1].tokens) > 1:
+                    pass  # a single prefill; let llama.cpp try (ledger is conservative)
+            try:
+                outputs = self.backend.decode([e for _, e in plan])
+            except KVCacheFullError:
+                if self.cache.ensure_cells(self.cache.ledger.free + n_tokens, protect) or self._preempt_newest():
+                    continue
+                for job, _ in plan:
+                    self._fail(job, 503, "the KV cache is full; retry later", "server_error", "kv_cache_full")
+                return
+            except BackendError as exc:
+                log.error("decode failed: %s", exc)
+                for job, _ in plan:
+                    self._fail(job, 500, f"the model failed to decode: {exc}", "server_error", None)
+                return
+            break
+        self.steps += 1
+        self.metrics.batch_tokens.observe(n_tokens)
+        self.metrics.batch_seqs.observe(len(plan))
+        self.max_batch_seqs_seen = max(self.max_batch_seqs_seen, len(plan))
+        for (job, entry), out in zip(plan, outputs):
+            k = len(entry.tokens)
+            self.cache.note_decoded(job.seq, k)
+            job.n_past += k
+            if job.state is SessionState.PREFILL:
+                job.snapshot = self.cache.maybe_snapshot(job.seq, job.n_past, job.context, job.family, job.snapshot)
+            if out is None:
+                continue
+            if job.state is SessionState.PREFILL:
+                job.move(SessionState.DECODE)
+            self._on_logits(job, out)
+
+    def _on_logits(self, job: Job, out: int) -> None:
+        token = job.sampler.sample(out)
+        job.generated += 1
+        self.metrics.generated_tokens.inc()
+        if job.t_first is None:
+            job.t_first = time.monotonic()
+            self.metrics.ttft.labels("hit" if job.n_cached > 0 else "miss").observe(job.t_first - job.t_submit)
+        if self.backend.is_eog(token):
+            self._finish(job, "stop")
+            return
+        text = job.stream.push(self.backend.token_piece(token))
+        if text:
+            self._emit(job, ("token", text))
+        if job.stream.stopped:
+            self._finish(job, "stop")
+        elif job.generated >= job.max_tokens or len(job.context) + 1 > self.backend.info.n_ctx_seq:
+            self._finish(job, "length")
+        else:
+            job.context.append(token)

@@ -1,0 +1,1 @@
+"""KV compression layer: llama.cpp sequence-state reader/writer and delta codecs."""

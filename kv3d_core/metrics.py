@@ -1,0 +1,73 @@
+"""Prometheus metrics of one engine, in a registry of its own (no globals), so
+several engines -- tests, benchmarks -- can live in one process."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+try:  # no *_created samples: they double the output and confuse `grep`
+    from prometheus_client import disable_created_metrics
+
+    disable_created_metrics()
+except ImportError:  # pragma: no cover
+    pass
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+RESTORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        # API
+        self.http_requests = Counter("kv3d_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.request_seconds = Histogram("kv3d_request_duration_seconds", "Request latency (until the last byte)", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        # scheduler
+        self.running = Gauge("kv3d_requests_running", "Requests holding a sequence (prefill or decode)", registry=r)
+        self.waiting = Gauge("kv3d_requests_waiting", "Requests queued for a sequence", registry=r)
+        self.batch_tokens = Histogram("kv3d_batch_tokens", "Tokens per llama_decode batch", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seqs = Histogram("kv3d_batch_sequences", "Sequences per llama_decode batch", buckets=BATCH_BUCKETS, registry=r)
+        self.generated_tokens = Counter("kv3d_generated_tokens", "Completion tokens generated", registry=r)
+        self.prompt_tokens = Counter("kv3d_prompt_tokens", "Prompt tokens received", registry=r)
+        self.rejected = Counter("kv3d_rejected", "Requests refused by the scheduler", ["reason"], registry=r)
+        self.preemptions = Counter("kv3d_preemptions", "Running requests preempted (recomputed later) for lack of KV cells", registry=r)
+        self.ttft = Histogram("kv3d_time_to_first_token_seconds", "Time to first token", ["cache"], buckets=LATENCY_BUCKETS, registry=r)
+        # prefix families
+        self.prefix_requests = Counter("kv3d_prefix_requests", "Requests looked up in the prefix cache", registry=r)
+        self.prefix_hits = Counter("kv3d_prefix_hits", "Requests that reused cached KV", registry=r)
+        self.prefix_hit_rate = Gauge("kv3d_prefix_hit_rate", "Prefix hits / prefix requests", registry=r)
+        self.prefix_cached_tokens = Counter("kv3d_prefix_cached_tokens", "Prompt tokens served from cache", registry=r)
+        self.prefix_families = Gauge("kv3d_prefix_families", "Prefix families with a shared snapshot", registry=r)
+        # KV memory and tiers
+        self.kv_bytes = Gauge("kv3d_kv_bytes", "KV bytes held per tier", ["tier"], registry=r)
+        self.sessions = Gauge("kv3d_sessions", "Resumable sessions per tier", ["tier"], registry=r)
+        self.restores = Counter("kv3d_restores", "Sessions or snapshots restored from a tier", ["tier"], registry=r)
+        self.restore_seconds = Histogram("kv3d_restore_seconds", "Time to restore KV from a tier into a sequence", ["tier"], buckets=RESTORE_BUCKETS, registry=r)
+        self.spills = Counter("kv3d_spills", "Entries written to a tier", ["tier"], registry=r)
+        self.evictions = Counter("kv3d_evictions", "Entries evicted from a tier", ["tier"], registry=r)
+        self.codec_ratio = Gauge("kv3d_codec_ratio", "f16 bytes / stored bytes of encoded KV", ["codec"], registry=r)
+        self.codec_fallback = Counter("kv3d_codec_fallback", "Sequences stored as opaque zstd blobs (unknown state layout)", registry=r)
+        self.tier_errors = Counter("kv3d_tier_errors", "Tier entries found damaged or unreadable", ["tier", "reason"], registry=r)
+        self.tier_dropped_writes = Counter("kv3d_tier_dropped_writes", "Tier writes dropped (disk full, I/O error, too large)", ["tier", "reason"], registry=r)
+        # safety
+        self.safe_mode = Gauge("kv3d_safe_mode", "1 while the cache path is off or degraded", registry=r)
+        self.fallbacks = Counter("kv3d_fallbacks", "Requests served by recompute after a cache fault", ["reason"], registry=r)
+        self._lock = threading.Lock()
+        self._prefix_req = 0
+        self._prefix_hit = 0
+
+    def record_prefix(self, hit: bool, cached_tokens: int) -> None:
+        with self._lock:
+            self._prefix_req += 1
+            self._prefix_hit += int(hit)
+            self.prefix_requests.inc()
+            if hit:
+                self.prefix_hits.inc()
+                self.prefix_cached_tokens.inc(cached_tokens)
+            self.prefix_hit_rate.set(self._prefix_hit / self._prefix_req)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

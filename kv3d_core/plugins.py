@@ -1,0 +1,186 @@
+"""Plugin manager factory and the registry of implementations.
+
+Nothing is loaded at import time. :func:`make_plugin_manager` builds a fresh
+pluggy manager, registers the built-in plugins (the same way third-party ones
+are registered), then loads the ``kv3d`` entry points once. A plugin whose
+entry point fails to import is recorded as broken (``kv3d plugins`` shows the
+error); asking for an implementation that is missing or broken raises
+:class:`~kv3d_core.errors.PluginError` -- kv3d never runs without a plugin the
+configuration asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+from kv3d_core import hookspecs
+from kv3d_core.errors import PluginError
+
+ENTRY_POINT_GROUP = "kv3d"
+
+#: Built-in plugin modules, registered on every manager.
+BUILTIN_PLUGINS = (
+    "kv3d_core.prefix.detectors",
+    "kv3d_core.kv.codec_none",
+    "kv3d_core.tiers.ram",
+)
+
+_HOOK_OF_KIND = {
+    "backend": "register_backends",
+    "detector": "register_detectors",
+    "codec": "register_codecs",
+    "tier": "register_tiers",
+}
+
+
+@dataclass(frozen=True)
+class PluginSource:
+    """Where a registered plugin module came from."""
+
+    plugin: str
+    distribution: str
+    version: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Implementation:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    source: PluginSource
+
+
+@dataclass
+class PluginManager:
+    """A pluggy manager plus what it loaded. Build one with :func:`make_plugin_manager`."""
+
+    pm: pluggy.PluginManager
+    sources: dict[str, PluginSource] = field(default_factory=dict)
+    broken: list[PluginSource] = field(default_factory=list)
+    broken_tracebacks: dict[str, str] = field(default_factory=dict)
+    _impls: dict[tuple[str, str], Implementation] | None = None
+
+    # -- discovery -------------------------------------------------------------
+    def implementations(self) -> dict[tuple[str, str], Implementation]:
+        if self._impls is None:
+            impls: dict[tuple[str, str], Implementation] = {}
+            for kind, hook_name in _HOOK_OF_KIND.items():
+                hook = getattr(self.pm.hook, hook_name)
+                for hook_impl in hook.get_hookimpls():
+                    plugin_name = self.pm.get_name(hook_impl.plugin) or "?"
+                    source = self.sources.get(plugin_name, PluginSource(plugin_name, "?", "?"))
+
+                    def register(name: str, factory: Callable[..., Any], *, _kind=kind, _src=source) -> None:
+                        if not isinstance(name, str) or not name:
+                            raise PluginError(f"plugin {_src.plugin!r} registered a {_kind} with an invalid name {name!r}")
+                        key = (_kind, name)
+                        if key in impls and impls[key].factory is not factory:
+                            other = impls[key].source
+                            raise PluginError(
+                                f"{_kind} {name!r} is registered twice: by {other.plugin!r} "
+                                f"({other.distribution}) and by {_src.plugin!r} ({_src.distribution}); "
+                                "uninstall one of them"
+                            )
+                        impls[key] = Implementation(_kind, name, factory, _src)
+
+                    hook_impl.function(register=register)
+            self._impls = impls
+        return self._impls
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(n for (k, n) in self.implementations() if k == kind)
+
+    def get(self, kind: str, name: str) -> Implementation:
+        if kind not in _HOOK_OF_KIND:
+            raise PluginError(f"unknown plugin kind {kind!r}; kinds are {', '.join(_HOOK_OF_KIND)}")
+        impl = self.implementations().get((kind, name))
+        if impl is not None:
+            return impl
+        hint = ""
+        broken = [b for b in self.broken if name.replace("-", "_") in b.plugin.replace("-", "_")]
+        if broken:
+            hint = f" The plugin {broken[0].plugin!r} is installed but failed to load: {broken[0].error}"
+        elif kind in ("codec", "tier", "backend"):
+            hint = (f" If it ships with kv3d, install it with: pip install ./plugins/{kind}_{name}"
+                    if kind != "backend" else f" Install it with: pip install ./plugins/backend_{name}")
+        installed = ", ".join(self.names(kind)) or "none"
+        raise PluginError(f"{kind} plugin {name!r} is not installed (installed {kind}s: {installed}).{hint}")
+
+    def create(self, kind: str, name: str, **settings: Any) -> Any:
+        """Instantiate implementation ``name`` of ``kind`` with keyword ``settings``."""
+        impl = self.get(kind, name)
+        try:
+            return impl.factory(**settings)
+        except PluginError:
+            raise
+        except TypeError as exc:
+            raise PluginError(f"{kind} plugin {name!r} rejected its settings {sorted(settings)}: {exc}") from exc
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One record per implementation (and per broken plugin), for ``kv3d plugins``."""
+        rows = [
+            {
+                "name": impl.name,
+                "kind": impl.kind,
+                "version": impl.source.version,
+                "distribution": impl.source.distribution,
+                "plugin": impl.source.plugin,
+            }
+            for impl in sorted(self.implementations().values(), key=lambda i: (i.kind, i.name))
+        ]
+        rows += [
+            {"name": b.plugin, "kind": "broken", "version": b.version,
+             "distribution": b.distribution, "plugin": b.plugin, "error": b.error}
+            for b in self.broken
+        ]
+        return rows
+
+
+def _core_source(plugin: str) -> PluginSource:
+    try:
+        version = md.version("kv3d")
+    except md.PackageNotFoundError:  # running from a source tree
+        from kv3d_core import __version__ as version
+    return PluginSource(plugin, "kv3d", version)
+
+
+def make_plugin_manager(*, load_entry_points: bool = True, builtins: bool = True,
+                        extra: Iterable[tuple[str, object]] = ()) -> PluginManager:
+    """A fresh plugin manager.
+
+    ``extra`` registers additional ``(name, plugin object)`` pairs (tests, embedding
+    applications). Entry points of the ``kv3d`` group are loaded once, here.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    manager = PluginManager(pm)
+    if builtins:
+        for module_name in BUILTIN_PLUGINS:
+            pm.register(importlib.import_module(module_name), name=module_name)
+            manager.sources[module_name] = _core_source(module_name)
+    if load_entry_points:
+        for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+            if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue
+            dist = getattr(ep, "dist", None)
+            source = PluginSource(ep.name, dist.name if dist else "?", dist.version if dist else "?")
+            try:
+                plugin = ep.load()
+                pm.register(plugin, name=ep.name)
+            except Exception as exc:  # a broken plugin is reported, not fatal until asked for
+                err = f"{type(exc).__name__}: {exc}"
+                manager.broken.append(PluginSource(ep.name, source.distribution, source.version, err))
+                manager.broken_tracebacks[ep.name] = traceback.format_exc()
+                continue
+            manager.sources[ep.name] = source
+    for name, plugin in extra:
+        pm.register(plugin, name=name)
+        manager.sources[name] = PluginSource(name, "(registered in code)", "-")
+    return manager

@@ -1,0 +1,421 @@
+"""The prefix cache: which cached KV a request reuses, and where it lives.
+
+It owns, for one backend:
+
+- the :class:`~kv3d_core.prefix.radix.RadixIndex` of every cached sequence
+  (family snapshots and idle sessions, in any tier),
+- the family snapshots: one sequence per family holding its prefix's cells,
+  shared with every session of the family through ``seq_cp``; reference-counted
+  by the hot sequences derived from it, evictable (LRU) only at zero,
+- the hot tier's sequence ids and cell ledger, and the LRU of idle entries,
+- the storage tiers below (warm/cold), through a :class:`~kv3d_core.tiers.stack.TierStack`.
+
+Only the scheduler thread calls it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+
+from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView
+from kv3d_core.engine.session import SessionState
+from kv3d_core.errors import CacheFault
+from kv3d_core.prefix.radix import RadixIndex
+from kv3d_core.tiers.hot import CellLedger, SeqPool
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kv3d_core.contracts.backend import ExecutionBackend
+    from kv3d_core.metrics import Metrics
+    from kv3d_core.tiers.stack import TierStack
+
+log = logging.getLogger("kv3d.prefix")
+
+_TIER_RANK = {SessionState.IDLE: 0, SessionState.WARM: 1, SessionState.COLD: 2}
+
+
+@dataclass(eq=False)
+class CacheEntry:
+    """A cached sequence: a family snapshot or an idle session."""
+
+    key: str
+    kind: str                      # "snapshot" | "session"
+    namespace: str
+    family: str
+    tokens: np.ndarray             # int32, the positions its KV covers
+    n_prefix: int = 0              # leading tokens shared with its family snapshot
+    state: SessionState = SessionState.IDLE
+    seq: int | None = None         # hot only
+    snapshot: "CacheEntry | None" = None
+    refs: int = 0                  # snapshots: hot sequences sharing its cells
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def hot(self) -> bool:
+        return self.state is SessionState.IDLE and self.seq is not None
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+@dataclass
+class Lease:
+    """What :meth:`PrefixCache.acquire` gave a request."""
+
+    seq: int
+    n_cached: int
+    source: str                    # "miss" | "hot" | "warm" | "cold"
+    snapshot: CacheEntry | None
+
+
+class PrefixCache:
+    def __init__(
+        self,
+        backend: "ExecutionBackend",
+        detector: PrefixDetector,
+        metrics: "Metrics",
+        *,
+        enabled: bool = True,
+        min_snapshot_tokens: int = 32,
+        tiers: "TierStack | None" = None,
+    ) -> None:
+        self.backend = backend
+        self.info = backend.info
+        self.detector = detector
+        self.metrics = metrics
+        self.enabled = enabled
+        self.min_snapshot_tokens = max(1, int(min_snapshot_tokens))
+        self.tiers = tiers
+        self.pool = SeqPool(self.info.n_seq_max)
+        self.ledger = CellLedger(self.info.n_ctx)
+        self.index: RadixIndex[CacheEntry] = RadixIndex()
+        self.snapshots: dict[tuple[str, str], CacheEntry] = {}
+        self._idle: OrderedDict[CacheEntry, None] = OrderedDict()   # hot, evictable candidates, LRU first
+        self._by_key: dict[str, CacheEntry] = {}
+        if tiers is not None:
+            tiers.attach(self)
+
+    # -- bookkeeping ---------------------------------------------------------------
+    def _touch(self, e: CacheEntry) -> None:
+        e.last_used = time.monotonic()
+        if e in self._idle:
+            self._idle.move_to_end(e)
+
+    def _add(self, e: CacheEntry) -> None:
+        self.index.insert(e)
+        self._by_key[e.key] = e
+        if e.kind == "snapshot":
+            self.snapshots[(e.namespace, e.family)] = e
+
+    def _forget(self, e: CacheEntry) -> None:
+        self.index.remove(e)
+        self._by_key.pop(e.key, None)
+        self._idle.pop(e, None)
+        if e.kind == "snapshot" and self.snapshots.get((e.namespace, e.family)) is e:
+            del self.snapshots[(e.namespace, e.family)]
+
+    def _free_seq(self, seq: int) -> None:
+        self.backend.seq_remove(seq)
+        self.ledger.drop(seq)
+        self.pool.release(seq)
+
+    def _unref(self, snap: CacheEntry | None) -> None:
+        if snap is None:
+            return
+        snap.refs -= 1
+        if snap.refs <= 0 and snap.hot:
+            snap.refs = 0
+            self._idle[snap] = None
+            self._idle.move_to_end(snap)
+
+    def _ref(self, snap: CacheEntry | None) -> None:
+        if snap is None:
+            return
+        snap.refs += 1
+        self._idle.pop(snap, None)
+
+    def update_gauges(self) -> None:
+        m = self.metrics
+        m.prefix_families.set(len(self.snapshots))
+        m.kv_bytes.labels("hot").set(self.ledger.used * self.info.kv_bytes_per_token)
+        m.sessions.labels("hot").set(sum(1 for e in self._by_key.values() if e.hot and e.kind == "session"))
+        if self.tiers is not None:
+            self.tiers.update_gauges()
+
+    # -- lookup ----------------------------------------------------------------------
+    def plan(self, prompt: PromptView, family: FamilyKey) -> tuple[CacheEntry | None, int]:
+        """The cached entry to reuse and how many tokens of it (deepest match wins;
+        among equals hot before warm before cold, then most recent)."""
+        if not self.enabled:
+            return None, 0
+        limit = len(prompt.tokens) - 1          # at least one token must be decoded for logits
+        best: CacheEntry | None = None
+        best_n = 0
+        seen: set[CacheEntry] = set()
+        for lcp, entries in self.index.match(family.namespace, prompt.tokens):
+            if min(lcp, limit) < best_n or (best is not None and min(lcp, limit) == best_n and best.hot):
+                break
+            for e in itertools.islice((x for x in entries if x not in seen), 256):
+                seen.add(e)
+                cand = Candidate(e.family, lcp, int(e.tokens.shape[0]), e.kind)
+                n = min(self.detector.reusable(prompt, family, cand), lcp, limit)
+                if n <= 0:
+                    continue
+                if (n > best_n or (n == best_n and best is not None and
+                                   (_TIER_RANK[e.state], -e.last_used) < (_TIER_RANK[best.state], -best.last_used))):
+                    best, best_n = e, n
+        return best, best_n
+
+    # -- capacity --------------------------------------------------------------------
+    def evictable_cells(self, exclude: Iterable[CacheEntry] = ()) -> int:
+        ex = set(exclude)
+        return sum(self.ledger.own_cells(e.seq) for e in self._idle if e not in ex and e.seq is not None)
+
+    def _evict_one(self, exclude: set[CacheEntry]) -> bool:
+        victim = None
+        for e in self._idle:                     # idle sessions first, LRU first
+            if e.kind == "session" and e not in exclude:
+                victim = e
+                break
+        if victim is None:
+            for e in self._idle:                 # then snapshots nobody shares
+                if e.kind == "snapshot" and e.refs <= 0 and e not in exclude:
+                    victim = e
+                    break
+        if victim is None:
+            return False
+        self.evict(victim)
+        return True
+
+    def evict(self, e: CacheEntry) -> None:
+        """Move an idle hot entry out of the context: spilled to the tiers when there
+        are any (and it is worth keeping), else dropped."""
+        assert e.seq is not None
+        seq = e.seq
+        self._idle.pop(e, None)
+        kept = False
+        if self.tiers is not None and self.enabled:
+            try:
+                kept = self.tiers.spill(e, seq)
+            except CacheFault as exc:
+                self.metrics.fallbacks.labels(exc.reason).inc()
+                log.warning("spill of %s failed (%s); dropped", e.key[:8], exc)
+                kept = False
+        self._free_seq(seq)
+        e.seq = None
+        if e.kind == "session":
+            self._unref(e.snapshot)
+        if kept:
+            e.state = SessionState.WARM
+        else:
+            e.state = SessionState.DROPPED
+            self._forget(e)
+        self.metrics.evictions.labels("hot").inc()
+
+    def ensure_cells(self, n: int, exclude: Iterable[CacheEntry] = ()) -> bool:
+        ex = set(exclude)
+        while self.ledger.free < n:
+            if not self._evict_one(ex):
+                return False
+        return True
+
+    def alloc_seq(self, exclude: Iterable[CacheEntry] = ()) -> int | None:
+        ex = set(exclude)
+        while self.pool.free == 0:
+            if not self._evict_one(ex):
+                return None
+        return self.pool.alloc()
+
+    # -- request life cycle ----------------------------------------------------------
+    def acquire(self, prompt: PromptView, family: FamilyKey) -> Lease | None:
+        """A sequence for a request, with as much of its prompt as can be reused
+        already in it. None when no sequence or cells can be freed now."""
+        for _attempt in range(3):
+            entry, n = self.plan(prompt, family)
+            try:
+                lease = self._acquire_from(entry, n, prompt)
+            except CacheFault as exc:
+                # restore failed: that entry is gone; try the next best (or recompute)
+                self.metrics.fallbacks.labels(exc.reason).inc()
+                log.warning("restore of %s failed (%s): serving by recompute", entry.key[:8] if entry else "-", exc)
+                continue
+            if lease is None:
+                return None
+            self.metrics.record_prefix(lease.n_cached > 0, lease.n_cached)
+            return lease
+        lease = self._acquire_from(None, 0, prompt)
+        if lease is not None:
+            self.metrics.record_prefix(False, 0)
+        return lease
+
+    def _acquire_from(self, entry: CacheEntry | None, n: int, prompt: PromptView) -> Lease | None:
+        uncached = len(prompt.tokens) - n
+        protect = {entry} if entry is not None else set()
+        if entry is not None and entry.snapshot is not None:
+            protect.add(entry.snapshot)
+        if self.ledger.free + self.evictable_cells(protect) < uncached + 1:
+            return None
+        if entry is None:
+            seq = self.alloc_seq()
+            return Lease(seq, 0, "miss", None) if seq is not None else None
+
+        self._touch(entry)
+        snap = entry if entry.kind == "snapshot" else entry.snapshot
+        if snap is not None and n < len(snap.tokens):
+            snap = None                          # the request does not cover the whole family prefix
+        if entry.hot:
+            if entry.kind == "session" and n == len(entry.tokens):
+                # the request continues this session: take its sequence over
+                seq = entry.seq
+                self._forget(entry)
+                entry.seq = None
+                entry.state = SessionState.PREFILL
+                if snap is not entry.snapshot:
+                    self._ref(snap)
+                    self._unref(entry.snapshot)
+                return Lease(seq, n, "hot", snap)
+            seq = self.alloc_seq(protect)
+            if seq is None:
+                return None
+            self.backend.seq_copy(entry.seq, seq, 0, n)
+            self.ledger.share_prefix(entry.seq, seq, n)
+            self._ref(snap)
+            return Lease(seq, n, "hot", snap)
+        # warm or cold: restore into a fresh sequence
+        assert self.tiers is not None
+        seq = self.alloc_seq(protect)
+        if seq is None:
+            return None
+        tier = entry.state.value
+        try:
+            restored_snap = self.tiers.restore(entry, seq)
+        except CacheFault:
+            self._free_seq(seq)
+            self._drop_entry(entry)
+            raise
+        if n < len(entry.tokens):
+            self.backend.seq_remove(seq, n, -1)
+            self.ledger.truncate(seq, n)
+        else:
+            self.tiers.discard(entry)            # the session continues; its stored copy is stale
+            self._forget(entry)
+            entry.state = SessionState.PREFILL
+        if restored_snap is not None and n >= len(restored_snap.tokens):
+            self._ref(restored_snap)
+            snap = restored_snap
+        else:
+            snap = None
+        return Lease(seq, n, tier, snap)
+
+    def _drop_entry(self, e: CacheEntry) -> None:
+        if e.seq is not None:
+            self._free_seq(e.seq)
+            e.seq = None
+            if e.kind == "session":
+                self._unref(e.snapshot)
+        if self.tiers is not None:
+            self.tiers.discard(e)
+        e.state = SessionState.DROPPED
+        self._forget(e)
+
+    def snapshot_entry(self, family: FamilyKey) -> CacheEntry | None:
+        return self.snapshots.get((family.namespace, family.digest))
+
+    def ensure_hot_snapshot(self, snap: CacheEntry, exclude: Iterable[CacheEntry] = ()) -> bool:
+        """Bring a spilled snapshot back into a sequence (for a session restore)."""
+        if snap.hot:
+            return True
+        if self.tiers is None:
+            return False
+        seq = self.alloc_seq(set(exclude) | {snap})
+        if seq is None:
+            return False
+        try:
+            self.tiers.restore(snap, seq)
+        except CacheFault:
+            self._free_seq(seq)
+            self._drop_entry(snap)
+            raise
+        snap.seq = seq
+        snap.state = SessionState.IDLE
+        if snap.refs <= 0:
+            self._idle[snap] = None
+        return True
+
+    def maybe_snapshot(self, seq: int, n_past: int, tokens: list[int], family: FamilyKey,
+                       current: CacheEntry | None) -> CacheEntry | None:
+        """After a prefill step: when the sequence now holds its whole family prefix
+        and the family has no snapshot yet, share those cells into a new snapshot
+        sequence (no copy, no recompute). Returns the snapshot the sequence now
+        shares cells with (``current`` when nothing changed)."""
+        if (not self.enabled or current is not None or family.length < self.min_snapshot_tokens
+                or n_past < family.length):
+            return current
+        existing = self.snapshot_entry(family)
+        if existing is not None:
+            if existing.hot or existing.state in (SessionState.WARM, SessionState.COLD):
+                return None                      # made by a concurrent request; ours is computed apart
+        snap_seq = self.alloc_seq()
+        if snap_seq is None:
+            return None
+        L = family.length
+        self.backend.seq_copy(seq, snap_seq, 0, L)
+        self.ledger.share_prefix(seq, snap_seq, L)
+        snap = CacheEntry(
+            key=family.digest, kind="snapshot", namespace=family.namespace, family=family.digest,
+            tokens=np.asarray(tokens[:L], dtype=np.int32), seq=snap_seq,
+        )
+        self._add(snap)
+        self._ref(snap)
+        return snap
+
+    def release(self, seq: int, tokens: list[int], n_past: int, family: FamilyKey,
+                snapshot: CacheEntry | None, keep: bool) -> None:
+        """A request is done with its sequence: keep it as an idle session (resumable
+        by the next turn) or free it."""
+        if keep and self.enabled and n_past > 0:
+            entry = CacheEntry(
+                key=uuid.uuid4().hex, kind="session", namespace=family.namespace, family=family.digest,
+                tokens=np.asarray(tokens[:n_past], dtype=np.int32),
+                n_prefix=len(snapshot.tokens) if snapshot is not None else 0,
+                seq=seq, snapshot=snapshot,
+            )
+            self._add(entry)
+            self._idle[entry] = None
+            return
+        self._free_seq(seq)
+        self._unref(snapshot)
+
+    def note_decoded(self, seq: int, n: int) -> None:
+        self.ledger.extend(seq, n)
+
+    def note_truncated(self, seq: int, n_past: int) -> None:
+        self.ledger.truncate(seq, n_past)
+
+    # -- introspection -----------------------------------------------------------------
+    def stats(self) -> dict:
+        hot_sessions = sum(1 for e in self._by_key.values() if e.hot and e.kind == "session")
+        out = {
+            "enabled": self.enabled,
+            "detector": self.detector.name,
+            "families": len(self.snapshots),
+            "hot": {"cells_used": self.ledger.used, "cells_total": self.ledger.n_cells,
+                    "bytes": self.ledger.used * self.info.kv_bytes_per_token,
+                    "sessions": hot_sessions, "free_sequences": self.pool.free},
+            "entries": len(self._by_key),
+        }
+        if self.tiers is not None:
+            out.update(self.tiers.stats())
+        return out
+
+    def clear(self) -> None:
+        """Drop everything cached (hot and below)."""
+        for e in list(self._by_key.values()):
+            self._drop_entry(e)

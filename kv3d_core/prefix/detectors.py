@@ -1,0 +1,80 @@
+"""Built-in prefix detectors, registered as a plugin like any other.
+
+``exact`` (default) -- the seed's system-prompt detector. A family is the exact
+token sequence of the leading system/developer messages and tool definitions.
+A request reuses cached KV only from its own family, and there the longest
+cached prefix wins: the family snapshot, a previous turn of the same
+conversation (resume), or any branch of it (a regenerated or edited turn).
+
+``radix`` -- reuse across families at token granularity: any cached sequence of
+the same namespace sharing at least ``min_match_tokens`` leading tokens with the
+request, as SGLang's RadixAttention does. It finds more reuse (e.g. requests
+without a system prompt that share a long document), at the cost of hits that
+cannot be explained by a family (the hit metric then counts any shared prefix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView
+from kv3d_core.hookspecs import hookimpl
+
+
+def namespace_of(model_id: str, cache_salt: str | None) -> str:
+    """Digest separating models and tenants: equal only for equal model id and salt."""
+    h = hashlib.blake2b(digest_size=16, person=b"kv3d-namespace")
+    h.update(model_id.encode("utf-8"))
+    h.update(b"\x00")
+    if cache_salt is not None:
+        h.update(b"\x01")
+        h.update(cache_salt.encode("utf-8"))
+    return h.hexdigest()
+
+
+def family_digest(namespace: str, tokens) -> str:
+    """Digest of a prefix's token ids within a namespace."""
+    h = hashlib.blake2b(digest_size=16, person=b"kv3d-family")
+    h.update(namespace.encode("ascii"))
+    h.update(np.asarray(tokens, dtype="<i4").tobytes())
+    return h.hexdigest()
+
+
+class ExactDetector(PrefixDetector):
+    """Family = the exact leading system/developer/tools tokens; reuse only within it."""
+
+    name = "exact"
+
+    def __init__(self, min_family_tokens: int = 1, **_: object) -> None:
+        self.min_family_tokens = int(min_family_tokens)
+
+    def family(self, prompt: PromptView) -> FamilyKey:
+        ns = namespace_of(prompt.model_id, prompt.cache_salt)
+        n = prompt.family_len if prompt.family_len >= self.min_family_tokens else 0
+        return FamilyKey(ns, family_digest(ns, prompt.tokens[:n]), n)
+
+    def reusable(self, prompt: PromptView, family: FamilyKey, candidate: Candidate) -> int:
+        if candidate.family != family.digest or candidate.lcp < family.length:
+            return 0
+        return candidate.lcp
+
+
+class RadixDetector(ExactDetector):
+    """Families as in ``exact`` (snapshots), but reuse any shared prefix of enough tokens."""
+
+    name = "radix"
+
+    def __init__(self, min_match_tokens: int = 16, **kw: object) -> None:
+        super().__init__(**kw)
+        self.min_match_tokens = int(min_match_tokens)
+
+    def reusable(self, prompt: PromptView, family: FamilyKey, candidate: Candidate) -> int:
+        return candidate.lcp if candidate.lcp >= self.min_match_tokens else 0
+
+
+@hookimpl
+def register_detectors(register):
+    register("exact", ExactDetector)
+    register("radix", RadixDetector)

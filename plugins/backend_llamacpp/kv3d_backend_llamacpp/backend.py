@@ -1,0 +1,398 @@
+"""The llama.cpp execution backend: one model, one context, many sequences.
+
+Uses llama-cpp-python's low-level ctypes API (module ``llama_cpp``) directly:
+the high-level ``Llama`` class serves one sequence at a time and hides the
+calls kv3d is built on (``llama_memory_seq_cp`` to share a prefix's cells,
+``llama_state_seq_get_data`` / ``set_data`` to move one sequence's cells).
+
+The context is created with ``kv_unified=True`` (one cell pool for all
+sequences, required for sharing cells) and ``n_seq_max`` sequences.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import threading
+from typing import Sequence
+
+import numpy as np
+
+import llama_cpp as L
+from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, ModelInfo, Sampler, SamplingParams
+from kv3d_core.errors import BackendError, ConfigError, KVCacheFullError, ModelLoadError, StateRestoreError
+from kv3d_backend_llamacpp.model_files import resolve_model
+
+log = logging.getLogger("kv3d.backend.llamacpp")
+
+_GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+_GGML_TYPE_BYTES = {0: 4.0, 1: 2.0, 30: 2.0, 8: 34 / 32, 2: 18 / 32, 3: 20 / 32, 6: 22 / 32, 7: 24 / 32}
+_FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+
+_init_lock = threading.Lock()
+_initialized = False
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR, 5: logging.DEBUG}  # ggml_log_level
+
+
+@L.llama_log_callback
+def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # llama.cpp is chatty at INFO; route everything through logging (DEBUG below warnings).
+    lvl = _LOG_LEVELS.get(level, logging.DEBUG)
+    if lvl >= logging.WARNING and log.isEnabledFor(lvl):
+        msg = text.decode("utf-8", "replace").rstrip()
+        if msg:
+            log.log(lvl, "%s", msg)
+
+
+def _ensure_backend_init() -> None:
+    global _initialized
+    with _init_lock:
+        if not _initialized:
+            L.llama_log_set(_log_callback, None)
+            L.llama_backend_init()
+            _initialized = True
+
+
+def _meta(model, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = L.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    if n < 0:
+        return None
+    return buf.value.decode("utf-8", "replace")
+
+
+def _file_fingerprint(path: str) -> str:
+    """Cheap, content-based identity of a model file (size + head + tail)."""
+    h = hashlib.blake2b(digest_size=16, person=b"kv3d-model")
+    size = os.path.getsize(path)
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(4 << 20))
+        if size > 8 << 20:
+            f.seek(size - (1 << 20))
+            h.update(f.read())
+    return h.hexdigest()
+
+
+class _Batch:
+    """A ``llama_batch`` whose arrays are numpy buffers owned by Python.
+
+    Filled with vectorized writes; every token belongs to exactly one sequence
+    (``n_seq_id = 1``), its ``seq_id`` pointer pointing into one contiguous array.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.token = np.zeros(capacity, np.int32)
+        self.pos = np.zeros(capacity, np.int32)
+        self.n_seq_id = np.ones(capacity, np.int32)
+        self.seq = np.zeros(capacity, np.int32)
+        self.logits = np.zeros(capacity, np.int8)
+        ptr_size = ctypes.sizeof(ctypes.c_void_p)
+        self.seq_ptrs = (self.seq.ctypes.data + 4 * np.arange(capacity, dtype=np.uint64)).astype(
+            np.uint64 if ptr_size == 8 else np.uint32)
+        self.struct = L.llama_batch()
+        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(L.llama_token))
+        self.struct.embd = ctypes.POINTER(ctypes.c_float)()
+        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(L.llama_pos))
+        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self.struct.seq_id = ctypes.cast(self.seq_ptrs.ctypes.data, ctypes.POINTER(ctypes.POINTER(L.llama_seq_id)))
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+
+    def fill(self, entries: Sequence[BatchEntry]) -> list[int | None]:
+        n = 0
+        outputs: list[int | None] = []
+        for e in entries:
+            k = len(e.tokens)
+            if k == 0:
+                outputs.append(None)
+                continue
+            if n + k > self.capacity:
+                raise BackendError(f"batch of more than {self.capacity} tokens")
+            self.token[n:n + k] = e.tokens
+            self.pos[n:n + k] = np.arange(e.pos0, e.pos0 + k, dtype=np.int32)
+            self.seq[n:n + k] = e.seq
+            self.logits[n:n + k] = 0
+            if e.logits:
+                self.logits[n + k - 1] = 1
+                outputs.append(n + k - 1)
+            else:
+                outputs.append(None)
+            n += k
+        self.struct.n_tokens = n
+        return outputs
+
+
+class LlamaCppSampler(Sampler):
+    def __init__(self, ctx, n_vocab: int, params: SamplingParams) -> None:
+        self._ctx = ctx
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
+                n_vocab, 64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
+        if params.greedy:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        self._chain = chain
+
+    def sample(self, output: int) -> int:
+        return int(L.llama_sampler_sample(self._chain, self._ctx, output))
+
+    def accept(self, token: int) -> None:
+        L.llama_sampler_accept(self._chain, token)
+
+    def close(self) -> None:
+        if self._chain is not None:
+            L.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:  # safety net; the scheduler closes samplers explicitly
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaCppBackend(ExecutionBackend):
+    """Settings (all from the Hydra ``backend`` node, plus model/cache/scheduler keys
+    the core passes in): see ``configs/backend/llamacpp.yaml``."""
+
+    def __init__(
+        self,
+        *,
+        model_path: str | None = None,
+        model_id: str | None = None,
+        hot_mb: float | None = 512,
+        n_ctx: int | None = None,
+        n_seq_max: int = 64,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        n_gpu_layers: int = 0,
+        flash_attn: str = "auto",
+        type_k: str = "f16",
+        type_v: str = "f16",
+        swa_full: bool = False,
+        **unknown: object,
+    ) -> None:
+        if unknown:
+            raise ConfigError(f"backend llamacpp: unknown settings {sorted(unknown)}")
+        if not 1 <= int(n_seq_max) <= L.llama_max_parallel_sequences():
+            raise ConfigError(f"n_seq_max={n_seq_max} must be within 1..{L.llama_max_parallel_sequences()}")
+        if flash_attn not in _FLASH_ATTN:
+            raise ConfigError(f"backend.flash_attn={flash_attn!r}: use auto, on or off")
+        for name, t in (("type_k", type_k), ("type_v", type_v)):
+            if t not in _GGML_TYPES:
+                raise ConfigError(f"backend.{name}={t!r}: use one of {', '.join(_GGML_TYPES)}")
+        _ensure_backend_init()
+        path, served_id = resolve_model(model_path, model_id)
+        self._closed = False
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = int(n_gpu_layers)
+        self._model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self._model:
+            raise ModelLoadError(f"llama.cpp could not load {path}")
+        model = self._model
+        self._vocab = L.llama_model_get_vocab(model)
+        arch = _meta(model, "general.architecture") or "?"
+        n_layer = L.llama_model_n_layer(model)
+        n_head = max(1, L.llama_model_n_head(model))
+        n_head_kv = max(1, L.llama_model_n_head_kv(model))
+        n_embd = L.llama_model_n_embd(model)
+        head_k = int(_meta(model, f"{arch}.attention.key_length") or n_embd // n_head)
+        head_v = int(_meta(model, f"{arch}.attention.value_length") or n_embd // n_head)
+        tk, tv = _GGML_TYPES[type_k], _GGML_TYPES[type_v]
+        kv_bytes = int(round(n_layer * n_head_kv * (head_k * _GGML_TYPE_BYTES[tk] + head_v * _GGML_TYPE_BYTES[tv])))
+        n_ctx_train = L.llama_model_n_ctx_train(model)
+        if n_ctx is None:
+            if not hot_mb or hot_mb <= 0:
+                raise ConfigError("cache.gpu_hot_mb must be > 0 (or set backend.n_ctx)")
+            n_ctx = int(hot_mb * 1024 * 1024 // kv_bytes)
+        n_ctx = max(256, (int(n_ctx) // 256) * 256)
+        n_batch = max(1, int(n_batch))
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = max(1, min(int(n_ubatch), n_batch))
+        cparams.n_seq_max = int(n_seq_max)
+        threads = int(n_threads) if n_threads else (os.cpu_count() or 1)
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
+        cparams.type_k = tk
+        cparams.type_v = tv
+        cparams.kv_unified = True
+        cparams.swa_full = bool(swa_full)
+        cparams.no_perf = True
+        self._ctx = L.llama_init_from_model(model, cparams)
+        if not self._ctx:
+            L.llama_model_free(model)
+            raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} cells for {path}")
+        self._mem = L.llama_get_memory(self._ctx)
+        self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        self._batch = _Batch(n_batch)
+        self._pieces: dict[int, bytes] = {}
+        self._piece_lock = threading.Lock()
+        real_ctx = L.llama_n_ctx(self._ctx)
+        template = _meta(model, "tokenizer.chat_template")
+        bos_id, eos_id = L.llama_vocab_bos(self._vocab), L.llama_vocab_eos(self._vocab)
+        fp = hashlib.blake2b(digest_size=16, person=b"kv3d-fp")
+        fp.update(_file_fingerprint(str(path)).encode())
+        fp.update(f"{type_k}/{type_v}/{flash_attn}/{swa_full}/{L.__version__}".encode())
+        gpu = bool(L.llama_supports_gpu_offload())
+        self.info = ModelInfo(
+            model_id=served_id,
+            path=str(path),
+            architecture=arch,
+            fingerprint=fp.hexdigest(),
+            n_ctx_train=n_ctx_train,
+            n_ctx=real_ctx,
+            n_ctx_seq=min(real_ctx, n_ctx_train) if n_ctx_train > 0 else real_ctx,
+            n_seq_max=int(n_seq_max),
+            n_layer=n_layer,
+            n_vocab=self._n_vocab,
+            n_head_kv=n_head_kv,
+            head_dim_k=head_k,
+            head_dim_v=head_v,
+            kv_bytes_per_token=kv_bytes,
+            sliding_window=int(L.llama_model_n_swa(model) or 0),
+            chat_template=template,
+            bos_token=self._piece_text(bos_id) if bos_id >= 0 else "",
+            eos_token=self._piece_text(eos_id) if eos_id >= 0 else "",
+            add_bos=bool(L.llama_vocab_get_add_bos(self._vocab)),
+            gpu_layers=int(n_gpu_layers) if gpu else 0,
+            build={
+                "llama_cpp_python": L.__version__,
+                "gpu_offload": gpu,
+                "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),
+                "n_threads": threads,
+                "flash_attn": flash_attn,
+                "type_k": type_k,
+                "type_v": type_v,
+            },
+        )
+        log.info("loaded %s (%s, %d layers) with %d cells, %d sequences, %d threads",
+                 path.name, arch, n_layer, real_ctx, n_seq_max, threads)
+
+    # -- text ----------------------------------------------------------------
+    def _piece_text(self, token: int) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(0, n)].decode("utf-8", "replace")
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (L.llama_token * cap)()
+        n = L.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise BackendError("tokenization failed")
+        return list(buf[:n])
+
+    def token_piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[: max(0, n)]
+            with self._piece_lock:
+                self._pieces[token] = piece
+        return piece
+
+    def is_eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self._vocab, token))
+
+    # -- compute ---------------------------------------------------------------
+    @property
+    def max_batch_tokens(self) -> int:
+        return self._batch.capacity
+
+    def decode(self, entries: Sequence[BatchEntry]) -> list[int | None]:
+        outputs = self._batch.fill(entries)
+        if self._batch.struct.n_tokens == 0:
+            return outputs
+        rc = L.llama_decode(self._ctx, self._batch.struct)
+        if rc == 1:
+            raise KVCacheFullError("no free KV cells for the batch")
+        if rc != 0:
+            # Fatal or aborted: processed ubatches may remain; drop the touched positions
+            # so the caller's view of every sequence stays true.
+            for e in entries:
+                if e.tokens:
+                    L.llama_memory_seq_rm(self._mem, e.seq, e.pos0, -1)
+            raise BackendError(f"llama_decode failed with code {rc}")
+        return outputs
+
+    def logits(self, output: int) -> np.ndarray:
+        ptr = L.llama_get_logits_ith(self._ctx, output)
+        if not ptr:
+            raise BackendError(f"no logits for output {output}")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def make_sampler(self, params: SamplingParams) -> Sampler:
+        return LlamaCppSampler(self._ctx, self._n_vocab, params)
+
+    # -- KV cells ----------------------------------------------------------------
+    def seq_copy(self, src: int, dst: int, p0: int, p1: int) -> None:
+        L.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def seq_remove(self, seq: int, p0: int = 0, p1: int = -1) -> None:
+        if not L.llama_memory_seq_rm(self._mem, seq, p0, p1):
+            raise BackendError(f"llama_memory_seq_rm({seq}, {p0}, {p1}) refused")
+
+    def seq_pos_max(self, seq: int) -> int:
+        return int(L.llama_memory_seq_pos_max(self._mem, seq))
+
+    def seq_pos_min(self, seq: int) -> int:
+        return int(L.llama_memory_seq_pos_min(self._mem, seq))
+
+    def seq_state_get(self, seq: int) -> bytes:
+        size = L.llama_state_seq_get_size(self._ctx, seq)
+        buf = bytearray(size)
+        if size:
+            arr = (ctypes.c_uint8 * size).from_buffer(buf)
+            n = L.llama_state_seq_get_data(self._ctx, arr, size, seq)
+            if n != size:
+                raise BackendError(f"llama_state_seq_get_data wrote {n} of {size} bytes")
+        return bytes(buf) if size < (1 << 16) else buf  # bytearray avoids a copy of large blobs
+
+    def seq_state_set(self, seq: int, blob: bytes) -> None:
+        arr = np.frombuffer(blob, dtype=np.uint8)
+        n = L.llama_state_seq_set_data(self._ctx, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), arr.size, seq)
+        if n == 0:
+            L.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            raise StateRestoreError(f"llama_state_seq_set_data refused a {arr.size}-byte blob")
+
+    def reset_kv(self) -> None:
+        L.llama_memory_clear(self._mem, True)
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        L.llama_free(self._ctx)
+        L.llama_model_free(self._model)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

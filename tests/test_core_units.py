@@ -1,0 +1,111 @@
+"""Unit tests of the core's data structures (no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kv3d_core.engine.session import InvalidTransition, SessionState as S, check_transition
+from kv3d_core.engine.textstream import TextStream
+from kv3d_core.prefix.radix import RadixIndex
+from kv3d_core.tiers.hot import CellLedger, SeqPool
+
+
+def test_textstream_reassembles_utf8_and_streams():
+    ts = TextStream()
+    data = "héllo ✓".encode()
+    out = "".join(ts.push(data[i:i + 1]) for i in range(len(data))) + ts.flush()
+    assert out == "héllo ✓"
+
+
+def test_textstream_stop_string_is_never_streamed():
+    ts = TextStream(["STOP"])
+    outs = [ts.push(p) for p in (b"abc S", b"TO", b"P tail")]
+    assert "".join(outs) == "abc " and ts.stopped
+    assert ts.push(b"more") == "" and ts.flush() == ""
+
+
+def test_textstream_holds_back_only_possible_stop_prefixes():
+    ts = TextStream(["xyz"])
+    assert ts.push(b"abx") == "ab"
+    assert ts.push(b"q") == "xq"
+    assert ts.flush() == ""
+
+
+class E:
+    def __init__(self, ns, toks):
+        self.namespace, self.tokens = ns, np.asarray(toks, np.int32)
+
+
+def best(index, ns, toks):
+    for lcp, entries in index.match(ns, toks):
+        return lcp, entries
+    return 0, set()
+
+
+def test_radix_longest_match_and_removal():
+    idx = RadixIndex()
+    a, b, c = E("n", [1, 2, 3, 4, 5]), E("n", [1, 2, 3, 9]), E("other", [1, 2, 3, 4, 5])
+    for e in (a, b, c):
+        idx.insert(e)
+    lcp, ents = best(idx, "n", [1, 2, 3, 4, 7])
+    assert lcp == 4 and ents == {a}
+    depths = [(d, set(es)) for d, es in idx.match("n", [1, 2, 3, 9, 9])]
+    assert depths[0] == (4, {b}) and depths[1][0] == 3 and depths[1][1] == {a, b}
+    assert best(idx, "missing", [1])[0] == 0
+    idx.remove(b)
+    assert best(idx, "n", [1, 2, 3, 9])[0] == 3
+    idx.remove(a)
+    assert best(idx, "n", [1, 2, 3])[0] == 0 and len(idx) == 1
+
+
+def test_radix_prefix_entry_splits_edges():
+    idx = RadixIndex()
+    long, short = E("n", list(range(100))), E("n", list(range(10)))
+    idx.insert(long)
+    idx.insert(short)
+    lcp, ents = best(idx, "n", list(range(10)) + [999])
+    assert lcp == 10 and ents == {long, short}
+
+
+def test_cell_ledger_shares_prefix_cells():
+    led = CellLedger(1000)
+    led.extend(0, 100)                 # seq 0 decodes 100 tokens
+    assert led.used == 100
+    led.share_prefix(0, 1, 60)         # seq 1 shares 60 of them (seq_cp)
+    assert led.used == 100
+    led.extend(1, 10)                  # seq 1 decodes 10 of its own
+    assert led.used == 110 and led.own_cells(1) == 10 and led.own_cells(0) == 40
+    led.drop(0)
+    assert led.used == 70              # the 60 shared cells live on in seq 1
+    led.truncate(1, 30)
+    assert led.used == 30
+    led.drop(1)
+    assert led.used == 0 and led.free == 1000
+
+
+def test_cell_ledger_truncate_then_extend_makes_new_cells():
+    led = CellLedger(100)
+    led.extend(0, 20)
+    led.share_prefix(0, 1, 20)
+    led.truncate(0, 10)
+    led.extend(0, 5)                   # positions 10..14 of seq 0 are new cells
+    assert led.used == 25
+
+
+def test_seq_pool():
+    pool = SeqPool(2)
+    a, b = pool.alloc(), pool.alloc()
+    assert {a, b} == {0, 1} and pool.alloc() is None
+    pool.release(a)
+    with pytest.raises(ValueError):
+        pool.release(a)
+
+
+def test_session_state_machine():
+    assert check_transition(S.QUEUED, S.PREFILL) is S.PREFILL
+    assert check_transition(S.IDLE, S.WARM) is S.WARM
+    with pytest.raises(InvalidTransition):
+        check_transition(S.DROPPED, S.PREFILL)
+    with pytest.raises(InvalidTransition):
+        check_transition(S.QUEUED, S.IDLE)

@@ -1,0 +1,97 @@
+"""The plugin manager: built-ins and entry points, clear failures, a fresh manager per test."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kv3d_core import hookimpl
+from kv3d_core.contracts import KINDS
+from kv3d_core.errors import PluginError
+from kv3d_core.plugins import make_plugin_manager
+
+
+@pytest.fixture()
+def pm():
+    return make_plugin_manager()
+
+
+def test_builtins_and_entry_points(pm):
+    rows = {(r["kind"], r["name"]): r for r in pm.describe()}
+    assert rows[("detector", "exact")]["distribution"] == "kv3d"
+    assert rows[("detector", "radix")]["distribution"] == "kv3d"
+    assert rows[("codec", "none")]["distribution"] == "kv3d"
+    assert rows[("tier", "ram")]["distribution"] == "kv3d"
+    backend = rows[("backend", "llamacpp")]       # found through the "kv3d" entry-point group
+    assert backend["distribution"] == "kv3d-backend-llamacpp"
+    assert backend["version"] == md.version("kv3d-backend-llamacpp")
+    assert {r["kind"] for r in pm.describe()} <= set(KINDS)
+
+
+def test_missing_plugin_fails_loudly(pm):
+    with pytest.raises(PluginError) as exc:
+        pm.get("codec", "zfp-magic")
+    msg = str(exc.value)
+    assert "codec plugin 'zfp-magic' is not installed" in msg and "installed codecs:" in msg
+
+
+def test_unknown_kind(pm):
+    with pytest.raises(PluginError, match="unknown plugin kind"):
+        pm.get("scheduler", "x")
+
+
+def test_managers_are_independent():
+    class Extra:
+        @hookimpl
+        def register_codecs(self, register):
+            register("test-only", lambda **kw: ("made", kw))
+
+    with_extra = make_plugin_manager(extra=[("extra", Extra())])
+    plain = make_plugin_manager()
+    assert with_extra.create("codec", "test-only", level=3) == ("made", {"level": 3})
+    assert "test-only" not in plain.names("codec")
+
+
+def test_duplicate_registration_is_an_error():
+    class Dup:
+        @hookimpl
+        def register_detectors(self, register):
+            register("exact", lambda **kw: None)
+
+    pm = make_plugin_manager(extra=[("dup", Dup())])
+    with pytest.raises(PluginError, match="registered twice"):
+        pm.implementations()
+
+
+def test_broken_entry_point_is_reported_and_fatal_only_when_configured(monkeypatch):
+    real = md.entry_points
+
+    def fake_entry_points(**kw):
+        eps = list(real(**kw))
+        if kw.get("group") == "kv3d":
+            eps.append(md.EntryPoint(name="codec_broken", value="kv3d_no_such_module.plugin", group="kv3d"))
+        return eps
+
+    monkeypatch.setattr(md, "entry_points", fake_entry_points)
+    pm = make_plugin_manager()
+    broken = [r for r in pm.describe() if r["kind"] == "broken"]
+    assert broken and broken[0]["name"] == "codec_broken" and "ModuleNotFoundError" in broken[0]["error"]
+    assert "exact" in pm.names("detector")       # the rest still works
+    with pytest.raises(PluginError, match="failed to load"):
+        pm.get("codec", "broken")
+
+
+def test_factory_rejecting_settings(pm):
+    with pytest.raises(PluginError, match="rejected its settings"):
+        pm.create("tier", "ram", this_setting_does_not_exist=1)
+
+
+def test_kv3d_plugins_cli_prints_json():
+    out = subprocess.run([sys.executable, "-m", "kv3d_core.cli", "plugins"], capture_output=True, text=True, check=True)
+    rows = json.loads(out.stdout)
+    assert {"name", "kind", "version", "distribution"} <= set(rows[0])
+    assert any(r["kind"] == "backend" and r["name"] == "llamacpp" for r in rows)
