@@ -5,6 +5,10 @@
     kv3d serve [OVERRIDES...]      start the OpenAI-compatible server
     kv3d plugins                   installed plugins as JSON
     kv3d config [OVERRIDES...]     print the composed configuration
+    kv3d doctor [OVERRIDES...]     check this machine and configuration
+    kv3d quality [OVERRIDES...]    codec quality harness (KL, top-1, perplexity, ratio)
+    kv3d bench [-m] [OVERRIDES...] benchmark a kv3d server against llama-cpp-python's server
+    kv3d synth-model [OPTIONS]     write a synthetic GGUF of a named shape (GPU benchmarks)
 
 OVERRIDES are Hydra overrides: ``server.port=9000``, ``model.path=/m.gguf``,
 ``+codec=int8``, ``+tier=ssd``, ``+detector=radix``.
@@ -70,10 +74,25 @@ def cmd_config(args: Sequence[str]) -> int:
     return 0
 
 
+def _lazy(module: str) -> Callable[[Sequence[str]], int]:
+    """A subcommand living in its own module, imported only when used."""
+
+    def run(args: Sequence[str]) -> int:
+        import importlib
+
+        return int(importlib.import_module(module).main(list(args)) or 0)
+
+    return run
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "serve": cmd_serve,
     "plugins": cmd_plugins,
     "config": cmd_config,
+    "doctor": _lazy("kv3d_core.doctor"),
+    "quality": _lazy("kv3d_core.kv.quality"),
+    "bench": _lazy("kv3d_core.bench.cli"),
+    "synth-model": _lazy("kv3d_core.tools.synth_model"),
 }
 
 

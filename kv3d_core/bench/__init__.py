@@ -1,0 +1,1 @@
+"""Benchmarks: `kv3d bench` (workload, peer baseline, report)."""

@@ -1,0 +1,1 @@
+"""Developer tools shipped with kv3d (e.g. the synthetic GGUF writer)."""
