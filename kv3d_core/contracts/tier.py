@@ -65,6 +65,8 @@ class StorageTier(abc.ABC):
       checksum, format, model fingerprint, truncation) is a miss: the entry is
       removed and the failure counted through the ``on_error(reason)`` callback;
       it never raises and never returns altered bytes.
+    - A write that cannot be done (disk full, I/O error) is dropped: :meth:`put`
+      returns False, calls ``on_dropped(reason)``, and the tier keeps serving.
     - :meth:`put` and :meth:`get` may be called from several threads.
     - :meth:`entries` lists what the tier holds (after a restart, what survived),
       so the core can rebuild its index.
@@ -75,11 +77,14 @@ class StorageTier(abc.ABC):
     persistent: bool = False
 
     def bind(self, *, model_fingerprint: str, on_evict: Evicted | None = None,
-             on_error: Callable[[str], None] | None = None) -> None:
-        """Called once by the core before use."""
+             on_error: Callable[[str], None] | None = None,
+             on_dropped: Callable[[str], None] | None = None) -> None:
+        """Called once by the core before use: the fingerprint of the loaded model
+        (entries of another fingerprint are never returned) and the callbacks."""
         self.model_fingerprint = model_fingerprint
         self.on_evict = on_evict
         self.on_error = on_error
+        self.on_dropped = on_dropped
 
     @property
     @abc.abstractmethod

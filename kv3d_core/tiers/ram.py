@@ -31,6 +31,7 @@ class RamTier(StorageTier):
         self._used = 0
         self.on_evict = None
         self.on_error = None
+        self.on_dropped = None
         self.model_fingerprint = ""
 
     @property
