@@ -92,12 +92,20 @@ def normalize_overrides(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConfig:
-    """The composed configuration, as ``kv3d serve`` would see it."""
+def compose(overrides: Sequence[str] = (), *, validate: bool = True, user_config: bool = True) -> DictConfig:
+    """The composed configuration, as ``kv3d serve`` would see it.
+
+    With ``user_config``, the user's config file (:mod:`kv3d_core.userconfig`) comes
+    between the yaml defaults and ``overrides``: the command line wins over the file.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
+    if user_config:
+        from kv3d_core.userconfig import user_overrides
+
+        overrides = [*user_overrides(), *overrides]
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None, job_name="kv3d"):
             cfg = hydra_compose(config_name=PRIMARY, overrides=normalize_overrides(list(overrides)))
@@ -113,7 +121,9 @@ def validated(cfg: DictConfig) -> DictConfig:
     try:
         typed = OmegaConf.merge(OmegaConf.structured(CoreSchema), core_keys)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid configuration: {exc}".split("\n    full_key")[0]) from exc
+        key = getattr(exc, "full_key", None)
+        msg = (getattr(exc, "msg", None) or str(exc)).split("\n")[0]
+        raise ConfigError(f"invalid configuration: {key}: {msg}" if key else f"invalid configuration: {msg}") from exc
     s = typed
     problems = []
     if not 0 <= s.server.port <= 65535:

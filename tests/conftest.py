@@ -16,6 +16,9 @@ from typing import Iterator
 import httpx
 import pytest
 
+# Never read a developer's own ~/.config/kv3d/config.json in tests (in-process compose() included).
+os.environ.setdefault("KV3D_USER_CONFIG", "none")
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
 
