@@ -28,6 +28,10 @@ class ModelLoadError(BackendError):
     """The model file could not be found or loaded."""
 
 
+class TokenizerMissing(BackendError, ValueError):
+    """The model has no tokenizer; prompts must be given as token ids (a 400 for clients)."""
+
+
 class KVCacheFullError(BackendError):
     """The backend found no free KV cells for a batch (llama_decode returned 1).
 

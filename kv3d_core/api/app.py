@@ -8,6 +8,7 @@ server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -28,6 +29,7 @@ from kv3d_core.contracts.backend import SamplingParams
 from kv3d_core.engine.engine import Engine, Prepared
 from kv3d_core.engine.prompt import TemplateError
 from kv3d_core.engine.scheduler import JobHandle, QueueFull
+from kv3d_core.errors import TokenizerMissing
 
 log = logging.getLogger("kv3d.api")
 
@@ -69,8 +71,17 @@ def _error_from_event(ev: tuple) -> APIError:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float = 16,
-               default_max_tokens: int | None = None) -> FastAPI:
-    app = FastAPI(title="kv3d", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+               default_max_tokens: int | None = None, close_engine_on_shutdown: bool = False) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        if close_engine_on_shutdown:
+            # Inside the server's graceful shutdown: uvicorn re-raises SIGTERM/SIGINT after it
+            # returns, so code after uvicorn.run() may never run. Persisting caches happens here.
+            await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="kv3d", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  lifespan=lifespan)
     app.state.engine = engine
     metrics = engine.metrics
     max_body = int(max_body_mb * 1024 * 1024)
@@ -227,7 +238,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
         messages = [m.canonical() for m in req.messages]
         try:
             prepared = await asyncio.to_thread(engine.prepare_chat, messages, req.tools, req.cache_salt)
-        except TemplateError as exc:
+        except (TemplateError, TokenizerMissing) as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
         run, _ = await _start(request, prepared, req, default_max_tokens)
         rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", _now(), engine.model_id
@@ -276,7 +287,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
         if isinstance(p, list) and any((not isinstance(t, int)) or t < 0 or t >= engine.info.n_vocab for t in p):
             raise APIError(400, f"'prompt' token ids must be within 0..{engine.info.n_vocab - 1}", param="prompt",
                            code="invalid_value")
-        prepared = await asyncio.to_thread(engine.prepare_completion, p, req.cache_salt)
+        try:
+            prepared = await asyncio.to_thread(engine.prepare_completion, p, req.cache_salt)
+        except TokenizerMissing as exc:
+            raise APIError(400, str(exc), param="prompt", code="invalid_prompt") from exc
         if prepared.n_tokens == 0:
             raise APIError(400, "'prompt' produced no tokens", param="prompt", code="invalid_value")
         run, _ = await _start(request, prepared, req, COMPLETIONS_DEFAULT_MAX_TOKENS)

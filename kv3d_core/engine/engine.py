@@ -55,6 +55,9 @@ class Engine:
         det_name, det_settings = plugin_settings(cfg.detector)
         # Resolve every configured plugin before loading the model: a missing one fails fast.
         self.plugins.get("backend", backend_name)
+        if not cfg.safe_mode:
+            self.plugins.get("codec", cfg.codec.name)
+            self.plugins.get("tier", cfg.tier.name)
         self.detector: PrefixDetector = self.plugins.create("detector", det_name, **det_settings)
         self.tiers = None
         self.backend: ExecutionBackend = self.plugins.create("backend", backend_name, **backend_settings)
@@ -82,7 +85,11 @@ class Engine:
     def _make_tiers(self, cfg: DictConfig):
         """The warm (and cold) tiers below the hot one; None in safe mode or with no
         warm budget."""
-        return None
+        if cfg.safe_mode:
+            return None
+        from kv3d_core.tiers.stack import build_tier_stack
+
+        return build_tier_stack(cfg, self.plugins, self.info, self.metrics)
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -90,9 +97,19 @@ class Engine:
         return self
 
     def close(self) -> None:
+        """Stop the scheduler, persist what a persistent tier should keep, free the model.
+        Idempotent."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self.scheduler.stop()
         if self.tiers is not None:
-            self.tiers.close()
+            try:
+                if self.tiers.persistent:
+                    n = self.cache.persist()
+                    log.info("persisted %d cached entries to the %s tier", n, self.tiers.cold.name)
+            finally:
+                self.tiers.close()
         self.backend.close()
 
     def __enter__(self) -> "Engine":

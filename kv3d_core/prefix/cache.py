@@ -56,6 +56,7 @@ class CacheEntry:
     snapshot: "CacheEntry | None" = None
     refs: int = 0                  # snapshots: hot sequences sharing its cells
     last_used: float = field(default_factory=time.monotonic)
+    pending: object | None = None  # the spill in flight (a Future), if any
 
     @property
     def hot(self) -> bool:
@@ -201,7 +202,9 @@ class PrefixCache:
         seq = e.seq
         self._idle.pop(e, None)
         kept = False
-        if self.tiers is not None and self.enabled:
+        if self.tiers is not None and self.enabled and e.kind == "snapshot" and self.tiers.holds(e):
+            kept = True                          # its stored copy is still valid: nothing to write
+        elif self.tiers is not None and self.enabled:
             try:
                 kept = self.tiers.spill(e, seq)
             except CacheFault as exc:
@@ -237,14 +240,20 @@ class PrefixCache:
     def acquire(self, prompt: PromptView, family: FamilyKey) -> Lease | None:
         """A sequence for a request, with as much of its prompt as can be reused
         already in it. None when no sequence or cells can be freed now."""
+        if self.tiers is not None:
+            self.tiers.drain_gone()
         for _attempt in range(3):
             entry, n = self.plan(prompt, family)
             try:
                 lease = self._acquire_from(entry, n, prompt)
             except CacheFault as exc:
                 # restore failed: that entry is gone; try the next best (or recompute)
-                self.metrics.fallbacks.labels(exc.reason).inc()
-                log.warning("restore of %s failed (%s): serving by recompute", entry.key[:8] if entry else "-", exc)
+                if exc.reason == "tier_miss":
+                    log.debug("%s: %s", entry.key[:8] if entry else "-", exc)
+                else:
+                    self.metrics.fallbacks.labels(exc.reason).inc()
+                    log.warning("restore of %s failed (%s): serving by recompute",
+                                entry.key[:8] if entry else "-", exc)
                 continue
             if lease is None:
                 return None
@@ -267,6 +276,9 @@ class PrefixCache:
             return Lease(seq, 0, "miss", None) if seq is not None else None
 
         self._touch(entry)
+        if entry.kind == "snapshot" and not entry.hot:
+            if not self.ensure_hot_snapshot(entry):
+                return None
         snap = entry if entry.kind == "snapshot" else entry.snapshot
         if snap is not None and n < len(snap.tokens):
             snap = None                          # the request does not cover the whole family prefix
@@ -288,8 +300,11 @@ class PrefixCache:
             self.ledger.share_prefix(entry.seq, seq, n)
             self._ref(snap)
             return Lease(seq, n, "hot", snap)
-        # warm or cold: restore into a fresh sequence
+        # warm or cold: restore into a fresh sequence; its own cells must fit first
         assert self.tiers is not None
+        own = len(entry.tokens) - (entry.n_prefix if entry.snapshot is not None else 0)
+        if not self.ensure_cells(own + 1, protect):
+            return None
         seq = self.alloc_seq(protect)
         if seq is None:
             return None
@@ -300,6 +315,7 @@ class PrefixCache:
             self._free_seq(seq)
             self._drop_entry(entry)
             raise
+        entry.pending = None
         if n < len(entry.tokens):
             self.backend.seq_remove(seq, n, -1)
             self.ledger.truncate(seq, n)
@@ -343,6 +359,7 @@ class PrefixCache:
             self._free_seq(seq)
             self._drop_entry(snap)
             raise
+        self._touch(snap)
         snap.seq = seq
         snap.state = SessionState.IDLE
         if snap.refs <= 0:
@@ -414,6 +431,18 @@ class PrefixCache:
         if self.tiers is not None:
             out.update(self.tiers.stats())
         return out
+
+    def persist(self) -> int:
+        """At shutdown (scheduler stopped): spill every idle hot entry and copy the warm
+        tier into the persistent one, so conversations resume after a restart."""
+        if self.tiers is None or not self.enabled:
+            return 0
+        for e in list(self._idle):
+            if e.hot:
+                self.evict(e)
+        for e in [x for x in self._by_key.values() if x.hot and x.kind == "snapshot"]:
+            self.evict(e)                        # snapshots still referenced: no sequence uses them now
+        return self.tiers.persist()
 
     def clear(self) -> None:
         """Drop everything cached (hot and below)."""

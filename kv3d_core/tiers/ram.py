@@ -1,16 +1,18 @@
 """The built-in warm tier: encoded KV entries in host RAM under a byte budget,
 least recently used out first (evictions go to the next tier down, if any).
 
-Each entry carries a CRC32 of its payload, checked on every read: a damaged
-entry is a miss (removed and counted), never altered bytes handed back.
+Each entry carries an xxh3 digest of its payload, checked on every read (about
+0.5 ms for a 6 MB delta): a damaged entry is a miss (removed and counted), never
+altered bytes handed back.
 """
 
 from __future__ import annotations
 
 import threading
-import zlib
 from collections import OrderedDict
 from typing import Iterable
+
+import xxhash
 
 from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
 from kv3d_core.hookspecs import hookimpl
@@ -46,7 +48,7 @@ class RamTier(StorageTier):
         size = entry.nbytes
         if size > self._capacity:
             return False
-        crc = zlib.crc32(entry.payload) if self.verify else 0
+        crc = xxhash.xxh3_64_intdigest(entry.payload) if self.verify else 0
         evicted: list[TierEntry] = []
         with self._lock:
             old = self._entries.pop(entry.meta.key, None)
@@ -70,7 +72,7 @@ class RamTier(StorageTier):
                 return None
             self._entries.move_to_end(key)
         entry, crc = item
-        if self.verify and zlib.crc32(entry.payload) != crc:
+        if self.verify and xxhash.xxh3_64_intdigest(entry.payload) != crc:
             self.delete(key)
             if self.on_error is not None:
                 self.on_error("checksum")

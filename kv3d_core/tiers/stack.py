@@ -1,0 +1,362 @@
+"""The tiers below the hot one -- warm (RAM) then cold (a plugin, e.g. SSD) -- and
+the moves between them.
+
+Spill (an idle entry leaves the context), on the scheduler thread only as far
+as it must touch the context::
+
+    seq_state_get(seq)                       scheduler thread (~1 ms per 10 MB)
+      -> parse -> delta (cells >= n_prefix)  writer thread
+      -> codec.encode -> warm.put            writer thread
+           warm evicts LRU -> cold.put       writer thread (fsync'd files)
+
+Restore (a request resumes the entry), scheduler thread::
+
+    warm.get or cold.get -> codec.decode -> build blob -> seq_state_set(seq)
+      -> seq_cp(snapshot seq, seq, 0, n_prefix)      (the family prefix is shared, not stored)
+
+A session's stored state is a reference to its family snapshot plus its delta;
+the snapshot is stored once per family in every tier. A state whose layout the
+reader does not understand is stored whole as an opaque zstd blob (counted).
+Any failure on restore raises :class:`~kv3d_core.errors.CacheFault`; the prefix
+cache then serves the request by recompute.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+from omegaconf import DictConfig
+
+from kv3d_core.config import plugin_settings
+from kv3d_core.contracts.backend import ModelInfo
+from kv3d_core.contracts.codec import DeltaCodec
+from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
+from kv3d_core.engine.session import SessionState
+from kv3d_core.errors import CacheFault, CodecError, StateFormatError
+from kv3d_core.kv import framing, opaque, state_format
+from kv3d_core.metrics import Metrics
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kv3d_core.plugins import PluginManager
+    from kv3d_core.prefix.cache import CacheEntry, PrefixCache
+
+log = logging.getLogger("kv3d.tiers")
+
+
+class TierMiss(CacheFault):
+    """The entry is no longer in any tier (evicted): a plain miss, not a fault."""
+
+    reason = "tier_miss"
+
+
+class TierStack:
+    def __init__(self, warm: StorageTier | None, cold: StorageTier | None, codec: DeltaCodec,
+                 info: ModelInfo, metrics: Metrics, *, max_pending_mb: float = 256) -> None:
+        if warm is None and cold is None:
+            raise ValueError("a tier stack needs at least one tier")
+        self.warm = warm
+        self.cold = cold
+        self.codec = codec
+        self.info = info
+        self.metrics = metrics
+        self.max_pending = int(max_pending_mb * 1024 * 1024)
+        self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv3d-spill")
+        self._gone: queue.SimpleQueue[str] = queue.SimpleQueue()    # keys no tier holds any more
+        self._f16 = 0
+        self._stored = 0
+        self.cache: PrefixCache | None = None
+        for tier, on_evict in ((warm, self._warm_evicted), (cold, self._cold_evicted)):
+            if tier is not None:
+                level = tier.level
+                tier.bind(model_fingerprint=info.fingerprint, on_evict=on_evict,
+                          on_error=lambda reason, _l=level: self.metrics.tier_errors.labels(_l, reason).inc(),
+                          on_dropped=lambda reason, _l=level: self._dropped(_l, reason))
+
+    # -- wiring ---------------------------------------------------------------------------
+    def attach(self, cache: "PrefixCache") -> None:
+        """Called by the prefix cache; re-indexes what a persistent tier kept across a restart."""
+        self.cache = cache
+        if self.cold is not None and self.cold.persistent:
+            self._reindex(self.cold, SessionState.COLD)
+
+    def _reindex(self, tier: StorageTier, state: SessionState) -> None:
+        from kv3d_core.prefix.cache import CacheEntry
+
+        assert self.cache is not None
+        metas = [m for m in tier.entries() if m.model_fingerprint == self.info.fingerprint]
+        snaps: dict[tuple[str, str], CacheEntry] = {}
+        for m in metas:
+            if m.kind == "snapshot":
+                e = CacheEntry(key=m.key, kind="snapshot", namespace=m.namespace, family=m.family,
+                               tokens=np.asarray(m.tokens, np.int32), state=state)
+                snaps[(m.namespace, m.family)] = e
+                self.cache._add(e)
+        n = len(snaps)
+        for m in metas:
+            if m.kind != "session":
+                continue
+            snap = snaps.get((m.namespace, m.family)) if m.n_prefix > 0 else None
+            if m.n_prefix > 0 and (snap is None or len(snap.tokens) != m.n_prefix):
+                tier.delete(m.key)               # its family prefix is gone: the delta cannot be used
+                continue
+            e = CacheEntry(key=m.key, kind="session", namespace=m.namespace, family=m.family,
+                           tokens=np.asarray(m.tokens, np.int32), n_prefix=m.n_prefix, state=state, snapshot=snap)
+            self.cache._add(e)
+            n += 1
+        if n:
+            log.info("re-indexed %d entries from the %s tier", n, tier.name)
+
+    def _dropped(self, level: str, reason: str) -> None:
+        self.metrics.tier_dropped_writes.labels(level, reason).inc()
+
+    def _warm_evicted(self, entry: TierEntry) -> None:          # writer thread
+        self.metrics.evictions.labels("warm").inc()
+        if self.cold is not None and self.cold.put(entry):
+            self.metrics.spills.labels("cold").inc()
+            self._set_state(entry.meta.key, SessionState.COLD)
+        else:
+            self._gone.put(entry.meta.key)
+
+    def _cold_evicted(self, entry: TierEntry) -> None:
+        self.metrics.evictions.labels("cold").inc()
+        self._gone.put(entry.meta.key)
+
+    def _set_state(self, key: str, state: SessionState) -> None:
+        cache = self.cache
+        e = cache._by_key.get(key) if cache is not None else None
+        if e is not None and e.state in (SessionState.WARM, SessionState.COLD):
+            e.state = state
+
+    def drain_gone(self) -> None:
+        """Forget entries no tier holds any more (scheduler thread)."""
+        assert self.cache is not None
+        while True:
+            try:
+                key = self._gone.get_nowait()
+            except queue.Empty:
+                return
+            e = self.cache._by_key.get(key)
+            if e is not None and e.state in (SessionState.WARM, SessionState.COLD):
+                self.cache._drop_entry(e)
+
+    # -- spill (scheduler thread, then writer thread) -------------------------------------
+    def spill(self, e: "CacheEntry", seq: int) -> bool:
+        blob = self.cache.backend.seq_state_get(seq)
+        with self._pending_lock:
+            if self._pending_bytes + len(blob) > self.max_pending:
+                self._dropped("warm", "backlog")
+                return False
+            self._pending_bytes += len(blob)
+        n_prefix = len(e.snapshot.tokens) if (e.kind == "session" and e.snapshot is not None) else 0
+        e.n_prefix = n_prefix
+        meta_base = dict(key=e.key, kind=e.kind, namespace=e.namespace, family=e.family,
+                         tokens=np.asarray(e.tokens, np.int32).copy(), model_fingerprint=self.info.fingerprint)
+        e.pending = self._writer.submit(self._encode_and_store, blob, n_prefix, meta_base)
+        self.metrics.spills.labels("warm" if self.warm is not None else "cold").inc()
+        return True
+
+    def _encode_and_store(self, blob, n_prefix: int, meta_base: dict) -> bool:
+        try:
+            try:
+                arrays = state_format.parse(blob, head_dim_k=self.info.head_dim_k, head_dim_v=self.info.head_dim_v)
+                if n_prefix:
+                    arrays = state_format.select(arrays, n_prefix)
+                if arrays.n_cells != len(meta_base["tokens"]) - n_prefix:
+                    raise StateFormatError(f"state holds {arrays.n_cells} cells, expected "
+                                           f"{len(meta_base['tokens']) - n_prefix}")
+                payload = self.codec.encode(arrays)
+                codec_id, version, f16 = self.codec.codec_id, self.codec.version, arrays.f16_bytes()
+            except StateFormatError as exc:
+                log.debug("state layout not understood (%s): storing the opaque blob", exc)
+                self.metrics.codec_fallback.inc()
+                payload = opaque.encode(blob)
+                codec_id, version, f16, n_prefix = opaque.CODEC_ID, opaque.VERSION, len(blob), 0
+            entry = TierEntry(EntryMeta(**meta_base, n_prefix=n_prefix, codec_id=codec_id, codec_version=version,
+                                        f16_bytes=f16), payload)
+            self._f16 += f16
+            self._stored += len(payload)
+            if self._stored:
+                self.metrics.codec_ratio.labels(self.codec.codec_id).set(self._f16 / self._stored)
+            first = self.warm if self.warm is not None else self.cold
+            ok = first.put(entry)
+            if not ok and first is self.warm and self.cold is not None:
+                ok = self.cold.put(entry)         # too large for RAM: straight to the cold tier
+                if ok:
+                    self._set_state(entry.meta.key, SessionState.COLD)
+            if not ok:
+                self._gone.put(entry.meta.key)
+            return ok
+        except Exception:
+            log.exception("spill failed")
+            self._gone.put(meta_base["key"])
+            return False
+        finally:
+            with self._pending_lock:
+                self._pending_bytes -= len(blob)
+
+    # -- restore (scheduler thread) ----------------------------------------------------------
+    def _fetch(self, e: "CacheEntry") -> tuple[TierEntry, str]:
+        pending = getattr(e, "pending", None)
+        if pending is not None:
+            try:
+                ok = pending.result(timeout=30)
+            except Exception as exc:  # the spill itself failed
+                raise TierMiss(f"spill of {e.key[:8]} failed: {exc}") from exc
+            if not ok:
+                raise TierMiss(f"{e.key[:8]} was not stored")
+        for tier in (self.warm, self.cold):
+            if tier is None:
+                continue
+            got = tier.get(e.key)
+            if got is not None:
+                if got.meta.model_fingerprint != self.info.fingerprint:
+                    tier.delete(e.key)
+                    self.metrics.tier_errors.labels(tier.level, "model").inc()
+                    raise CacheFault(f"{e.key[:8]} belongs to another model")
+                if not np.array_equal(got.meta.tokens, e.tokens):
+                    tier.delete(e.key)
+                    self.metrics.tier_errors.labels(tier.level, "tokens").inc()
+                    raise CacheFault(f"{e.key[:8]}: stored tokens differ from the index")
+                return got, tier.level
+        raise TierMiss(f"{e.key[:8]} is in no tier")
+
+    def restore(self, e: "CacheEntry", seq: int) -> "CacheEntry | None":
+        """Load ``e`` into the empty sequence ``seq``; returns the snapshot whose cells
+        it now shares (None when it holds all its cells itself)."""
+        assert self.cache is not None
+        cache = self.cache
+        t0 = time.perf_counter()
+        got, level = self._fetch(e)
+        meta = got.meta
+        snap = None
+        if meta.codec_id == opaque.CODEC_ID:
+            blob = opaque.decode(got.payload)
+        else:
+            if (meta.codec_id, meta.codec_version) != (self.codec.codec_id, self.codec.version):
+                codec_id, version = framing.peek_codec(got.payload)
+                raise CodecError(f"{e.key[:8]} was stored by codec {codec_id} v{version}; "
+                                 f"the active codec is {self.codec.codec_id} v{self.codec.version}")
+            arrays = self.codec.decode(got.payload)
+            if arrays.n_cells != len(e.tokens) - meta.n_prefix:
+                raise CodecError(f"{e.key[:8]} decodes to {arrays.n_cells} cells, expected "
+                                 f"{len(e.tokens) - meta.n_prefix}")
+            if meta.n_prefix:
+                snap = e.snapshot
+                if snap is None or len(snap.tokens) != meta.n_prefix:
+                    raise TierMiss(f"{e.key[:8]}: its family snapshot is gone")
+                if not cache.ensure_hot_snapshot(snap, exclude=[e]):
+                    raise TierMiss(f"{e.key[:8]}: no room to restore its family snapshot")
+            blob = state_format.build(arrays)
+        cache.backend.seq_state_set(seq, blob)        # raises StateRestoreError (the seq is then empty)
+        n = len(e.tokens)
+        if snap is not None:
+            cache.backend.seq_copy(snap.seq, seq, 0, meta.n_prefix)
+            cache.ledger.share_prefix(snap.seq, seq, meta.n_prefix)
+            cache.ledger.extend(seq, n - meta.n_prefix)
+        else:
+            cache.ledger.extend(seq, n)
+        if cache.backend.seq_pos_max(seq) != n - 1:
+            raise CacheFault(f"{e.key[:8]} restored to {cache.backend.seq_pos_max(seq) + 1} positions, expected {n}")
+        dt = time.perf_counter() - t0
+        self.metrics.restores.labels(level).inc()
+        self.metrics.restore_seconds.labels(level).observe(dt)
+        return snap
+
+    def discard(self, e: "CacheEntry") -> None:
+        """Remove an entry's stored copies (it was resumed, or is gone)."""
+        pending = getattr(e, "pending", None)
+        if pending is not None and not pending.done():
+            pending.add_done_callback(lambda _f, k=e.key: self._delete(k))
+        self._delete(e.key)
+
+    def _delete(self, key: str) -> None:
+        for tier in (self.warm, self.cold):
+            if tier is not None:
+                tier.delete(key)
+
+    def holds(self, e: "CacheEntry") -> bool:
+        pending = getattr(e, "pending", None)
+        if pending is not None and not pending.done():
+            return True
+        return any(t is not None and t.contains(e.key) for t in (self.warm, self.cold))
+
+    # -- introspection -------------------------------------------------------------------------
+    def _tier_stats(self, tier: StorageTier | None, state: SessionState) -> dict | None:
+        if tier is None:
+            return None
+        entries = [e for e in self.cache._by_key.values() if e.state is state] if self.cache else []
+        return {"name": tier.name, "bytes": tier.used_bytes, "capacity_bytes": tier.capacity_bytes,
+                "sessions": sum(1 for e in entries if e.kind == "session"),
+                "snapshots": sum(1 for e in entries if e.kind == "snapshot")}
+
+    def stats(self) -> dict:
+        out = {}
+        for key, tier, state in (("warm", self.warm, SessionState.WARM), ("cold", self.cold, SessionState.COLD)):
+            s = self._tier_stats(tier, state)
+            if s is not None:
+                out[key] = s
+        out["codec"] = {"name": self.codec.codec_id, "f16_bytes": self._f16, "stored_bytes": self._stored,
+                        "ratio": (self._f16 / self._stored) if self._stored else None}
+        return out
+
+    def update_gauges(self) -> None:
+        for key, tier, state in (("warm", self.warm, SessionState.WARM), ("cold", self.cold, SessionState.COLD)):
+            s = self._tier_stats(tier, state)
+            if s is not None:
+                self.metrics.kv_bytes.labels(key).set(s["bytes"])
+                self.metrics.sessions.labels(key).set(s["sessions"])
+
+    @property
+    def persistent(self) -> bool:
+        return self.cold is not None and self.cold.persistent
+
+    def persist(self) -> int:
+        """Write every warm entry to the persistent tier too (shutdown)."""
+        self.flush()
+        if not self.persistent or self.warm is None:
+            return 0
+        n = 0
+        for meta in list(self.warm.entries()):
+            entry = self.warm.get(meta.key)
+            if entry is not None and not self.cold.contains(meta.key) and self.cold.put(entry):
+                n += 1
+        return n
+
+    def flush(self, timeout: float = 60) -> None:
+        """Wait for every spill in flight (tests, shutdown)."""
+        self._writer.submit(lambda: None).result(timeout)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        except Exception:
+            pass
+        self._writer.shutdown(wait=True)
+        for tier in (self.warm, self.cold):
+            if tier is not None:
+                tier.close()
+
+
+def build_tier_stack(cfg: DictConfig, plugins: "PluginManager", info: ModelInfo, metrics: Metrics) -> TierStack | None:
+    """The tiers a configuration asks for: RAM (``cache.ram_warm_mb`` > 0), then the
+    ``tier`` plugin when it is not ``ram``; None when there are none."""
+    codec_name, codec_settings = plugin_settings(cfg.codec)
+    codec = plugins.create("codec", codec_name, **codec_settings)
+    tier_name, tier_settings = plugin_settings(cfg.tier)
+    warm = None
+    if cfg.cache.ram_warm_mb > 0:
+        warm = plugins.create("tier", "ram", capacity_mb=cfg.cache.ram_warm_mb)
+    cold = None
+    if tier_name != "ram":
+        cold = plugins.create("tier", tier_name, **tier_settings)
+    if warm is None and cold is None:
+        return None
+    return TierStack(warm, cold, codec, info, metrics)
