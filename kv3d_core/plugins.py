@@ -90,7 +90,14 @@ class PluginManager:
                             )
                         impls[key] = Implementation(_kind, name, factory, _src)
 
-                    hook_impl.function(register=register)
+                    try:
+                        hook_impl.function(register=register)
+                    except PluginError:
+                        raise
+                    except Exception as exc:  # one broken plugin must not hide the others
+                        err = f"{type(exc).__name__} in {hook_name}: {exc}"
+                        self.broken.append(PluginSource(source.plugin, source.distribution, source.version, err))
+                        self.broken_tracebacks[source.plugin] = traceback.format_exc()
             self._impls = impls
         return self._impls
 

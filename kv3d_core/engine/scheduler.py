@@ -39,6 +39,7 @@ from kv3d_core.prefix.cache import CacheEntry, PrefixCache
 log = logging.getLogger("kv3d.scheduler")
 
 Sink = Callable[[tuple], None]
+GAUGE_INTERVAL_S = 0.5
 
 
 class QueueFull(Exception):
@@ -127,6 +128,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_batch_seqs_seen = 0
+        self._gauges_at = 0.0
 
     # -- public, any thread -------------------------------------------------------------
     def start(self) -> None:
@@ -261,7 +263,9 @@ class Scheduler:
         self._admit()
         self.metrics.running.set(len(self._running))
         self.metrics.waiting.set(len(self._waiting) + len(self._intake))
-        self.cache.update_gauges()
+        if now - self._gauges_at > GAUGE_INTERVAL_S or not self._running:
+            self._gauges_at = now
+            self.cache.update_gauges()          # walks every cache entry: not every step
         if not self._running:
             return
         self._decode_step()

@@ -22,7 +22,8 @@ import numpy as np
 
 import llama_cpp as L
 from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, ModelInfo, Sampler, SamplingParams
-from kv3d_core.errors import BackendError, ConfigError, KVCacheFullError, ModelLoadError, StateRestoreError
+from kv3d_core.errors import (BackendError, ConfigError, KVCacheFullError, ModelLoadError, StateRestoreError,
+                              TokenizerMissing)
 from kv3d_backend_llamacpp.model_files import resolve_model
 
 log = logging.getLogger("kv3d.backend.llamacpp")
@@ -126,8 +127,14 @@ class _Batch:
 
 
 class LlamaCppSampler(Sampler):
+    """llama.cpp's sampler chain; a plain greedy chain (no penalties) is an argmax over
+    the logits row instead (the chain would build an n_vocab candidate array per token)."""
+
     def __init__(self, ctx, n_vocab: int, params: SamplingParams) -> None:
         self._ctx = ctx
+        self._n_vocab = n_vocab
+        self._argmax = params.greedy and not (params.presence_penalty or params.frequency_penalty
+                                              or params.repeat_penalty != 1.0)
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         if params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1.0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
@@ -147,6 +154,11 @@ class LlamaCppSampler(Sampler):
         self._chain = chain
 
     def sample(self, output: int) -> int:
+        if self._argmax:
+            ptr = L.llama_get_logits_ith(self._ctx, output)
+            if not ptr:
+                raise BackendError(f"no logits for output {output}")
+            return int(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).argmax())
         return int(L.llama_sampler_sample(self._chain, self._ctx, output))
 
     def accept(self, token: int) -> None:
@@ -205,6 +217,9 @@ class LlamaCppBackend(ExecutionBackend):
             raise ModelLoadError(f"llama.cpp could not load {path}")
         model = self._model
         self._vocab = L.llama_model_get_vocab(model)
+        # A model without a tokenizer (tokenizer.ggml.model = "none", e.g. synthetic benchmark
+        # models) takes token ids only: llama.cpp asserts on any text call for it.
+        self._no_vocab = L.llama_vocab_type(self._vocab) == 0
         arch = _meta(model, "general.architecture") or "?"
         n_layer = L.llama_model_n_layer(model)
         n_head = max(1, L.llama_model_n_head(model))
@@ -287,11 +302,15 @@ class LlamaCppBackend(ExecutionBackend):
 
     # -- text ----------------------------------------------------------------
     def _piece_text(self, token: int) -> str:
+        if self._no_vocab:
+            return ""
         buf = ctypes.create_string_buffer(256)
         n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
         return buf.raw[: max(0, n)].decode("utf-8", "replace")
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        if self._no_vocab:
+            raise TokenizerMissing("this model has no tokenizer: send the prompt as token ids")
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (L.llama_token * cap)()
@@ -305,6 +324,8 @@ class LlamaCppBackend(ExecutionBackend):
         return list(buf[:n])
 
     def token_piece(self, token: int) -> bytes:
+        if self._no_vocab:
+            return b""
         piece = self._pieces.get(token)
         if piece is None:
             buf = ctypes.create_string_buffer(64)
