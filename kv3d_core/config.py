@@ -59,11 +59,20 @@ class SchedulerSchema:
 
 
 @dataclass
+class SafetySchema:
+    max_failures: int = 3
+    window_s: float = 300
+    quality_sample_every: int = 50
+    quality_max_kl: float = 0.05
+
+
+@dataclass
 class CoreSchema:
     server: ServerSchema = field(default_factory=ServerSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
     cache: CacheSchema = field(default_factory=CacheSchema)
     scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
+    safety: SafetySchema = field(default_factory=SafetySchema)
     safe_mode: bool = False
 
 
@@ -117,7 +126,7 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True, user_config
 def validated(cfg: DictConfig) -> DictConfig:
     """Check the core's keys against the schema (types, ranges); plugin nodes are
     checked by the plugins themselves."""
-    core_keys = {k: cfg[k] for k in ("server", "model", "cache", "scheduler", "safe_mode") if k in cfg}
+    core_keys = {k: cfg[k] for k in ("server", "model", "cache", "scheduler", "safety", "safe_mode") if k in cfg}
     try:
         typed = OmegaConf.merge(OmegaConf.structured(CoreSchema), core_keys)
     except OmegaConfBaseException as exc:

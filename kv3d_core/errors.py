@@ -40,15 +40,21 @@ class KVCacheFullError(BackendError):
 
 
 class CacheFault(Kv3dError):
-    """Something in the cache path failed; the request is served by recompute instead."""
+    """Something in the cache path failed; the request is served by recompute instead.
+
+    ``reason`` labels ``kv3d_fallbacks_total``; ``component`` is what the failure
+    implicates (``codec``, ``warm``, ``cold``, ``restore``; see :mod:`kv3d_core.safety`).
+    """
 
     reason = "cache_fault"
+    component = "restore"
 
 
 class StateFormatError(CacheFault):
     """A llama.cpp sequence-state blob had a layout the reader does not understand."""
 
     reason = "state_layout"
+    component = "codec"
 
 
 class StateRestoreError(CacheFault):
@@ -61,9 +67,20 @@ class CodecError(CacheFault):
     """A codec could not encode or decode a payload (wrong id, version, length, ...)."""
 
     reason = "codec"
+    component = "codec"
+
+
+class QualityGuardTripped(CodecError):
+    """A sampled restore's next-token distribution was too far from a recompute's."""
+
+    reason = "quality_guard"
 
 
 class TierError(CacheFault):
     """A storage tier failed to read or write an entry (I/O, checksum, format)."""
 
     reason = "tier_io"
+
+    def __init__(self, message: str, component: str = "cold") -> None:
+        super().__init__(message)
+        self.component = component

@@ -55,6 +55,7 @@ class Metrics:
         # safety
         self.safe_mode = Gauge("kv3d_safe_mode", "1 while the cache path is off or degraded", registry=r)
         self.fallbacks = Counter("kv3d_fallbacks", "Requests served by recompute after a cache fault", ["reason"], registry=r)
+        self.quality_checks = Counter("kv3d_quality_checks", "Sampled restores compared with a recompute (quality guard)", registry=r)
         self._lock = threading.Lock()
         self._prefix_req = 0
         self._prefix_hit = 0

@@ -23,6 +23,7 @@ from kv3d_core.engine.scheduler import Job, JobHandle, Scheduler, SchedulerConfi
 from kv3d_core.metrics import Metrics
 from kv3d_core.plugins import PluginManager, make_plugin_manager
 from kv3d_core.prefix.cache import PrefixCache
+from kv3d_core.safety import FailureMonitor, SafetyConfig
 
 log = logging.getLogger("kv3d.engine")
 
@@ -44,6 +45,7 @@ class Engine:
         self.cfg = cfg
         self.plugins = plugins or make_plugin_manager()
         self.metrics = Metrics()
+        self.monitor = FailureMonitor(self.metrics, SafetyConfig(**dict(cfg.safety)), safe_mode=bool(cfg.safe_mode))
         backend_name, backend_settings = plugin_settings(cfg.backend)
         backend_settings.update(
             model_path=cfg.model.path,
@@ -69,8 +71,8 @@ class Engine:
                 enabled=not cfg.safe_mode,
                 min_snapshot_tokens=cfg.cache.min_snapshot_tokens,
                 tiers=self.tiers,
+                monitor=self.monitor,
             )
-            self.metrics.safe_mode.set(1 if cfg.safe_mode else 0)
             self.prompter = ChatPrompter(self.info, self.backend.tokenize)
             self.scheduler = Scheduler(self.backend, self.cache, self.metrics, SchedulerConfig(
                 max_running=cfg.scheduler.max_running,
@@ -89,7 +91,7 @@ class Engine:
             return None
         from kv3d_core.tiers.stack import build_tier_stack
 
-        return build_tier_stack(cfg, self.plugins, self.info, self.metrics)
+        return build_tier_stack(cfg, self.plugins, self.info, self.metrics, self.monitor)
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -145,7 +147,10 @@ class Engine:
         """``/health``: ok, or why not."""
         if not self.scheduler.alive:
             return {"status": "error", "service": "kv3d-engine", "reason": "the scheduler thread is not running"}
-        return {"status": "ok", "service": "kv3d-engine"}
+        out = self.monitor.health()
+        if self.cfg.safe_mode:
+            out["mode"] = "safe"               # chosen by configuration: no cache reuse at all
+        return out
 
     def stats(self, timeout: float = 10.0) -> dict:
         """Cache and scheduler state, read on the scheduler thread."""

@@ -27,18 +27,29 @@ import numpy as np
 
 from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView
 from kv3d_core.engine.session import SessionState
-from kv3d_core.errors import CacheFault
+from kv3d_core.contracts.backend import BatchEntry
+from kv3d_core.errors import BackendError, CacheFault, QualityGuardTripped
 from kv3d_core.prefix.radix import RadixIndex
 from kv3d_core.tiers.hot import CellLedger, SeqPool
 
 if TYPE_CHECKING:  # pragma: no cover
     from kv3d_core.contracts.backend import ExecutionBackend
+    from kv3d_core.safety import FailureMonitor
     from kv3d_core.metrics import Metrics
     from kv3d_core.tiers.stack import TierStack
 
 log = logging.getLogger("kv3d.prefix")
 
 _TIER_RANK = {SessionState.IDLE: 0, SessionState.WARM: 1, SessionState.COLD: 2}
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """KL(softmax(p) || softmax(q)) in nats."""
+    lp = p_logits - p_logits.max()
+    lp -= np.log(np.exp(lp).sum())
+    lq = q_logits - q_logits.max()
+    lq -= np.log(np.exp(lq).sum())
+    return float(np.sum(np.exp(lp) * (lp - lq)))
 
 
 @dataclass(eq=False)
@@ -86,6 +97,7 @@ class PrefixCache:
         enabled: bool = True,
         min_snapshot_tokens: int = 32,
         tiers: "TierStack | None" = None,
+        monitor: "FailureMonitor | None" = None,
     ) -> None:
         self.backend = backend
         self.info = backend.info
@@ -100,8 +112,31 @@ class PrefixCache:
         self.snapshots: dict[tuple[str, str], CacheEntry] = {}
         self._idle: OrderedDict[CacheEntry, None] = OrderedDict()   # hot, evictable candidates, LRU first
         self._by_key: dict[str, CacheEntry] = {}
+        self.monitor = monitor
+        self._restore_off = False
+        if monitor is not None:
+            monitor.on_disable("restore", self._request_restore_off)
         if tiers is not None:
             tiers.attach(self)
+
+    # -- faults --------------------------------------------------------------------------
+    def _fault(self, exc: CacheFault, what: str) -> None:
+        if self.monitor is not None:
+            self.monitor.failure(exc.component, exc.reason, f"{what}: {exc}")
+        else:
+            self.metrics.fallbacks.labels(exc.reason).inc()
+            log.warning("%s failed (%s): served by recompute", what, exc)
+
+    def _request_restore_off(self) -> None:
+        self._restore_off = True                 # applied on the scheduler thread
+
+    def _apply_restore_off(self) -> None:
+        if not self._restore_off or self.tiers is None:
+            return
+        for e in [e for e in self._by_key.values() if e.state in (SessionState.WARM, SessionState.COLD)]:
+            self._drop_entry(e)
+        log.error("spilling and restoring switched off: idle sessions are dropped when cells are needed")
+        self.tiers = None
 
     # -- bookkeeping ---------------------------------------------------------------
     def _touch(self, e: CacheEntry) -> None:
@@ -208,8 +243,7 @@ class PrefixCache:
             try:
                 kept = self.tiers.spill(e, seq)
             except CacheFault as exc:
-                self.metrics.fallbacks.labels(exc.reason).inc()
-                log.warning("spill of %s failed (%s); dropped", e.key[:8], exc)
+                self._fault(exc, f"spill of {e.key[:8]}")
                 kept = False
         self._free_seq(seq)
         e.seq = None
@@ -241,6 +275,9 @@ class PrefixCache:
         """A sequence for a request, with as much of its prompt as can be reused
         already in it. None when no sequence or cells can be freed now."""
         if self.tiers is not None:
+            self.tiers.apply_disables()
+            self._apply_restore_off()
+        if self.tiers is not None:
             self.tiers.drain_gone()
         for _attempt in range(3):
             entry, n = self.plan(prompt, family)
@@ -251,9 +288,7 @@ class PrefixCache:
                 if exc.reason == "tier_miss":
                     log.debug("%s: %s", entry.key[:8] if entry else "-", exc)
                 else:
-                    self.metrics.fallbacks.labels(exc.reason).inc()
-                    log.warning("restore of %s failed (%s): serving by recompute",
-                                entry.key[:8] if entry else "-", exc)
+                    self._fault(exc, f"restore of {entry.key[:8] if entry else '-'}")
                 continue
             if lease is None:
                 return None
@@ -311,6 +346,8 @@ class PrefixCache:
         tier = entry.state.value
         try:
             restored_snap = self.tiers.restore(entry, seq)
+            if entry.kind == "session" and self.tiers.should_check_quality():
+                self._quality_check(entry, seq, restored_snap, protect)
         except CacheFault:
             self._free_seq(seq)
             self._drop_entry(entry)
@@ -329,6 +366,49 @@ class PrefixCache:
         else:
             snap = None
         return Lease(seq, n, tier, snap)
+
+    def _quality_check(self, entry: CacheEntry, seq: int, snap: CacheEntry | None,
+                       protect: set[CacheEntry]) -> None:
+        """The quality guard: recompute the restored session's own tokens in a scratch
+        sequence and compare the next-token distribution of its last position with the
+        restored sequence's. Raises :class:`QualityGuardTripped` over the threshold."""
+        toks = [int(t) for t in entry.tokens]
+        n = len(toks)
+        start = len(snap.tokens) if snap is not None else 0
+        if n - start < 1 or n < 2:
+            return
+        keep = protect | ({snap} if snap else set())
+        if not self.ensure_cells(n - start + 1, keep):
+            return                               # no room for a check now: skip this sample
+        scratch = self.alloc_seq(keep)
+        if scratch is None:
+            return
+        b = self.backend
+        try:
+            # restored: drop its last cell and decode it again, keeping the logits
+            b.seq_remove(seq, n - 1, -1)
+            out = b.decode([BatchEntry(seq, [toks[-1]], n - 1, True)])[0]
+            restored = np.array(b.logits(out), dtype=np.float64)
+            # recomputed: the family prefix shared from the snapshot, the rest decoded anew
+            if start:
+                b.seq_copy(snap.seq, scratch, 0, start)
+            pos, step = start, b.max_batch_tokens
+            while pos < n:
+                chunk = toks[pos:pos + step]
+                out = b.decode([BatchEntry(scratch, chunk, pos, pos + len(chunk) == n)])[0]
+                pos += len(chunk)
+            fresh = np.array(b.logits(out), dtype=np.float64)
+        except BackendError as exc:              # the check itself could not run: the restore is suspect
+            raise CacheFault(f"quality check could not run: {exc}") from exc
+        finally:
+            b.seq_remove(scratch)
+            self.pool.release(scratch)
+        kl = _kl(fresh, restored)
+        self.metrics.quality_checks.inc()
+        limit = self.monitor.cfg.quality_max_kl if self.monitor is not None else 0.05
+        if not kl <= limit:
+            raise QualityGuardTripped(f"restored next-token distribution is {kl:.3g} nats (KL) from a "
+                                      f"recompute's; the limit is {limit:g}")
 
     def _drop_entry(self, e: CacheEntry) -> None:
         if e.seq is not None:

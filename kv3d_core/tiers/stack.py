@@ -38,12 +38,14 @@ from kv3d_core.contracts.backend import ModelInfo
 from kv3d_core.contracts.codec import DeltaCodec
 from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
 from kv3d_core.engine.session import SessionState
-from kv3d_core.errors import CacheFault, CodecError, StateFormatError
+from kv3d_core.errors import (CacheFault, CodecError, PluginError, StateFormatError, StateRestoreError,
+                              TierError)
 from kv3d_core.kv import framing, opaque, state_format
 from kv3d_core.metrics import Metrics
 
 if TYPE_CHECKING:  # pragma: no cover
     from kv3d_core.plugins import PluginManager
+    from kv3d_core.safety import FailureMonitor
     from kv3d_core.prefix.cache import CacheEntry, PrefixCache
 
 log = logging.getLogger("kv3d.tiers")
@@ -57,7 +59,8 @@ class TierMiss(CacheFault):
 
 class TierStack:
     def __init__(self, warm: StorageTier | None, cold: StorageTier | None, codec: DeltaCodec,
-                 info: ModelInfo, metrics: Metrics, *, max_pending_mb: float = 256) -> None:
+                 info: ModelInfo, metrics: Metrics, *, max_pending_mb: float = 256,
+                 monitor: "FailureMonitor | None" = None) -> None:
         if warm is None and cold is None:
             raise ValueError("a tier stack needs at least one tier")
         self.warm = warm
@@ -73,12 +76,20 @@ class TierStack:
         self._f16 = 0
         self._stored = 0
         self.cache: PrefixCache | None = None
+        self.monitor = monitor
+        self.disabled_codecs: set[str] = set()
+        self._to_disable: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._live = False                 # tier errors count as failures once serving has begun
+        self._restores = 0
         for tier, on_evict in ((warm, self._warm_evicted), (cold, self._cold_evicted)):
             if tier is not None:
                 level = tier.level
                 tier.bind(model_fingerprint=info.fingerprint, on_evict=on_evict,
-                          on_error=lambda reason, _l=level: self.metrics.tier_errors.labels(_l, reason).inc(),
+                          on_error=lambda reason, _l=level: self._tier_error(_l, reason),
                           on_dropped=lambda reason, _l=level: self._dropped(_l, reason))
+        if monitor is not None:
+            for component in ("codec", "warm", "cold"):
+                monitor.on_disable(component, lambda c=component: self._to_disable.put(c))
 
     # -- wiring ---------------------------------------------------------------------------
     def attach(self, cache: "PrefixCache") -> None:
@@ -86,6 +97,7 @@ class TierStack:
         self.cache = cache
         if self.cold is not None and self.cold.persistent:
             self._reindex(self.cold, SessionState.COLD)
+        self._live = True
 
     def _reindex(self, tier: StorageTier, state: SessionState) -> None:
         from kv3d_core.prefix.cache import CacheEntry
@@ -116,6 +128,45 @@ class TierStack:
 
     def _dropped(self, level: str, reason: str) -> None:
         self.metrics.tier_dropped_writes.labels(level, reason).inc()
+
+    def _tier_error(self, level: str, reason: str) -> None:
+        self.metrics.tier_errors.labels(level, reason).inc()
+        if self._live and self.monitor is not None:
+            self.monitor.failure(level, f"tier_{reason}", f"{level} tier entry unreadable ({reason})")
+
+    # -- switching components off (requested by the monitor, applied on the scheduler thread) --
+    def apply_disables(self) -> None:
+        from kv3d_core.kv.codec_none import NoneCodec
+
+        while True:
+            try:
+                component = self._to_disable.get_nowait()
+            except queue.Empty:
+                return
+            if component == "codec" and self.codec.codec_id != "none":
+                self.disabled_codecs.add(self.codec.codec_id)
+                log.error("codec %s switched off: new spills use the lossless none codec", self.codec.codec_id)
+                self.codec = NoneCodec()
+            elif component in ("warm", "cold"):
+                tier = self.warm if component == "warm" else self.cold
+                if tier is None:
+                    continue
+                state = SessionState.WARM if component == "warm" else SessionState.COLD
+                if component == "warm":
+                    self.warm = None
+                else:
+                    self.cold = None
+                log.error("%s tier %s switched off: its entries are dropped", component, tier.name)
+                for e in [e for e in self.cache._by_key.values() if e.state is state]:
+                    self._gone.put(e.key)
+                if self.warm is None and self.cold is None:
+                    self.monitor.disable("restore", f"every tier below the hot one is off ({component} was last)")
+
+    def should_check_quality(self) -> bool:
+        """True for 1 in ``quality_sample_every`` restores (the quality guard)."""
+        every = self.monitor.cfg.quality_sample_every if self.monitor is not None else 0
+        self._restores += 1
+        return every > 0 and self._restores % every == 0
 
     def _warm_evicted(self, entry: TierEntry) -> None:          # writer thread
         self.metrics.evictions.labels("warm").inc()
@@ -194,9 +245,11 @@ class TierStack:
             if not ok:
                 self._gone.put(entry.meta.key)
             return ok
-        except Exception:
+        except Exception as exc:
             log.exception("spill failed")
             self._gone.put(meta_base["key"])
+            if self.monitor is not None:
+                self.monitor.failure("codec", "encode", f"encoding {meta_base['key'][:8]} raised {exc!r}")
             return False
         finally:
             with self._pending_lock:
@@ -215,7 +268,10 @@ class TierStack:
         for tier in (self.warm, self.cold):
             if tier is None:
                 continue
-            got = tier.get(e.key)
+            try:
+                got = tier.get(e.key)
+            except Exception as exc:   # the contract says get never raises: a broken plugin
+                raise TierError(f"{tier.name}.get raised {type(exc).__name__}: {exc}", tier.level) from exc
             if got is not None:
                 if got.meta.model_fingerprint != self.info.fingerprint:
                     tier.delete(e.key)
@@ -235,15 +291,50 @@ class TierStack:
         cache = self.cache
         t0 = time.perf_counter()
         got, level = self._fetch(e)
+        try:
+            blob, snap = self._decode(e, got)
+        except CacheFault:
+            raise
+        except Exception as exc:       # a codec plugin failing in a way its contract does not allow
+            raise CodecError(f"decoding {e.key[:8]} raised {type(exc).__name__}: {exc}") from exc
+        try:
+            cache.backend.seq_state_set(seq, blob)    # raises StateRestoreError (the seq is then empty)
+        except CacheFault:
+            raise
+        except Exception as exc:
+            raise StateRestoreError(f"set_data raised {type(exc).__name__}: {exc}") from exc
+        n = len(e.tokens)
+        n_prefix = got.meta.n_prefix if snap is not None else 0
+        if snap is not None:
+            cache.backend.seq_copy(snap.seq, seq, 0, n_prefix)
+            cache.ledger.share_prefix(snap.seq, seq, n_prefix)
+            cache.ledger.extend(seq, n - n_prefix)
+        else:
+            cache.ledger.extend(seq, n)
+        if cache.backend.seq_pos_max(seq) != n - 1:
+            raise CacheFault(f"{e.key[:8]} restored to {cache.backend.seq_pos_max(seq) + 1} positions, expected {n}")
+        dt = time.perf_counter() - t0
+        self.metrics.restores.labels(level).inc()
+        self.metrics.restore_seconds.labels(level).observe(dt)
+        return snap
+
+    def _decode(self, e: "CacheEntry", got: TierEntry) -> tuple[bytes, "CacheEntry | None"]:
+        """The blob to load for ``e`` and the snapshot whose prefix it needs."""
+        cache = self.cache
         meta = got.meta
         snap = None
         if meta.codec_id == opaque.CODEC_ID:
             blob = opaque.decode(got.payload)
         else:
+            if meta.codec_id in self.disabled_codecs:
+                raise TierMiss(f"{e.key[:8]} was stored by the disabled codec {meta.codec_id}")
             if (meta.codec_id, meta.codec_version) != (self.codec.codec_id, self.codec.version):
-                codec_id, version = framing.peek_codec(got.payload)
-                raise CodecError(f"{e.key[:8]} was stored by codec {codec_id} v{version}; "
-                                 f"the active codec is {self.codec.codec_id} v{self.codec.version}")
+                # stored under another configuration (e.g. before a restart with another codec):
+                # unusable now, but not a failure of the active codec
+                raise TierMiss(f"{e.key[:8]} was stored by codec {meta.codec_id} v{meta.codec_version}; "
+                               f"the active codec is {self.codec.codec_id} v{self.codec.version}")
+            if framing.peek_codec(got.payload) != (meta.codec_id, meta.codec_version):
+                raise CodecError(f"{e.key[:8]}: payload header and index disagree on the codec")
             arrays = self.codec.decode(got.payload)
             if arrays.n_cells != len(e.tokens) - meta.n_prefix:
                 raise CodecError(f"{e.key[:8]} decodes to {arrays.n_cells} cells, expected "
@@ -255,20 +346,7 @@ class TierStack:
                 if not cache.ensure_hot_snapshot(snap, exclude=[e]):
                     raise TierMiss(f"{e.key[:8]}: no room to restore its family snapshot")
             blob = state_format.build(arrays)
-        cache.backend.seq_state_set(seq, blob)        # raises StateRestoreError (the seq is then empty)
-        n = len(e.tokens)
-        if snap is not None:
-            cache.backend.seq_copy(snap.seq, seq, 0, meta.n_prefix)
-            cache.ledger.share_prefix(snap.seq, seq, meta.n_prefix)
-            cache.ledger.extend(seq, n - meta.n_prefix)
-        else:
-            cache.ledger.extend(seq, n)
-        if cache.backend.seq_pos_max(seq) != n - 1:
-            raise CacheFault(f"{e.key[:8]} restored to {cache.backend.seq_pos_max(seq) + 1} positions, expected {n}")
-        dt = time.perf_counter() - t0
-        self.metrics.restores.labels(level).inc()
-        self.metrics.restore_seconds.labels(level).observe(dt)
-        return snap
+        return blob, snap
 
     def discard(self, e: "CacheEntry") -> None:
         """Remove an entry's stored copies (it was resumed, or is gone)."""
@@ -345,11 +423,14 @@ class TierStack:
                 tier.close()
 
 
-def build_tier_stack(cfg: DictConfig, plugins: "PluginManager", info: ModelInfo, metrics: Metrics) -> TierStack | None:
+def build_tier_stack(cfg: DictConfig, plugins: "PluginManager", info: ModelInfo, metrics: Metrics,
+                     monitor: "FailureMonitor | None" = None) -> TierStack | None:
     """The tiers a configuration asks for: RAM (``cache.ram_warm_mb`` > 0), then the
     ``tier`` plugin when it is not ``ram``; None when there are none."""
     codec_name, codec_settings = plugin_settings(cfg.codec)
     codec = plugins.create("codec", codec_name, **codec_settings)
+    if not isinstance(codec, DeltaCodec):
+        raise PluginError(f"codec plugin {codec_name!r} did not return a DeltaCodec")
     tier_name, tier_settings = plugin_settings(cfg.tier)
     warm = None
     if cfg.cache.ram_warm_mb > 0:
@@ -359,4 +440,4 @@ def build_tier_stack(cfg: DictConfig, plugins: "PluginManager", info: ModelInfo,
         cold = plugins.create("tier", tier_name, **tier_settings)
     if warm is None and cold is None:
         return None
-    return TierStack(warm, cold, codec, info, metrics)
+    return TierStack(warm, cold, codec, info, metrics, monitor=monitor)
