@@ -352,8 +352,8 @@ def build(arrays: KVArrays) -> bytes:
     seq_id, n_stream, sections = _layout(arrays)
     n = _check_arrays(arrays, sections)
     pos_all = np.asarray(arrays.positions)
-    if n and int(pos_all.min()) < 0:
-        raise StateFormatError("negative cell position")
+    if n and (int(pos_all.min()) < 0 or int(pos_all.max()) >= 2**31):
+        raise StateFormatError("cell position outside 0..2**31-1")
 
     parts: list[Any] = [struct.pack("<Ii", MAGIC, seq_id)]
     li = 0

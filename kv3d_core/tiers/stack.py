@@ -217,7 +217,8 @@ class TierStack:
     def _encode_and_store(self, blob, n_prefix: int, meta_base: dict) -> bool:
         try:
             try:
-                arrays = state_format.parse(blob, head_dim_k=self.info.head_dim_k, head_dim_v=self.info.head_dim_v)
+                arrays = state_format.parse(blob, head_dim_k=self.info.head_dim_k, head_dim_v=self.info.head_dim_v,
+                                             n_layer=self.info.n_layer)
                 if n_prefix:
                     arrays = state_format.select(arrays, n_prefix)
                 if arrays.n_cells != len(meta_base["tokens"]) - n_prefix:

@@ -396,6 +396,9 @@ class LlamaCppBackend(ExecutionBackend):
         return bytes(buf) if size < (1 << 16) else buf  # bytearray avoids a copy of large blobs
 
     def seq_state_set(self, seq: int, blob: bytes) -> None:
+        # llama.cpp drops the destination's cells only when the blob holds at least one cell;
+        # the contract promises an emptied sequence either way.
+        L.llama_memory_seq_rm(self._mem, seq, -1, -1)
         arr = np.frombuffer(blob, dtype=np.uint8)
         n = L.llama_state_seq_set_data(self._ctx, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), arr.size, seq)
         if n == 0:
