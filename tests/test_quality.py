@@ -43,7 +43,7 @@ def test_none_codec_through_the_cli_is_exact():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
-    assert "top-1 agreement" in proc.stdout and "kv3d quality: codec=none" in lines[0]
+    assert "next-token top-1" in proc.stdout and "kv3d quality: codec=none" in lines[0]
     assert result["codec"] == "none" and result["model"] == "SmolLM2-135M-Instruct-Q4_1"
     assert result["n_prompts"] == 3 and result["n_positions"] == 3 * 24 and result["fallbacks"] == 0
     assert result["mean_kl"] == 0.0 and result["max_kl"] == 0.0
