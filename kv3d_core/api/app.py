@@ -48,16 +48,21 @@ class _Run:
         self.handle = handle
         self.queue = queue
         self.done = False
+        self._checked = time.monotonic()
 
     async def next_event(self, request: Request) -> tuple | None:
-        """The next scheduler event; None when the client went away (the job is cancelled)."""
+        """The next scheduler event; None when the client went away (the job is cancelled).
+        The connection is checked every DISCONNECT_POLL_S whether or not events keep coming."""
         while True:
-            try:
-                ev = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
+            now = time.monotonic()
+            if now - self._checked >= DISCONNECT_POLL_S:
+                self._checked = now
                 if await request.is_disconnected():
                     self.handle.cancel()
                     return None
+            try:
+                ev = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
                 continue
             if ev[0] in ("done", "error"):
                 self.done = True
@@ -105,23 +110,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
         log.exception("unhandled error")
         return APIError(500, "internal server error", code="internal_error").response()
 
-    # -- middleware: auth and request metrics ---------------------------------------------------
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        path = request.url.path
-        endpoint = path if path in _ENDPOINTS else "other"
-        if api_key and path.startswith(("/v1/", "/debug/")):
-            auth = request.headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                metrics.http_requests.labels(endpoint, "401").inc()
-                return APIError(401, "Incorrect API key provided" if auth else "Missing API key: send 'Authorization: Bearer <key>'",
-                                code="invalid_api_key").response()
-        t0 = time.monotonic()
-        response = await call_next(request)
-        metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.request_seconds.labels(endpoint).observe(time.monotonic() - t0)
-        return response
+    # -- middleware: auth and request metrics (pure ASGI: BaseHTTPMiddleware wraps `receive`,
+    #    and inside a streaming response that made is_disconnected() report a disconnect
+    #    for a client that had only paused reading) ------------------------------------------
+    app.add_middleware(_ObserveMiddleware, metrics=metrics, api_key=api_key)
 
     async def _body(request: Request, model_cls):
         raw = await request.body()
@@ -356,3 +348,43 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
 
 
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+_PROTECTED = ("/v1/", "/debug/")
+
+
+class _ObserveMiddleware:
+    """Bearer-key check for /v1/* and /debug/*, and per-endpoint request metrics."""
+
+    def __init__(self, app, metrics, api_key: str | None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.api_key = api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in _ENDPOINTS else "other"
+        if self.api_key and path.startswith(_PROTECTED):
+            headers = dict(scope.get("headers") or [])
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                self.metrics.http_requests.labels(endpoint, "401").inc()
+                msg = "Incorrect API key provided" if auth else "Missing API key: send 'Authorization: Bearer <key>'"
+                await APIError(401, msg, code="invalid_api_key").response()(scope, receive, send)
+                return
+        status = 500
+        t0 = time.monotonic()
+
+        async def observed_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            self.metrics.http_requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.monotonic() - t0)
