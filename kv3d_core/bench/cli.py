@@ -1,0 +1,91 @@
+"""``kv3d bench [-m] [OVERRIDES...]``: benchmark kv3d against llama-cpp-python's
+own OpenAI server on a seeded chat workload.
+
+A thin Hydra application over ``configs/bench.yaml`` (which includes the serve
+configuration): ``hydra.main`` is invoked with the arguments given, so every
+Hydra flag works -- ``-m``/``--multirun`` sweeps (``kv3d bench -m +codec=none,int8
++tier=ram,ssd`` runs every combination, then writes one combined summary),
+``--cfg job`` prints the composed configuration. Plugin groups (``codec``,
+``tier``, ``detector``) may be given without the ``+``, as for ``kv3d serve``.
+
+Single runs write to ``${out_dir}/<timestamp>/``; sweeps to
+``${out_dir}/<timestamp>-multirun/<job num>/`` plus ``summary.md``/``summary.json``
+in the sweep directory. A run that fails writes ``error.json`` in its directory
+instead of a report (a sweep goes on with the next job); the command then
+returns 1. Returns 0 when every run wrote its report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from kv3d_core.bench.systems import BenchError
+from kv3d_core.config import config_dir, normalize_overrides
+from kv3d_core.errors import Kv3dError
+
+CONFIG_NAME = "bench"
+log = logging.getLogger("kv3d.bench")
+_failures: list[str] = []     # output dirs of runs that failed, in this process
+
+
+def _task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from kv3d_core.bench.run import run_bench
+
+    for noisy in ("httpx", "httpx2", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        run_bench(cfg, out, overrides, quality_cache_dir=Path(hc.sweep.dir) if multirun else None)
+    except Exception as exc:   # recorded so a sweep goes on and its summary lists the failure
+        if isinstance(exc, (BenchError, Kv3dError)):
+            log.error("%s", exc)
+        else:
+            log.exception("bench run failed")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.json").write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"[:4000],
+                                                    "overrides": overrides}, indent=2))
+        _failures.append(str(out))
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(args: list[str]) -> int:
+    import hydra
+
+    argv = [a if a.startswith("-") else normalize_overrides([a])[0] for a in args]
+    app = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base=None)(_task)
+    saved = sys.argv
+    sys.argv = ["kv3d-bench", *argv]
+    _failures.clear()
+    # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped on the way out
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("kv3d bench: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:       # hydra exits on a bad override or a failed job
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except ValueError as exc:       # conflicting hydra flags (e.g. --cfg with -m)
+        print(f"kv3d bench: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved
+        signal.signal(signal.SIGTERM, previous)
+    if _failures:
+        print(f"kv3d bench: {len(_failures)} run(s) failed: see error.json in {', '.join(_failures)}", file=sys.stderr)
+        return 1
+    return 0

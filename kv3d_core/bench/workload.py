@@ -1,0 +1,175 @@
+"""The benchmark workload: a seeded, deterministic list of chat requests.
+
+Given a :class:`WorkloadSpec` the plan is fixed (same seed -> same requests,
+same texts). A request is either
+
+* the first turn of a new session, whose system prompt is one of ``families``
+  shared documents (with probability ``shared_ratio``, assigned exactly over the
+  new sessions) or a document of its own; or
+* a follow-up turn (a ``turns`` share of the requests) of an earlier session:
+  the session's whole history -- system prompt, every user message, every reply
+  actually received -- plus a new user message, as OpenAI clients resend it.
+
+A follow-up never targets a session whose previous turn is among the last
+``followup_gap`` requests, so at that distance it has usually finished; the
+driver still waits for it (:attr:`PlannedRequest.parent`). A session gets at
+most ``max_turns`` turns, which bounds the context.
+
+``reusable`` marks requests a prefix cache can serve in part: a follow-up, or a
+shared-family session after its family's first request.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping
+
+from kv3d_core.bench import textgen
+
+TokenCounter = Callable[[str], int]
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    requests: int = 1000
+    shared_ratio: float = 0.8
+    families: int = 4
+    system_prompt_tokens: int = 1024
+    unique_tokens: int = 128
+    turns: float = 0.3
+    seed: int = 0
+    max_turns: int = 4
+    followup_gap: int = 8
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.requests < 1:
+            problems.append("requests must be >= 1")
+        if not 0.0 <= self.shared_ratio <= 1.0:
+            problems.append("shared_ratio must be within 0..1")
+        if not 0.0 <= self.turns < 1.0:
+            problems.append("turns must be within 0..1 (exclusive): the first request starts a session")
+        if self.families < 1 and self.shared_ratio > 0:
+            problems.append("families must be >= 1 when shared_ratio > 0")
+        if self.system_prompt_tokens < 1 or self.unique_tokens < 1:
+            problems.append("system_prompt_tokens and unique_tokens must be >= 1")
+        if self.max_turns < 1 or self.followup_gap < 0:
+            problems.append("max_turns must be >= 1 and followup_gap >= 0")
+        if problems:
+            raise ValueError("bad workload: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    index: int
+    session: int
+    turn: int                 # 0 = first turn of the session
+    family: int | None        # shared family of the session's system prompt; None = a prompt of its own
+    user: str                 # this turn's new user message
+    parent: int | None        # index of the session's previous turn (None on turn 0)
+    reusable: bool            # a prefix cache can serve part of it (see the module docstring)
+
+
+@dataclass
+class Workload:
+    spec: WorkloadSpec
+    family_prompts: list[str]
+    session_prompts: dict[int, str]          # session -> system prompt
+    requests: list[PlannedRequest]
+    session_family: dict[int, int | None] = field(default_factory=dict)
+
+    def system_prompt(self, session: int) -> str:
+        return self.session_prompts[session]
+
+    def messages(self, req: PlannedRequest, replies: Mapping[int, str]) -> list[dict]:
+        """The chat messages of ``req``: the session's history with the reply each
+        earlier turn actually received (``replies``: request index -> text)."""
+        chain: list[PlannedRequest] = []
+        r: PlannedRequest | None = req
+        while r is not None:
+            chain.append(r)
+            r = self.requests[r.parent] if r.parent is not None else None
+        chain.reverse()
+        msgs: list[dict] = [{"role": "system", "content": self.system_prompt(req.session)}]
+        for turn in chain[:-1]:
+            if turn.index not in replies:
+                raise KeyError(f"request {req.index} follows request {turn.index}, which has no reply")
+            msgs.append({"role": "user", "content": turn.user})
+            msgs.append({"role": "assistant", "content": replies[turn.index]})
+        msgs.append({"role": "user", "content": req.user})
+        return msgs
+
+    def summary(self) -> dict:
+        reqs = self.requests
+        n = len(reqs)
+        return {
+            **asdict(self.spec),
+            "sessions": len(self.session_prompts),
+            "followups": sum(1 for r in reqs if r.turn > 0),
+            "shared_requests": sum(1 for r in reqs if r.family is not None),
+            "reusable_requests": sum(1 for r in reqs if r.reusable),
+            "shared_share": sum(1 for r in reqs if r.family is not None) / n,
+            "max_turn": max(r.turn for r in reqs),
+        }
+
+
+def _plan_sessions(spec: WorkloadSpec, rng: random.Random) -> list[tuple[int, int, int | None]]:
+    """(session, turn, parent index) per request."""
+    n_follow = round(spec.turns * spec.requests)
+    follow_at = set(rng.sample(range(1, spec.requests), min(n_follow, spec.requests - 1)))
+    out: list[tuple[int, int, int | None]] = []
+    last: dict[int, int] = {}      # session -> index of its latest turn
+    n_turns: dict[int, int] = {}
+    for i in range(spec.requests):
+        if i in follow_at:
+            eligible = [s for s, j in last.items() if j < i - spec.followup_gap and n_turns[s] < spec.max_turns]
+            if eligible:
+                s = rng.choice(eligible)
+                out.append((s, n_turns[s], last[s]))
+                last[s], n_turns[s] = i, n_turns[s] + 1
+                continue
+        s = len(n_turns)
+        out.append((s, 0, None))
+        last[s], n_turns[s] = i, 1
+    return out
+
+
+def generate(spec: WorkloadSpec, count_tokens: TokenCounter | None = None) -> Workload:
+    """The workload of ``spec``. ``count_tokens`` (the model's tokenizer) fits
+    every text to its token target; without it a calibrated words-per-token
+    ratio is used."""
+    rng = random.Random(f"kv3d-bench:{spec.seed}:plan")
+    plan = _plan_sessions(spec, rng)
+    sessions = sorted({s for s, _, _ in plan})
+    n_shared = round(spec.shared_ratio * len(sessions)) if spec.families > 0 else 0
+    shared = set(rng.sample(sessions, n_shared))
+    session_family: dict[int, int | None] = {
+        s: (rng.randrange(spec.families) if s in shared else None) for s in sessions}
+
+    def doc(key: str) -> str:
+        return textgen.fit_tokens(lambda w: textgen.policy_document(random.Random(key), w),
+                                  spec.system_prompt_tokens, count_tokens)
+
+    family_prompts = [doc(f"kv3d-bench:{spec.seed}:family:{f}") for f in range(spec.families)]
+    session_prompts = {s: (family_prompts[f] if f is not None else doc(f"kv3d-bench:{spec.seed}:system:{s}"))
+                       for s, f in session_family.items()}
+
+    requests: list[PlannedRequest] = []
+    seen_family: set[int] = set()
+    for i, (s, turn, parent) in enumerate(plan):
+        key = f"kv3d-bench:{spec.seed}:user:{i}"
+        make = textgen.user_question if turn == 0 else textgen.follow_up
+        user = textgen.fit_tokens(lambda w, k=key, m=make: m(random.Random(k), w), spec.unique_tokens, count_tokens)
+        f = session_family[s]
+        reusable = turn > 0 or (f is not None and f in seen_family)
+        if f is not None:
+            seen_family.add(f)
+        requests.append(PlannedRequest(i, s, turn, f, user, parent, reusable))
+    return Workload(spec, family_prompts, session_prompts, requests, session_family)
+
+
+def context_tokens_needed(spec: WorkloadSpec, max_tokens: int, template_overhead: int = 16) -> int:
+    """An upper estimate of the longest prompt + reply of the workload, in tokens."""
+    per_turn = spec.unique_tokens * 1.1 + max_tokens + template_overhead
+    return int(spec.system_prompt_tokens * 1.1 + template_overhead + spec.max_turns * per_turn + max_tokens)
