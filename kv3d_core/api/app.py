@@ -14,7 +14,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -221,6 +222,40 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
             raise _error_from_event(ev)
         return ev
 
+    async def _serve(request: Request, req, prepared: Prepared, default_max: int | None, shape: "_Shape"):
+        """Run a prepared prompt; answer with one JSON body or a Server-Sent Events stream."""
+        run, _ = await _start(request, prepared, req, default_max)
+        rid, created, model = f"{shape.id_prefix}-{uuid.uuid4().hex}", _now(), engine.model_id
+        head = {"id": rid, "object": shape.object, "created": created, "model": model,
+                "system_fingerprint": f"kv3d-{__version__}"}
+        if not req.stream:
+            result = await _collect(request, run)
+            if result is None:
+                return Response(status_code=499)       # the client went away; nobody reads this
+            text, reason, usage = result
+            return JSONResponse({**head, "choices": [shape.choice(text, reason)], "usage": usage})
+        first = await _first_or_error(request, run)
+        if first is None:
+            return Response(status_code=499)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        head["object"] = shape.chunk_object
+
+        def chunk(text: str | None, reason: str | None) -> dict:
+            c: dict[str, Any] = {**head, "choices": [shape.delta(text, reason)]}
+            if include_usage:
+                c["usage"] = None
+            return c
+
+        def usage_chunk(usage: dict) -> dict:
+            return {**head, "choices": [], "usage": usage}
+
+        prelude = [{**head, "choices": [shape.first_delta]}] if shape.first_delta else []
+        if include_usage:
+            for c in prelude:
+                c["usage"] = None
+        return StreamingResponse(_sse(request, run, first, chunk, usage_chunk, include_usage, prelude),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
     # -- endpoints ------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -232,42 +267,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
             prepared = await asyncio.to_thread(engine.prepare_chat, messages, req.tools, req.cache_salt)
         except (TemplateError, TokenizerMissing) as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
-        run, _ = await _start(request, prepared, req, default_max_tokens)
-        rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", _now(), engine.model_id
-        if not req.stream:
-            result = await _collect(request, run)
-            if result is None:
-                return Response(status_code=499)
-            text, reason, usage = result
-            return JSONResponse({
-                "id": rid, "object": "chat.completion", "created": created, "model": model,
-                "system_fingerprint": f"kv3d-{__version__}",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": reason}],
-                "usage": usage,
-            })
-        first = await _first_or_error(request, run)
-        if first is None:
-            return Response(status_code=499)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(delta_text: str | None, reason: str | None) -> dict:
-            c: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                 "system_fingerprint": f"kv3d-{__version__}",
-                                 "choices": [{"index": 0, "delta": {"content": delta_text} if delta_text is not None else {},
-                                              "logprobs": None, "finish_reason": reason}]}
-            if include_usage:
-                c["usage"] = None
-            return c
-
-        def usage_chunk(usage: dict) -> dict:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [], "usage": usage}
-
-        role = chunk(None, None)
-        role["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        return StreamingResponse(_sse(request, run, first, chunk, usage_chunk, include_usage, [role]),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await _serve(request, req, prepared, default_max_tokens, _CHAT)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -285,37 +285,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
             raise APIError(400, str(exc), param="prompt", code="invalid_prompt") from exc
         if prepared.n_tokens == 0:
             raise APIError(400, "'prompt' produced no tokens", param="prompt", code="invalid_value")
-        run, _ = await _start(request, prepared, req, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        rid, created, model = f"cmpl-{uuid.uuid4().hex}", _now(), engine.model_id
-        if not req.stream:
-            result = await _collect(request, run)
-            if result is None:
-                return Response(status_code=499)
-            text, reason, usage = result
-            return JSONResponse({
-                "id": rid, "object": "text_completion", "created": created, "model": model,
-                "system_fingerprint": f"kv3d-{__version__}",
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-                "usage": usage,
-            })
-        first = await _first_or_error(request, run)
-        if first is None:
-            return Response(status_code=499)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(text: str | None, reason: str | None) -> dict:
-            c: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                                 "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
-            if include_usage:
-                c["usage"] = None
-            return c
-
-        def usage_chunk(usage: dict) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [], "usage": usage}
-
-        return StreamingResponse(_sse(request, run, first, chunk, usage_chunk, include_usage, []),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await _serve(request, req, prepared, COMPLETIONS_DEFAULT_MAX_TOKENS, _COMPLETION)
 
     def _model_card() -> dict:
         return {"id": engine.model_id, "object": "model", "created": _now(), "owned_by": "kv3d",
@@ -346,6 +316,32 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
 
     return app
 
+
+@dataclass(frozen=True)
+class _Shape:
+    """How one endpoint's responses look (OpenAI's chat vs legacy completions)."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    choice: Callable[[str, str], dict]
+    delta: Callable[[str | None, str | None], dict]
+    first_delta: dict | None = None
+
+
+_CHAT = _Shape(
+    "chatcmpl", "chat.completion", "chat.completion.chunk",
+    choice=lambda text, reason: {"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": None, "finish_reason": reason},
+    delta=lambda text, reason: {"index": 0, "delta": {"content": text} if text is not None else {},
+                                "logprobs": None, "finish_reason": reason},
+    first_delta={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
+)
+_COMPLETION = _Shape(
+    "cmpl", "text_completion", "text_completion",
+    choice=lambda text, reason: {"index": 0, "text": text, "logprobs": None, "finish_reason": reason},
+    delta=lambda text, reason: {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason},
+)
 
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
 _PROTECTED = ("/v1/", "/debug/")
