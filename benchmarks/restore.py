@@ -12,7 +12,12 @@ Measured in the same run, as the physical references:
 - the time of a plain memory copy (``np.copyto``) of the delta's f16 bytes;
 - the disk's sequential read time of the same file bytes (page cache dropped).
 
-    python benchmarks/restore.py [--codec int8] [--reps 40] [--delta-tokens 512]
+The codec's settings come from its config group; ``--set`` adds overrides, e.g.
+``--set +codec.decode_threads=1`` to decode on one thread (``codec.decode_threads=1``,
+without ``+``, once the group's yaml has the key). The output records the codec's
+settings and the load average at the start and at the end.
+
+    python benchmarks/restore.py [--codec int8] [--reps 40] [--delta-tokens 512] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def main() -> None:
     ap.add_argument("--delta-tokens", type=int, default=512)
     ap.add_argument("--system-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra configuration override (repeatable)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -54,7 +61,8 @@ def main() -> None:
 
     cold_dir = Path(tempfile.mkdtemp(prefix="kv3d-cold-"))
     cfg = compose([f"server.threads={a.threads}", "cache.gpu_hot_mb=256", "scheduler.n_seq_max=8",
-                   f"+codec={a.codec}", "+tier=ssd", f"cache.ssd_cold_path={cold_dir}", "cache.ram_warm_mb=512"])
+                   f"+codec={a.codec}", "+tier=ssd", f"cache.ssd_cold_path={cold_dir}", "cache.ram_warm_mb=512",
+                   *a.set])
     eng = Engine(cfg)            # not started: this script drives the cache on its own thread
     try:
         b, cache, tiers = eng.backend, eng.cache, eng.tiers
@@ -125,7 +133,9 @@ def main() -> None:
             "cold_p50_s": pct(cold, 50), "cold_p95_s": cold_p95, "disk_seq_read_p50_s": read_p50,
             "target_cold": "cold p95 <= 3x warm p95 + disk read time", "cold_budget_s": 3 * warm_p95 + read_p50,
             "target_cold_met": cold_p95 <= 3 * warm_p95 + read_p50,
-            "threads": a.threads, "machine": machine(),
+            "threads": a.threads, "overrides": a.set,
+            "codec_settings": {k: v for k, v in vars(tiers.codec).items() if isinstance(v, (int, float, str, bool))},
+            "machine": machine(), "load_avg_at_end": list(os.getloadavg()),
         }
     finally:
         eng.close()

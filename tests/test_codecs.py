@@ -119,7 +119,8 @@ def test_codecs_are_registered_by_their_distributions(pm):
 
 @pytest.mark.parametrize("name,bad", [
     ("int8", {"zstd_levle": 3}), ("int8", {"zstd_level": -1}), ("int8", {"zstd_level": "3"}),
-    ("int8", {"threads": 0}), ("block", {"group_size": 33}), ("block", {"offset": "yes"}),
+    ("int8", {"threads": 0}), ("int8", {"decode_threads": 0}), ("int8", {"decode_threads": True}),
+    ("block", {"group_size": 33}), ("block", {"offset": "yes"}),
     ("block", {"bits": 4}), ("block", {"zstd_level": 99}),
 ])
 def test_bad_settings_are_refused(pm, name, bad):
@@ -218,6 +219,111 @@ def test_concurrent_calls_from_worker_threads(pm):
             ref = codec.decode(data)
             assert_same_layout(a, b)
             assert all(np.array_equal(p.view(np.uint16), q.view(np.uint16)) for p, q in zip(ref.k + ref.v, b.k + b.v))
+
+
+# -- decode_into: decoding straight into the caller's arrays ------------------------------------
+def alloc_into(holder: list, order: str = "C"):
+    """An ``alloc`` for ``decode_into`` that hands out fresh writable float16 arrays (in
+    ``order``) filled with a sentinel, and records what it was given and returned."""
+    def alloc(template: KVArrays) -> KVArrays:
+        def fresh(a):
+            return np.full(a.shape, np.float16(-7.5), order=order)
+        out = KVArrays(template.positions.copy(), [fresh(a) for a in template.k], [fresh(a) for a in template.v],
+                       template.head_dim_k, template.head_dim_v, dict(template.extra))
+        holder.append((template, out))
+        return out
+    return alloc
+
+
+def same_bits(a: KVArrays, b: KVArrays) -> bool:
+    return all(np.array_equal(x.view(np.uint16), y.view(np.uint16)) for x, y in zip(a.k + a.v, b.k + b.v))
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_decode_into_gives_the_decode_values(pm, name, order):
+    """``decode_into`` writes exactly what ``decode`` returns into the arrays ``alloc``
+    hands out, C-contiguous (int8: in place) or not (int8: its copying fallback; none
+    and block: the contract's default)."""
+    codec = make(pm, name)
+    for what, a in [("synthetic", synth_kv(n=70, n_layer=5))] + edge_cases():
+        data = codec.encode(a)
+        calls: list = []
+        out = codec.decode_into(data, alloc_into(calls, order))
+        assert len(calls) == 1, what
+        template, given = calls[0]
+        assert out is given, what
+        assert_same_layout(a, template)
+        assert_same_layout(a, out)
+        assert same_bits(codec.decode(data), out), what
+
+
+def test_decode_into_errors(pm):
+    a = synth_kv(n=20, n_layer=3)
+    for name in CODECS:
+        codec = make(pm, name)
+        data = codec.encode(a)
+
+        def refuse(template):
+            raise ValueError("no room")
+        with pytest.raises(ValueError, match="no room"):         # alloc's own error passes through
+            codec.decode_into(data, refuse)
+
+        def wrong(template):
+            return KVArrays(template.positions, [np.zeros((3, 4), np.float16)] * len(template.k),
+                            [np.zeros((3, 4), np.float16)] * len(template.v), 64, 64, {})
+        with pytest.raises(CodecError, match="layout"):
+            codec.decode_into(data, wrong)
+        calls: list = []
+        with pytest.raises(CodecError):                          # damage: same errors as decode
+            codec.decode_into(data[:len(data) // 2], alloc_into(calls))
+
+
+def test_int8_fast_kernel_gives_the_general_kernels_bits(pm, monkeypatch):
+    """The int8 decoder's fast kernel (sign through the exponent, see
+    ``_dequantize_fast``) runs for work items whose scales are all 0 or within
+    2**-14..511.75, the general kernel for the others; both must give the same bits."""
+    import kv3d_codec_int8.codec as int8_codec
+
+    rng = np.random.default_rng(11)
+    a = synth_kv(n=1000, n_layer=8, seed=5)                   # 48000 groups: a dozen work items
+    a.k[0][:40, :64] *= np.float16(1e-4)                      # scales below 2**-14 (subnormal results)
+    a.k[3][:, 64:128] = 0                                     # zero groups
+    a.v[7][::50, :64] = rng.uniform(-65504, 65504, (20, 64)).astype(np.float16)   # scales above 511.75
+    a.v[4][:, :] *= np.float16(2e-3)                          # scales near 2**-14, on both sides
+    codec = make(pm, "int8", decode_threads=2)
+    data = codec.encode(a)
+    p = codec._read(data)
+    lo, hi = int8_codec.FAST_SCALE_BITS
+    bits = p.scale_bits
+    assert ((bits > 0) & (bits < lo)).any() and (bits > hi).any() and (bits == 0).any()
+    per_item = max(1, int8_codec.ITEM_VALUES // (p.chunk_groups * p.group)) * p.chunk_groups
+    n_items = -(-p.n_groups // per_item)
+    odd_items = set((np.flatnonzero((bits != 0) & ((bits < lo) | (bits > hi))) // per_item).tolist())
+    assert 0 < len(odd_items) < n_items, "both kernels must run"
+    fast = codec.decode(data)
+    monkeypatch.setattr(int8_codec, "FAST_SCALE_BITS", (0xFFFF, 0))     # every item on the general kernel
+    general = codec.decode(data)
+    assert same_bits(fast, general)
+    calls: list = []
+    assert same_bits(general, codec.decode_into(data, alloc_into(calls)))
+    for x, y in zip(a.k + a.v, fast.k + fast.v):
+        assert (np.abs(y.astype(np.float64) - x.astype(np.float64)) <= int8_bound(x, y, 64)).all()
+
+
+def test_int8_decode_threads(pm):
+    """Decoding on 1 or several threads (chunks taken as threads come free) gives the
+    same bits; the default uses up to 2 cores."""
+    import os
+
+    a = synth_kv(n=300, n_layer=6)
+    data = make(pm, "int8").encode(a)
+    outs = [make(pm, "int8", decode_threads=t).decode(data) for t in (1, 2, 5)]
+    assert same_bits(outs[0], outs[1]) and same_bits(outs[0], outs[2])
+    cores = len(os.sched_getaffinity(0))
+    assert make(pm, "int8").decode_threads == min(2, cores)
+    assert make(pm, "int8", threads=3).decode_threads == 3
+    assert make(pm, "int8", threads=3, decode_threads=1).decode_threads == 1
 
 
 def edge_cases() -> list[tuple[str, KVArrays]]:
@@ -466,6 +572,23 @@ def test_real_kv_ratios_and_bounds(pm, real):
     print(f"\nreal delta of {d.n_cells} cells: ratios " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     assert ratios["int8"] >= 2.2
     assert ratios["block"] >= 3.0
+
+
+def test_real_kv_decoded_into_a_state_blob(pm, real):
+    """Every codec decodes a real delta straight into a llama.cpp state blob
+    (``state_format.allocate``): the blob is byte for byte ``build(decode(...))``."""
+    sf, d = real["sf"], real["delta"]
+    for name in CODECS:
+        codec = make(pm, name)
+        data = codec.encode(d)
+        writers = []
+
+        def alloc(template):
+            writers.append(sf.allocate(template))
+            return writers[-1].arrays
+        codec.decode_into(data, alloc)
+        assert len(writers) == 1 and writers[0].direct
+        assert bytes(writers[0].finish()) == sf.build(codec.decode(data)), name
 
 
 def test_real_kv_restored_through_llama_cpp(pm, real):

@@ -181,6 +181,121 @@ def test_quantized_kv_is_refused(chat):
         sf.parse(qblob, head_dim_k=64, head_dim_v=64)
 
 
+# -- allocate: the blob of a layout, filled in place ----------------------------------------------
+
+
+def placeholders(a: KVArrays) -> KVArrays:
+    """``a``'s layout with zero-stride placeholder K/V arrays (what a codec passes)."""
+    zero = np.float16(0)
+    return KVArrays(a.positions, [np.broadcast_to(zero, x.shape) for x in a.k],
+                    [np.broadcast_to(zero, x.shape) for x in a.v], a.head_dim_k, a.head_dim_v, a.extra)
+
+
+def filled(a: KVArrays) -> "sf.BlobWriter":
+    w = sf.allocate(placeholders(a))
+    assert np.array_equal(w.arrays.positions, a.positions) and w.arrays.extra == a.extra
+    for dst, src in zip(w.arrays.k + w.arrays.v, a.k + a.v):
+        assert dst.shape == src.shape and dst.dtype == np.float16 and dst.flags.c_contiguous and dst.flags.writeable
+        np.copyto(dst, src)
+    return w
+
+
+def iswa_like(a: KVArrays, n_base: int, rows: list[list[int]]) -> KVArrays:
+    """``a`` laid out like a sliding-window blob: the first ``n_base`` layers in a base
+    section holding every cell, the others in a section holding only ``rows`` (their
+    other rows zero, as parse returns them)."""
+    keep = np.zeros(a.n_cells, bool)
+    for lo, hi in rows:
+        keep[lo:hi] = True
+    def masked(x):
+        y = x.copy()
+        y[~keep] = 0
+        return y
+    k = list(a.k[:n_base]) + [masked(x) for x in a.k[n_base:]]
+    v = list(a.v[:n_base]) + [masked(x) for x in a.v[n_base:]]
+    sections = [{"stream": 0, "v_trans": 0, "n_layer": n_base, "rows": None},
+                {"stream": 0, "v_trans": 0, "n_layer": a.n_layer - n_base, "rows": rows}]
+    return KVArrays(a.positions, k, v, a.head_dim_k, a.head_dim_v, dict(a.extra, sections=sections))
+
+
+def test_allocate_fills_to_the_built_blob(smol, blob, chat):
+    """allocate + writing the values through its arrays gives build()'s blob byte for
+    byte, whatever the layout: rows as they are (views into the blob), one stream of
+    several, a selected delta, cells out of order, no cells, transposed V and a
+    sliding-window section of some rows (scratch arrays copied in by finish)."""
+    a = parse(smol, blob)
+    w = filled(a)
+    assert w.direct and w.nbytes == len(blob)
+    assert all(np.shares_memory(x, np.frombuffer(w.finish(), np.uint8)) for x in w.arrays.k + w.arrays.v)
+    assert bytes(w.finish()) == blob
+    perm = np.random.default_rng(4).permutation(N_CELLS)
+    shuffled = KVArrays(a.positions[perm], [x[perm] for x in a.k], [x[perm] for x in a.v], 64, 64, a.extra)
+    multi = KVArrays(a.positions, a.k, a.v, 64, 64,
+                     dict(a.extra, n_stream=3, sections=[dict(a.extra["sections"][0], stream=1)]))
+    layouts = {"delta": sf.select(a, chat.family_len), "shuffled delta": sf.select(shuffled, 200),
+               "no cells": sf.select(a, N_CELLS), "one stream of several": multi,
+               "sliding window": iswa_like(sf.select(a, 100), 5, [[10, 50], [300, 412]]),
+               "window holds none of the cells": iswa_like(sf.select(a, 100), 5, [])}
+    for what, x in layouts.items():
+        w = filled(x)
+        assert w.direct == (what not in ("sliding window", "window holds none of the cells")), what
+        assert bytes(w.finish()) == sf.build(x), what
+        if what != "window holds none of the cells":             # (parse refuses that one: llama.cpp
+            back = parse(smol, w.finish())                        # never writes it)
+            assert np.array_equal(back.positions, x.positions), what
+
+    b = make_backend(flash_attn="off")
+    try:
+        decode(b, 0, chat.tokens[:N_CELLS])
+        tblob = bytes(b.seq_state_get(0))
+    finally:
+        b.close()
+    t = parse(b, tblob)
+    assert t.extra["sections"][0]["v_trans"] == 1
+    for x in (t, sf.select(t, 100)):
+        w = filled(x)
+        assert not w.direct
+        assert bytes(w.finish()) == sf.build(x)
+
+
+def test_allocated_blob_restores_like_the_built_one(smol, chat):
+    """The finished blob (a memoryview) goes straight into llama_state_seq_set_data."""
+    A, S, B = 0, 1, 2
+    tokens, fam = chat.tokens, chat.family_len
+    smol.reset_kv()
+    decode(smol, A, tokens[:-1])
+    smol.seq_copy(A, S, 0, fam)
+    delta = sf.select(parse(smol, smol.seq_state_get(A), n_layer=30), fam)
+    smol.seq_state_set(B, filled(delta).finish())
+    smol.seq_copy(S, B, 0, fam)
+    n = len(tokens) - 1
+    live = smol.logits(smol.decode([BatchEntry(A, tokens[-1:], n, True)])[0]).copy()
+    restored = smol.logits(smol.decode([BatchEntry(B, tokens[-1:], n, True)])[0]).copy()
+    smol.reset_kv()
+    assert float(np.abs(live - restored).max()) == 0.0
+
+
+def test_allocate_refuses_what_build_refuses(smol, blob):
+    a = parse(smol, blob)
+    bad = [
+        dict(extra={}), dict(extra=dict(a.extra, version=99)), dict(k=a.k[:-1]),
+        dict(k=[x.astype(np.float32) for x in a.k]), dict(v=[x[:10] for x in a.v]),
+        dict(positions=a.positions[:10]), dict(head_dim_k=100), dict(positions=a.positions - 5),
+        dict(extra=dict(a.extra, sections=[dict(a.extra["sections"][0], rows=[[0, N_CELLS + 1]])])),
+        dict(extra=dict(a.extra, sections=[dict(a.extra["sections"][0], v_trans=None)])),
+        dict(extra=dict(a.extra, sections=[dict(a.extra["sections"][0], stream=3)])),
+    ]
+    for changes in bad:
+        fields = dict(positions=a.positions, k=list(a.k), v=list(a.v), head_dim_k=64, head_dim_v=64,
+                      extra=json.loads(json.dumps(a.extra)))
+        fields.update(changes)
+        arrays = KVArrays(**fields)
+        with pytest.raises(StateFormatError):
+            sf.build(arrays)
+        with pytest.raises(StateFormatError):
+            sf.allocate(arrays)
+
+
 # -- select and the prefix + delta rebuild ------------------------------------------------------
 
 

@@ -183,8 +183,9 @@ class ExecutionBackend(abc.ABC):
         """Serialize the cells of ``seq`` (llama.cpp's per-sequence state format)."""
 
     @abc.abstractmethod
-    def seq_state_set(self, seq: int, blob: bytes) -> None:
-        """Load a blob from :meth:`seq_state_get` into ``seq`` (emptied first)."""
+    def seq_state_set(self, seq: int, blob: bytes | bytearray | memoryview) -> None:
+        """Load a blob from :meth:`seq_state_get` (any bytes-like object) into ``seq``
+        (emptied first)."""
 
     def reset_kv(self) -> None:
         """Drop every cell of every sequence (optional; used by tests and benchmarks)."""

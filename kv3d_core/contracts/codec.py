@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
+
+from kv3d_core.errors import CodecError
 
 
 @dataclass
@@ -62,6 +65,10 @@ class DeltaCodec(abc.ABC):
       (:attr:`lossless` codecs: bit-exact).
     - Pure functions of their input, thread-safe, vectorized (no per-element
       Python loops): the tiers call them from worker threads.
+    - Optional: :meth:`decode_into` decodes straight into arrays the caller
+      provides (the tiers hand out views into the blob given to the backend, which
+      spares a copy of every value on restore). The default decodes, then copies;
+      a codec overrides it when it can write its output in place.
     """
 
     codec_id: str = "?"
@@ -75,3 +82,27 @@ class DeltaCodec(abc.ABC):
     @abc.abstractmethod
     def decode(self, data: bytes) -> KVArrays:
         """Decode what :meth:`encode` produced."""
+
+    def decode_into(self, data: bytes, alloc: Callable[[KVArrays], KVArrays]) -> KVArrays:
+        """Decode what :meth:`encode` produced into arrays that ``alloc`` provides.
+
+        ``alloc(template)`` is called once, before any value is written. ``template``
+        has the decoded positions, head dims and ``extra``, and K/V arrays of the
+        decoded shapes whose values mean nothing (they may be read-only zero-stride
+        placeholders). It returns a :class:`KVArrays` with the same positions and
+        writable float16 K/V arrays of those shapes; the codec writes every value of
+        them and returns that object. The values are those :meth:`decode` gives.
+        Errors as for :meth:`decode` (:class:`~kv3d_core.errors.CodecError`); an
+        exception ``alloc`` raises propagates unchanged.
+
+        Default: :meth:`decode`, then ``alloc(decoded)``, then a copy.
+        """
+        arrays = self.decode(data)
+        out = alloc(arrays)
+        dst, src = list(out.k) + list(out.v), list(arrays.k) + list(arrays.v)
+        if len(out.k) != len(arrays.k) or len(out.v) != len(arrays.v) or any(
+                d.shape != s.shape for d, s in zip(dst, src)):
+            raise CodecError("decode_into: alloc returned arrays of another layout than the decoded one")
+        for d, s in zip(dst, src):
+            np.copyto(d, s)
+        return out

@@ -6,6 +6,10 @@
   per-layer ``[n_cells, width]`` views back into one decoded buffer. Codecs quantize
   groups of consecutive values of that buffer; a group never straddles a row when
   the row width is a multiple of the group size (true for KV heads).
+- :func:`group_targets` / :func:`group_spans` / :func:`segments`: the same flat
+  buffer when it is not one buffer but the caller's per-layer arrays (e.g. views
+  into a llama.cpp state blob, :func:`kv3d_core.kv.state_format.allocate`): which
+  layer arrays a run of groups falls in, so decoders write their output in place.
 - :func:`f16_bits` / :func:`f16_magnitude_bits`: float32 -> float16 without
   numpy's float16 cast (a software loop in numpy builds without F16C in their
   baseline, as here: 3-5 ns a value, 20-30 ms for a 512-token delta). The caller
@@ -14,8 +18,11 @@
   magnitude (normal and subnormal alike). The result is within 0.75 float16 ulp of
   the exact value (round-to-nearest: 0.5 ulp; below 2**-14 the error is at most
   2**-24). Values must stay within +-65504 (the codecs guarantee it).
+- :func:`f16_scaled_to_f32`: the decoders' float16 scales -> float32 times
+  :data:`F16_SHIFT`, by bit moves instead of numpy's float16 cast (same bits).
 - :func:`run_chunks`: runs ``fn(i)`` for every chunk, on a shared thread pool when
-  ``threads > 1`` (zstd and numpy release the GIL).
+  ``threads > 1`` (zstd and numpy release the GIL); threads take chunks as they
+  come free. Chunks write disjoint outputs: results do not depend on ``threads``.
 - :func:`meta_crc`: CRC-32 over the codec metadata and the small payload sections,
   so a flipped byte anywhere in the header is a :class:`CodecError`, not wrong KV.
 
@@ -68,6 +75,39 @@ def flatten(arrays: KVArrays) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.float16)
 
 
+def group_targets(arrays: KVArrays, group: int) -> list[np.ndarray] | None:
+    """Each K then V array of ``arrays`` as a writable uint16 ``[groups, group]`` view
+    (the order of :func:`flatten`), for codecs that write their float16 output in
+    place; None when one is not a C-contiguous float16 array or its size is not a
+    multiple of ``group`` (the caller then decodes into a buffer of its own and copies)."""
+    out = []
+    for a in (*arrays.k, *arrays.v):
+        if (not isinstance(a, np.ndarray) or a.dtype != np.float16 or not a.flags.c_contiguous
+                or not a.flags.writeable or a.size % group):
+            return None
+        out.append(a.reshape(-1).view(np.uint16).reshape(-1, group))
+    return out
+
+
+def group_spans(targets: list[np.ndarray]) -> np.ndarray:
+    """Start group of each target in the flat buffer, then the total (``len(targets) + 1`` values)."""
+    return np.concatenate(([0], np.cumsum([t.shape[0] for t in targets], dtype=np.int64)))
+
+
+def segments(spans: np.ndarray, a: int, b: int) -> list[tuple[int, int, int]]:
+    """The parts of the groups ``[a, b)`` of the flat buffer, one per target they fall in:
+    ``(target, first group within the target, group count)``."""
+    out = []
+    j = int(np.searchsorted(spans, a, side="right")) - 1
+    while a < b:
+        stop = min(b, int(spans[j + 1]))
+        if stop > a:
+            out.append((j, a - int(spans[j]), stop - a))
+        a = stop
+        j += 1
+    return out
+
+
 def unflatten(flat: np.ndarray, n: int, k_width: list[int], v_width: list[int]) -> tuple[list, list]:
     """Per-layer ``[n, width]`` views of ``flat`` (the inverse of :func:`flatten`)."""
     k, v, off = [], [], 0
@@ -106,6 +146,23 @@ def f16_bits(y: np.ndarray, out: np.ndarray) -> None:
     np.right_shift(y.view(np.uint32), np.uint32(13), out=out, casting="unsafe")
 
 
+def f16_scaled_to_f32(bits: np.ndarray) -> np.ndarray:
+    """float32 ``x * F16_SHIFT`` of finite float16 values ``x`` given as their uint16
+    bits, bit for bit what ``bits.view(np.float16).astype(np.float32) * F16_SHIFT`` gives,
+    without numpy's float16 cast: the magnitude bits shifted left by 13 are the float32
+    of ``|x| * 2**-112`` (exactly, subnormals too), then one multiply by ``1 + 2**-12``
+    (the same rounding of the same product) and the sign."""
+    b = np.asarray(bits, np.uint16)
+    y = (b & np.uint16(0x7FFF)).astype(np.uint32)
+    np.multiply(y, np.uint32(1 << 13), out=y)
+    f = y.view(np.float32)
+    np.multiply(f, np.float32(1.0 + 2.0 ** -12), out=f)
+    neg = b >= 0x8000
+    if neg.any():
+        np.negative(f, out=f, where=neg)
+    return f
+
+
 def f16_magnitude_bits(y: np.ndarray, out: np.ndarray) -> None:
     """``out`` = float16 bits of ``|y| / F16_SHIFT`` without the sign bit (see :func:`f16_bits`)."""
     np.right_shift(y.view(np.uint32), np.uint32(13), out=out, casting="unsafe")
@@ -138,7 +195,10 @@ def shuffle16(a: np.ndarray) -> bytes:
 def unshuffle16(raw: bytes | memoryview, count: int) -> np.ndarray:
     """Inverse of :func:`shuffle16`: ``count`` little-endian 16-bit values (as uint16)."""
     planes = np.frombuffer(raw, dtype=np.uint8, count=2 * count).reshape(2, count)
-    return np.ascontiguousarray(planes.T).view("<u2").reshape(count)
+    out = planes[1].astype("<u2")                # high bytes (arithmetic: numpy's byte
+    np.multiply(out, np.uint16(256), out=out)    # transposes and 16-bit shifts are slow loops)
+    np.bitwise_or(out, planes[0], out=out)
+    return out
 
 
 # -- zstd ---------------------------------------------------------------------------------
@@ -179,33 +239,36 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def run_chunks(fn: Callable[[int], None], n_chunks: int, threads: int) -> None:
-    """``fn(i)`` for ``i`` in ``range(n_chunks)``: in the calling thread, or split in
-    ``threads`` contiguous runs, the calling thread taking the first and pool threads
-    the others. The first exception (e.g. the CodecError of a damaged frame) is raised
-    after every run has finished (no run outlives the call)."""
+    """``fn(i)`` once for every ``i`` in ``range(n_chunks)``: in the calling thread, or
+    on ``threads`` threads (the calling one and ``threads - 1`` pool threads) that take
+    the next chunk as they come free, so a thread the OS does not schedule holds up
+    nothing but its own chunk. The first exception (e.g. the CodecError of a damaged
+    frame) stops the others from taking new chunks and is raised once every thread is
+    done (no run outlives the call)."""
     if threads <= 1 or n_chunks <= 1:
         for i in range(n_chunks):
             fn(i)
         return
-    per = -(-n_chunks // threads)
+    todo = iter(range(n_chunks))          # next() on it is atomic under the GIL
+    failed: list[BaseException] = []
 
-    def span(t: int) -> None:
-        for i in range(t * per, min(n_chunks, (t + 1) * per)):
-            fn(i)
+    def drain() -> None:
+        for i in todo:
+            if failed:
+                return
+            try:
+                fn(i)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after every thread ends
+                failed.append(exc)
+                return
 
-    futures = [_pool(threads - 1).submit(span, t) for t in range(1, -(-n_chunks // per))]
-    error: BaseException | None = None
-    try:
-        span(0)
-    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the pool runs end
-        error = exc
+    futures = [_pool(threads - 1).submit(drain) for _ in range(min(threads, n_chunks) - 1)]
+    drain()
     for f in futures:
-        try:
+        if not f.cancel():                # not started yet (a busy machine): nothing left for it
             f.result()
-        except BaseException as exc:  # noqa: BLE001
-            error = error or exc
-    if error is not None:
-        raise error
+    if failed:
+        raise failed[0]
 
 
 # -- integrity --------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ Contract:
 - Anything not understood raises :class:`~kv3d_core.errors.StateFormatError` saying
   what was unexpected; nothing here crashes the process or returns wrong-shaped arrays.
   The caller falls back to treating the blob as opaque (or to recompute).
+- :func:`allocate` is :func:`build` without the copy: it lays out the blob of a
+  layout (a :class:`KVArrays` whose values do not matter yet) with every header
+  written, and hands out writable K/V arrays -- views into the blob wherever it
+  stores rows as they are -- for a codec to decode into; :meth:`BlobWriter.finish`
+  then returns the blob, byte for byte what :func:`build` returns for the filled
+  arrays.
 - Vectorized: cell records are read with a structured dtype, K/V rows are
   ``np.frombuffer`` views (read-only, zero-copy) into the blob when V is not
   transposed; do not mutate a ``bytearray`` blob while its arrays are in use.
@@ -400,6 +406,116 @@ def _rows_bytes(a: np.ndarray, rows: np.ndarray | None, transposed: bool) -> mem
     if transposed:
         src = src.T
     return np.ascontiguousarray(src, dtype="<f2").data.cast("B")
+
+
+class BlobWriter:
+    """A ``llama_state_seq_set_data`` blob filled in place (made by :func:`allocate`).
+
+    - ``arrays``: the layout's :class:`KVArrays` (its positions, head dims and
+      ``extra``) with writable, C-contiguous float16 ``[n_cells, width]`` K/V arrays:
+      views into the blob where the blob stores a layer's rows as they are (V not
+      transposed, the section holds every cell), else scratch arrays that
+      :meth:`finish` copies in (transposed V; a sliding-window section's subset of
+      rows; a section holding no cell at all has scratch arrays nothing reads).
+      Every value must be written before :meth:`finish`.
+    - ``nbytes``: the blob's size.
+    """
+
+    def __init__(self, buf: np.ndarray, arrays: KVArrays,
+                 deferred: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, bool]], direct: bool) -> None:
+        self._buf = buf
+        self.arrays = arrays
+        self._deferred = deferred
+        self.nbytes = int(buf.size)
+        #: True when every K/V array is a view into the blob (:meth:`finish` copies nothing)
+        self.direct = direct
+
+    def finish(self) -> memoryview:
+        """The blob (a bytes-like view of the buffer; the arrays keep pointing into it)."""
+        for dst, src, rows, transposed in self._deferred:
+            part = src if rows is None else src[rows]
+            np.copyto(dst, part.T if transposed else part)
+        return memoryview(self._buf)
+
+
+def allocate(template: KVArrays) -> BlobWriter:
+    """The blob :func:`build` would make for ``template``'s layout (positions, K/V
+    shapes, head dims, ``extra``; the K/V values are not read -- zero-stride
+    placeholders such as ``np.broadcast_to(np.float16(0), shape)`` will do), with
+    every header and cell record written and the K/V rows left for the caller to
+    fill through :attr:`BlobWriter.arrays`. Raises :class:`StateFormatError` where
+    :func:`build` would."""
+    seq_id, n_stream, sections = _layout(template)
+    n = _check_arrays(template, sections)
+    pos_all = np.asarray(template.positions)
+    if n and (int(pos_all.min()) < 0 or int(pos_all.max()) >= 2**31):
+        raise StateFormatError("cell position outside 0..2**31-1")
+
+    # the blob as a list of header bytes and row slots (K/V, layer, rows, transposed,
+    # width, cell count), as build() writes it
+    parts: list[Any] = [struct.pack("<Ii", MAGIC, seq_id)]
+    li = 0
+    for i, s in enumerate(sections):
+        nl = int(s["n_layer"])
+        rows = None if s["rows"] is None else _expand(s["rows"], n, f"section {i}")
+        cnt = n if rows is None else int(rows.size)
+        stream = int(s["stream"])
+        if not 0 <= stream < n_stream:
+            raise StateFormatError(f"section {i}: stream {stream} outside 0..{n_stream - 1}")
+        if cnt and (nl == 0 or s["v_trans"] not in (0, 1)):
+            raise StateFormatError(f"section {i}: {cnt} cells but n_layer={nl}, v_trans={s['v_trans']!r}")
+        first = li
+        li += nl
+        if cnt == 0:
+            parts.append(struct.pack(f"<{1 + n_stream}I", n_stream, *([0] * n_stream)))
+            continue
+        cells = np.empty(cnt, _CELL)
+        cells["pos"] = pos_all if rows is None else pos_all[rows]
+        cells["n_seq_id"] = 1
+        cells["seq_id"] = seq_id
+        v_trans = int(s["v_trans"])
+        parts += [struct.pack(f"<{2 + stream}I", n_stream, *([0] * stream), cnt), cells.tobytes(),
+                  struct.pack("<II", v_trans, nl)]
+        for il in range(first, li):
+            w = int(template.k[il].shape[1])
+            parts += [_TYPE_ROW.pack(GGML_TYPE_F16, 2 * w), ("k", il, rows, False, w, cnt)]
+        for il in range(first, li):
+            w = int(template.v[il].shape[1])
+            parts += [_TYPE_EL_N.pack(GGML_TYPE_F16, 2, w) if v_trans else _TYPE_ROW.pack(GGML_TYPE_F16, 2 * w),
+                      ("v", il, rows, bool(v_trans), w, cnt)]
+        parts.append(struct.pack(f"<{n_stream - 1 - stream}I", *([0] * (n_stream - 1 - stream))))
+
+    total = sum(len(p) if type(p) is bytes else 2 * p[4] * p[5] for p in parts)
+    buf = np.empty(total, np.uint8)
+    mv = memoryview(buf)
+    k: list[np.ndarray | None] = [None] * len(template.k)
+    v: list[np.ndarray | None] = [None] * len(template.v)
+    deferred: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, bool]] = []
+    off = 0
+    for p in parts:
+        if type(p) is bytes:
+            mv[off:off + len(p)] = p
+            off += len(p)
+            continue
+        kind, il, rows, transposed, w, cnt = p
+        region = buf[off:off + 2 * cnt * w].view("<f2")
+        off += 2 * cnt * w
+        if rows is None and not transposed:
+            arr = region.reshape(n, w)
+        else:
+            arr = np.empty((n, w), np.float16)
+            deferred.append((region.reshape(w, cnt) if transposed else region.reshape(cnt, w), arr, rows, transposed))
+        (k if kind == "k" else v)[il] = arr
+    assert off == total
+    direct = not deferred
+    for layers, tmpl in ((k, template.k), (v, template.v)):
+        for il, a in enumerate(layers):
+            if a is None:         # a section that holds none of the cells: the blob has no rows for it
+                layers[il] = np.empty(tmpl[il].shape, np.float16)
+                direct = direct and n == 0
+    arrays = KVArrays(np.ascontiguousarray(pos_all, dtype=np.int32), k, v, template.head_dim_k,
+                      template.head_dim_v, copy.deepcopy(template.extra))
+    return BlobWriter(buf, arrays, deferred, direct)
 
 
 def select(arrays: KVArrays, min_pos: int) -> KVArrays:

@@ -11,8 +11,9 @@ as it must touch the context::
 
 Restore (a request resumes the entry), scheduler thread::
 
-    warm.get or cold.get -> codec.decode -> build blob -> seq_state_set(seq)
-      -> seq_cp(snapshot seq, seq, 0, n_prefix)      (the family prefix is shared, not stored)
+    warm.get or cold.get -> codec.decode_into the blob's K/V rows (state_format.allocate)
+      -> seq_state_set(seq) -> seq_cp(snapshot seq, seq, 0, n_prefix)
+                                                     (the family prefix is shared, not stored)
 
 A session's stored state is a reference to its family snapshot plus its delta;
 the snapshot is stored once per family in every tier. A state whose layout the
@@ -35,7 +36,7 @@ from omegaconf import DictConfig
 
 from kv3d_core.config import plugin_settings
 from kv3d_core.contracts.backend import ModelInfo
-from kv3d_core.contracts.codec import DeltaCodec
+from kv3d_core.contracts.codec import DeltaCodec, KVArrays
 from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
 from kv3d_core.engine.session import SessionState
 from kv3d_core.errors import (CacheFault, CodecError, PluginError, StateFormatError, StateRestoreError,
@@ -319,7 +320,7 @@ class TierStack:
         self.metrics.restore_seconds.labels(level).observe(dt)
         return snap
 
-    def _decode(self, e: "CacheEntry", got: TierEntry) -> tuple[bytes, "CacheEntry | None"]:
+    def _decode(self, e: "CacheEntry", got: TierEntry) -> tuple[bytes | memoryview, "CacheEntry | None"]:
         """The blob to load for ``e`` and the snapshot whose prefix it needs."""
         cache = self.cache
         meta = got.meta
@@ -336,18 +337,34 @@ class TierStack:
                                f"the active codec is {self.codec.codec_id} v{self.codec.version}")
             if framing.peek_codec(got.payload) != (meta.codec_id, meta.codec_version):
                 raise CodecError(f"{e.key[:8]}: payload header and index disagree on the codec")
-            arrays = self.codec.decode(got.payload)
-            if arrays.n_cells != len(e.tokens) - meta.n_prefix:
-                raise CodecError(f"{e.key[:8]} decodes to {arrays.n_cells} cells, expected "
-                                 f"{len(e.tokens) - meta.n_prefix}")
+            writer = self._decode_to_blob(e, got)
             if meta.n_prefix:
                 snap = e.snapshot
                 if snap is None or len(snap.tokens) != meta.n_prefix:
                     raise TierMiss(f"{e.key[:8]}: its family snapshot is gone")
                 if not cache.ensure_hot_snapshot(snap, exclude=[e]):
                     raise TierMiss(f"{e.key[:8]}: no room to restore its family snapshot")
-            blob = state_format.build(arrays)
+            blob = writer.finish()
         return blob, snap
+
+    def _decode_to_blob(self, e: "CacheEntry", got: TierEntry) -> state_format.BlobWriter:
+        """The codec decodes the delta straight into the K/V rows of the blob for
+        ``seq_state_set`` (:func:`state_format.allocate`): no separate build copy."""
+        expected = len(e.tokens) - got.meta.n_prefix
+        writers: list[state_format.BlobWriter] = []
+
+        def alloc(template: KVArrays) -> KVArrays:
+            if writers:
+                raise CodecError(f"{e.key[:8]}: codec {self.codec.codec_id} asked for its output arrays twice")
+            if template.n_cells != expected:
+                raise CodecError(f"{e.key[:8]} decodes to {template.n_cells} cells, expected {expected}")
+            writers.append(state_format.allocate(template))
+            return writers[0].arrays
+
+        arrays = self.codec.decode_into(got.payload, alloc)
+        if not writers or arrays is not writers[0].arrays:
+            raise CodecError(f"{e.key[:8]}: codec {self.codec.codec_id} did not decode into the arrays it was given")
+        return writers[0]
 
     def discard(self, e: "CacheEntry") -> None:
         """Remove an entry's stored copies (it was resumed, or is gone)."""

@@ -26,15 +26,21 @@ Integrity: a CRC-32 covers the metadata, positions, frame sizes and scales; zstd
 frame checksums cover the codes. Anything that does not add up raises
 :class:`~kv3d_core.errors.CodecError`.
 
-Speed: decode works chunk by chunk (64 Ki values, cache-resident): zstd frame,
-int8 -> float32, one multiply by the scales, float16 bits by a shift
-(:func:`kv3d_core.kv.quant_kernels.f16_magnitude_bits`), sign from the codes. ``threads > 1`` runs
-chunks on a thread pool.
+Speed: decode works chunk by chunk (64 Ki values, cache-resident scratch): zstd
+frame, int8 -> float32 with negative codes moved up 32 binades (the sign then comes
+out of the shift, see :func:`_dequantize_fast`), one multiply by the scales, and one
+shift by 13 that narrows to float16 bits as it writes the output. :meth:`Int8Codec.decode_into`
+writes that output straight into the caller's arrays (on restore: the K/V rows of the
+llama.cpp state blob, no build copy). Chunks run on ``decode_threads`` threads
+(default: up to 2), taken as threads come free; the bits do not depend on it.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -46,6 +52,14 @@ from kv3d_core.kv.codec_none import check_layout, layout_meta
 from kv3d_core.kv import quant_kernels as K
 
 QMAX = 127
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):       # not on Linux
+        return os.cpu_count() or 1
 
 
 def _quantize(x16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +82,8 @@ def _quantize(x16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _dequantize(codes: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
     """``out`` (uint16 ``[g, group]``) = float16 bits of ``codes * scale / F16_SHIFT``
-    (``scale`` float32 already multiplied by :data:`~kv3d_core.kv.quant_kernels.F16_SHIFT`)."""
+    (``scale`` float32 already multiplied by :data:`~kv3d_core.kv.quant_kernels.F16_SHIFT`).
+    Any scales; :func:`_dequantize_fast` gives the same bits for the usual ones."""
     y = K.scratch("y", codes.size, np.float32).reshape(codes.shape)
     sign = K.scratch("sign16", codes.size, np.int16).reshape(codes.shape)
     np.copyto(y, codes)                                   # int8 -> float32 (exact)
@@ -78,26 +93,79 @@ def _dequantize(codes: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
     np.bitwise_or(out, sign.view(np.uint16), out=out)
 
 
+#: Values per decode work item (whole chunks; about 1 MiB of scratch, L2-sized).
+ITEM_VALUES = 1 << 17
+
+#: A negative code ``c`` becomes ``|c| * 2**32`` before the scale multiply (see
+#: :func:`_dequantize_fast`).
+NEG_TO_SIGN = np.float32(-(2.0 ** 32))
+
+#: float16 bits of the scales :func:`_dequantize_fast` takes besides 0: from 2**-14
+#: (smallest normal: every non-zero code then gives a normal float16) to 511.75
+#: (128 * 511.75 = 65504: every code gives a finite float16).
+FAST_SCALE_BITS = (0x0400, 0x5FFF)
+
+
+def _dequantize_fast(y: np.ndarray, scale: np.ndarray) -> None:
+    """``y`` (float32 ``[g, group]``, holding the codes as converted from int8) becomes
+    values whose float32 bits shifted right by 13 and cut to 16 bits are the float16
+    bits of ``codes * scale / F16_SHIFT``, bit for bit those of :func:`_dequantize`
+    (see :func:`_f16_bits_in_place`). Every pass works in place on one float32
+    scratch (the sign needs no int16 passes over the output), so a work item of
+    several chunks is dequantized with a few large numpy calls and the output is
+    written once. Every scale must be 0 or within :data:`FAST_SCALE_BITS` (as float16).
+
+    Why it is exact: a negative code enters as ``|c| * 2**32`` (the max of ``c`` and
+    ``-2**32 * c``). Its product with the scale is ``2**32`` times the product of
+    ``|c|`` (one rounding of the same real number, scaled by a power of two, as the
+    product is a normal float32): the same float32 bits with 32 added to the exponent
+    field. That field is at most 30 for a float16-range value (the
+    :data:`~kv3d_core.kv.quant_kernels.F16_SHIFT` offset), so adding 32 sets exactly
+    its bit 5 = float32 bit 28, which the shift by 13 moves to bit 15: the float16
+    sign. Codes of 0 give +0.
+    """
+    t = K.scratch("neg", y.size, np.float32).reshape(y.shape)
+    np.multiply(y, NEG_TO_SIGN, out=t)
+    np.maximum(y, t, out=y)                               # c >= 0: c;  c < 0: |c| * 2**32
+    np.multiply(y, scale[:, None], out=y)
+
+
+def _f16_bits_in_place(scratch: np.ndarray) -> None:
+    """Shift the float32 bits of :func:`_dequantize_fast`'s output right by 13, in place:
+    the low 16 bits of each uint32 are then the float16 bits (the narrowing copy into
+    the output takes them)."""
+    np.right_shift(scratch, np.uint32(13), out=scratch)
+
+
 class Int8Codec(DeltaCodec):
     """int8 codes, absmax scale per token per KV head (float16), zstd over codes and scales.
 
-    Settings: ``zstd_level`` (0 = no zstd; 1..19, default 3), ``threads`` (chunks
-    coded in parallel, default 1). Error bound: see the module docstring.
+    Settings: ``zstd_level`` (0 = no zstd; 1..19, default 3); ``threads`` (chunks
+    encoded in parallel, default 1: encoding runs in the background, beside the
+    model); ``decode_threads`` (chunks decoded in parallel; default ``None``: the
+    larger of ``threads`` and min(2, usable cores) -- a restore blocks the serving
+    thread, so a second core is free latency). Results are the same for any thread
+    count. Error bound: see the module docstring.
     """
 
     codec_id = "int8"
     version = 1
     lossless = False
 
-    def __init__(self, zstd_level: int = 3, threads: int = 1, **unknown: object) -> None:
+    def __init__(self, zstd_level: int = 3, threads: int = 1, decode_threads: int | None = None,
+                 **unknown: object) -> None:
         if unknown:
-            raise TypeError(f"unknown settings {sorted(unknown)}; int8 takes zstd_level, threads")
+            raise TypeError(f"unknown settings {sorted(unknown)}; int8 takes zstd_level, threads, decode_threads")
         if isinstance(zstd_level, bool) or not isinstance(zstd_level, int) or not 0 <= zstd_level <= 19:
             raise TypeError(f"zstd_level={zstd_level!r}: use an integer 0..19 (0 = no zstd)")
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 64:
             raise TypeError(f"threads={threads!r}: use an integer 1..64")
+        if decode_threads is not None and (isinstance(decode_threads, bool) or not isinstance(decode_threads, int)
+                                           or not 1 <= decode_threads <= 64):
+            raise TypeError(f"decode_threads={decode_threads!r}: use an integer 1..64, or null (automatic)")
         self.zstd_level = zstd_level
         self.threads = threads
+        self.decode_threads = decode_threads if decode_threads is not None else max(threads, min(2, _cores()))
 
     @staticmethod
     def group_of(head_dim_k: int, head_dim_v: int) -> int:
@@ -139,7 +207,8 @@ class Int8Codec(DeltaCodec):
         return framing.pack(self.codec_id, self.version, meta, b"".join((head, *frames)))
 
     # -- decode -------------------------------------------------------------------------
-    def decode(self, data: bytes) -> KVArrays:
+    def _read(self, data: bytes) -> "_Payload":
+        """The checked header of a payload (everything but the code frames' contents)."""
         meta, payload = framing.unpack(data, self.codec_id, self.version)
         n, kw, vw = check_layout(meta)
         hk = K.meta_int(meta, "head_dim_k", 1, 1 << 16)
@@ -168,27 +237,123 @@ class Int8Codec(DeltaCodec):
         if n_chunks and int(ends[-1]) != len(payload) or not n_chunks and head_len != len(payload):
             raise CodecError(f"code frames add up to {int(ends[-1]) if n_chunks else head_len} bytes, "
                              f"payload has {len(payload)}")
-        starts = ends - sizes
         raw_scales = head[4 * n + 4 * n_chunks:]
         if zstd_on:
             raw_scales = K.decompress(raw_scales, 2 * n_groups, "scales")
         elif len(raw_scales) != 2 * n_groups:
             raise CodecError(f"scales hold {len(raw_scales)} bytes, layout needs {2 * n_groups}")
-        scale = K.unshuffle16(raw_scales, n_groups).view(np.float16).astype(np.float32)
-        np.multiply(scale, K.F16_SHIFT, out=scale)
-        out = np.empty(n_groups * g, np.uint16)
-        out2 = out.reshape(n_groups, g)
+        scale_bits = K.unshuffle16(raw_scales, n_groups)
+        return _Payload(payload, n, kw, vw, hk, hv, g, cg, n_values, n_groups, n_chunks, positions,
+                        (ends - sizes).tolist(), ends.tolist(), scale_bits, K.f16_scaled_to_f32(scale_bits),
+                        zstd_on, dict(meta["extra"]))
 
-        def work(i: int) -> None:
-            a, b = i * cg, min(n_groups, (i + 1) * cg)
-            frame = payload[int(starts[i]):int(ends[i])]
+    def _fill(self, p: "_Payload", targets: list[np.ndarray]) -> None:
+        """Decode every group into ``targets`` (uint16 ``[groups, group]`` arrays that,
+        one after the other, are the flat buffer of :func:`~kv3d_core.kv.quant_kernels.flatten`).
+
+        Work items of about :data:`ITEM_VALUES` values (whole chunks): each chunk's zstd
+        frame is converted to float32 as it comes out, then the item is dequantized
+        in place and written to the targets with one narrowing copy. Items, not
+        chunks, are what the threads take: fewer, larger numpy calls hand the GIL
+        back and forth less often.
+        """
+        spans = K.group_spans(targets)
+        if int(spans[-1]) != p.n_groups:
+            raise CodecError(f"decode targets hold {int(spans[-1])} groups, the payload {p.n_groups}")
+        g, cg, payload, scale = p.group, p.chunk_groups, p.payload, p.scale
+        lo, hi = FAST_SCALE_BITS
+        bits = p.scale_bits
+        odd = (bits != 0) & ((bits < lo) | (bits > hi))
+        per = max(1, ITEM_VALUES // (cg * g))                 # chunks per work item
+        slow = set((np.flatnonzero(odd) // (cg * per)).tolist()) if odd.any() else set()
+
+        def codes_of(i: int) -> np.ndarray:
+            a, b = i * cg, min(p.n_groups, (i + 1) * cg)
+            frame = payload[p.starts[i]:p.ends[i]]
             need = (b - a) * g
-            raw = K.decompress(frame, need, f"code frame {i}") if zstd_on else frame
+            raw = K.decompress(frame, need, f"code frame {i}") if p.zstd else frame
             if len(raw) != need:
                 raise CodecError(f"code frame {i} holds {len(raw)} bytes, layout needs {need}")
-            codes = np.frombuffer(raw, np.int8).reshape(b - a, g)
-            _dequantize(codes, scale[a:b], out2[a:b])
+            return np.frombuffer(raw, np.int8).reshape(b - a, g)
 
-        K.run_chunks(work, n_chunks, self.threads)
-        k, v = K.unflatten(out.view(np.float16)[:n_values], n, kw, vw)
-        return KVArrays(positions, k, v, hk, hv, dict(meta["extra"]))
+        def write(dec: np.ndarray, a: int, b: int) -> None:
+            at = 0
+            for j, first, count in K.segments(spans, a, b):   # the output is written once
+                np.copyto(targets[j][first:first + count], dec[at:at + count], casting="unsafe")
+                at += count
+
+        def work(item: int) -> None:
+            chunks = range(item * per, min(p.n_chunks, (item + 1) * per))
+            a, b = chunks[0] * cg, min(p.n_groups, (chunks[-1] + 1) * cg)
+            if item in slow:                                  # unusual scales: the general kernel
+                for i in chunks:
+                    ca, cb = i * cg, min(p.n_groups, (i + 1) * cg)
+                    dec16 = K.scratch("bits16", (cb - ca) * g, np.uint16).reshape(cb - ca, g)
+                    _dequantize(codes_of(i), scale[ca:cb], dec16)
+                    write(dec16, ca, cb)
+                return
+            dec = K.scratch("bits32", (b - a) * g, np.uint32).reshape(b - a, g)
+            y = dec.view(np.float32)
+            for i in chunks:
+                ca, cb = i * cg, min(p.n_groups, (i + 1) * cg)
+                np.copyto(y[ca - a:cb - a], codes_of(i))      # int8 -> float32 (exact)
+            _dequantize_fast(y, scale[a:b])
+            _f16_bits_in_place(dec)
+            write(dec, a, b)
+
+        K.run_chunks(work, -(-p.n_chunks // per), self.decode_threads)
+
+    def decode(self, data: bytes) -> KVArrays:
+        p = self._read(data)
+        out = np.empty(p.n_groups * p.group, np.uint16)
+        self._fill(p, [out.reshape(p.n_groups, p.group)])
+        k, v = K.unflatten(out.view(np.float16)[:p.n_values], p.n, p.k_width, p.v_width)
+        return KVArrays(p.positions, k, v, p.head_dim_k, p.head_dim_v, p.extra)
+
+    def decode_into(self, data: bytes, alloc: Callable[[KVArrays], KVArrays]) -> KVArrays:
+        """:meth:`decode` writing the values straight into ``alloc``'s arrays (no copy
+        when they are C-contiguous float16 arrays, e.g. views into a state blob)."""
+        p = self._read(data)
+        zero = np.float16(0)
+        template = KVArrays(p.positions, [np.broadcast_to(zero, (p.n, w)) for w in p.k_width],
+                            [np.broadcast_to(zero, (p.n, w)) for w in p.v_width], p.head_dim_k, p.head_dim_v,
+                            p.extra)
+        out = alloc(template)
+        if len(out.k) != len(p.k_width) or len(out.v) != len(p.v_width) or any(
+                a.shape != (p.n, w) for a, w in zip([*out.k, *out.v], [*p.k_width, *p.v_width])):
+            raise CodecError("decode_into: alloc returned arrays of another layout than the payload's")
+        targets = K.group_targets(out, p.group)
+        if targets is not None:
+            self._fill(p, targets)
+            return out
+        flat = np.empty(p.n_groups * p.group, np.uint16)
+        self._fill(p, [flat.reshape(p.n_groups, p.group)])
+        k, v = K.unflatten(flat.view(np.float16)[:p.n_values], p.n, p.k_width, p.v_width)
+        for dst, src in zip([*out.k, *out.v], [*k, *v]):
+            np.copyto(dst, src)
+        return out
+
+
+@dataclass
+class _Payload:
+    """A payload's checked header: layout, frame offsets, scales (float16 bits, and as
+    float32 times F16_SHIFT)."""
+
+    payload: memoryview
+    n: int
+    k_width: list[int]
+    v_width: list[int]
+    head_dim_k: int
+    head_dim_v: int
+    group: int
+    chunk_groups: int
+    n_values: int
+    n_groups: int
+    n_chunks: int
+    positions: np.ndarray
+    starts: list[int]
+    ends: list[int]
+    scale_bits: np.ndarray
+    scale: np.ndarray
+    zstd: bool
+    extra: dict
