@@ -42,7 +42,7 @@ class ModelSchema:
 
 @dataclass
 class CacheSchema:
-    gpu_hot_mb: float = 512
+    gpu_hot_mb: float = 256
     ram_warm_mb: float = 1024
     ssd_cold_path: str = "~/.cache/kv3d/cold"
     ssd_cold_mb: float = 4096

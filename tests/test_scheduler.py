@@ -66,6 +66,12 @@ def _stats(url: str) -> dict:
     return httpx.get(url + "/debug/stats", timeout=10).json()
 
 
+def _all_sessions(stats: dict) -> int:
+    """Sessions kept in any tier: admitting a long request may spill an idle hot session to
+    warm (or drop it when no tier holds it), so only the total says whether one was added."""
+    return stats["hot"]["sessions"] + sum(stats.get(t, {}).get("sessions", 0) for t in ("warm", "cold"))
+
+
 def test_disconnect_mid_stream_frees_the_sequence(server):
     base = _stats(server.url)
     # a greedy counting continuation runs for thousands of tokens: it cannot end on its own here
@@ -91,7 +97,7 @@ def test_disconnect_mid_stream_frees_the_sequence(server):
     s = _stats(server.url)
     assert s["scheduler"]["running"] == 0, "the cancelled sequence is gone within a second"
     assert s["hot"]["cells_used"] <= base["hot"]["cells_used"], "its KV cells were freed"
-    assert s["hot"]["sessions"] == base["hot"]["sessions"], "a cancelled request leaves no session behind"
+    assert _all_sessions(s) <= _all_sessions(base), "a cancelled request leaves no session behind"
 
 
 def test_disconnect_of_a_non_streaming_request_cancels_it(server):
