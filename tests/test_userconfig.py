@@ -57,7 +57,7 @@ def test_ensure_creates_0600_with_defaults_and_never_overwrites(cfg_file):
     assert json.loads(cfg_file.read_text()) == uc.default_user_config()
     assert uc.user_overrides() == [  # every default, as overrides that change nothing
         "server.host='127.0.0.1'", "server.port=8080", "server.threads=null", "server.api_key=null",
-        "cache.gpu_hot_mb=512", "cache.ram_warm_mb=1024", "cache.ssd_cold_path='~/.cache/kv3d/cold'",
+        "cache.gpu_hot_mb=256", "cache.ram_warm_mb=1024", "cache.ssd_cold_path='~/.cache/kv3d/cold'",
         "cache.ssd_cold_mb=4096", "model.path=null", "model.id=null"]
     assert compose([]) == compose([], user_config=False)
 
@@ -82,7 +82,7 @@ def test_file_values_become_overrides_and_the_command_line_wins(cfg_file):
     assert cfg.server.port == 9000 and cfg.server.api_key == "sk-123"
     assert cfg.model.path == path  # literal: spaces, quote, backslash, no interpolation
     assert cfg.cache.ram_warm_mb == 12.5
-    assert cfg.cache.gpu_hot_mb == 512  # not in the file: the yaml default
+    assert cfg.cache.gpu_hot_mb == 256  # not in the file: the yaml default
     cfg = compose(["server.port=9001", "model.path=/other.gguf"])
     assert cfg.server.port == 9001 and cfg.model.path == "/other.gguf"
     assert cfg.server.api_key == "sk-123"
