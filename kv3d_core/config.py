@@ -56,6 +56,9 @@ class SchedulerSchema:
     max_waiting: int = 256
     queue_timeout_s: float = 60
     prefill_chunk: int = 256
+    step_tokens: Optional[int] = None
+    prefill_order: str = "shortest"
+    prefill_aging_s: float = 30
 
 
 @dataclass
@@ -145,6 +148,12 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append(f"scheduler.n_seq_max={s.scheduler.n_seq_max} must be within 1..256 (llama.cpp's limit)")
     if s.scheduler.max_running < 1 or s.scheduler.max_waiting < 0 or s.scheduler.prefill_chunk < 1:
         problems.append("scheduler.max_running and prefill_chunk must be >= 1, max_waiting >= 0")
+    if s.scheduler.step_tokens is not None and s.scheduler.step_tokens < 1:
+        problems.append("scheduler.step_tokens must be >= 1 (or null: the backend's batch size)")
+    if s.scheduler.prefill_order not in ("shortest", "fifo"):
+        problems.append(f"scheduler.prefill_order must be 'shortest' or 'fifo', not {s.scheduler.prefill_order!r}")
+    if s.scheduler.prefill_aging_s < 0:
+        problems.append("scheduler.prefill_aging_s must be >= 0")
     if problems:
         raise ConfigError("; ".join(problems))
     for name in ("backend", *PLUGIN_GROUPS):

@@ -142,3 +142,48 @@ def test_queue_overflow_and_timeout_give_503_with_retry_after(tmp_path):
         assert m['kv3d_rejected_total{reason="queue_timeout"}'] >= 1
         ok = httpx.post(srv.url + "/v1/chat/completions", json=short, timeout=120)
         assert ok.status_code == 200, "the server serves normally afterwards"
+
+
+def _first_done(url: str, long_prompt: str) -> float:
+    """Send a long uncached prompt, then a short one while the long one is prefilling;
+    return how long before the long one's (one-token) reply the short one's came back, as a
+    share of the long request's time."""
+    done: dict[str, float] = {}
+
+    def post(name: str, prompt: str) -> None:
+        r = httpx.post(url + "/v1/completions", timeout=300,
+                       json={"model": MODEL_ID, "prompt": prompt, "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+        done[name] = time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        t0 = time.monotonic()
+        long = pool.submit(post, "long", long_prompt)
+        deadline = time.monotonic() + 30
+        while _stats(url)["scheduler"]["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        short = pool.submit(post, "short", "Name a fruit.")
+        long.result(), short.result()
+    return (done["long"] - done["short"]) / (done["long"] - t0)
+
+
+def _long_prompt(tag: str) -> str:
+    import random
+    rng = random.Random(tag)
+    words = ["river", "stone", "copper", "lantern", "meadow", "orbit", "velvet", "harbor", "signal", "thistle"]
+    return tag + ": " + " ".join(rng.choice(words) for _ in range(1500))   # ~1.6k tokens, nothing cached
+
+
+def test_a_short_prefill_goes_ahead_of_a_long_uncached_one(server, tmp_path):
+    # shortest remaining prefill first: the short prompt arriving while a long one is being
+    # prefilled gets its token steps before it; with fifo order it waits behind the whole long
+    # prompt (at best it rides in the long one's last step: both replies leave together)
+    ahead = _first_done(server.url, _long_prompt(f"shortest {time.time_ns()}"))
+    # (chunks as large as a step, so the long prompt alone fills every step's token budget)
+    with running_server(tmp_path, ["scheduler.prefill_order=fifo", "scheduler.prefill_chunk=512",
+                                   "scheduler.step_tokens=512"]) as fifo:
+        ahead_fifo = _first_done(fifo.url, _long_prompt(f"fifo {time.time_ns()}"))
+    print(f"\n[scheduler] short reply ahead of the long one (share of the long request's time): "
+          f"shortest-first {ahead:.2f}, fifo {ahead_fifo:.2f}")
+    assert ahead > 0.3, "the short prompt did not go ahead of the long prefill"
+    assert ahead_fifo < 0.1, "fifo served the short prompt before the long one's prefill ended"

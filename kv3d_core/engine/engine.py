@@ -79,6 +79,9 @@ class Engine:
                 max_waiting=cfg.scheduler.max_waiting,
                 queue_timeout_s=cfg.scheduler.queue_timeout_s,
                 prefill_chunk=cfg.scheduler.prefill_chunk,
+                step_tokens=cfg.scheduler.step_tokens,
+                prefill_order=cfg.scheduler.prefill_order,
+                prefill_aging_s=cfg.scheduler.prefill_aging_s,
             ))
         except BaseException:
             self.backend.close()

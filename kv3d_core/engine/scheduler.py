@@ -8,9 +8,13 @@ llama.cpp). Each step it:
 2. admits queued requests while sequences are free (``max_running``), asking
    the prefix cache for a sequence that already holds as much of the prompt as
    can be reused;
-3. builds one batch: the next token of every decoding sequence, then chunks of
-   pending prefills (at most ``prefill_chunk`` tokens each) up to the backend's
-   batch size, so decoding sequences are never starved by a long prompt;
+3. builds one batch of at most ``step_tokens``: the next token of every decoding
+   sequence, then chunks of pending prefills (at most ``prefill_chunk`` tokens
+   each), so decoding sequences are never starved by a long prompt. Prefills go
+   shortest remaining first (``prefill_order``): a prompt whose prefix was cached
+   gets its first token without waiting behind long uncached prompts; a prefill
+   older than ``prefill_aging_s`` goes ahead of younger ones (oldest first), so a
+   long prompt is never starved by a stream of short ones;
 4. makes room for the batch's cells (evicting idle sessions, then preempting
    the newest request, which is resumed later from its own cached state);
 5. decodes, samples each sequence with its own sampler chain, streams text.
@@ -57,6 +61,9 @@ class SchedulerConfig:
     queue_timeout_s: float = 60.0
     prefill_chunk: int = 256
     retry_after_s: int = 2
+    step_tokens: int | None = None     # None: the backend's batch size
+    prefill_order: str = "shortest"    # or "fifo"
+    prefill_aging_s: float = 30.0
 
 
 @dataclass(eq=False)
@@ -309,12 +316,14 @@ class Scheduler:
     def _build_batch(self) -> list[tuple[Job, BatchEntry]]:
         plan: list[tuple[Job, BatchEntry]] = []
         budget = self.backend.max_batch_tokens
+        if self.cfg.step_tokens:
+            budget = min(budget, self.cfg.step_tokens)
         for job in self._running:                      # decoding sequences first: one token each
             if job.state is SessionState.DECODE and budget > 0:
                 plan.append((job, BatchEntry(job.seq, job.context[job.n_past:job.n_past + 1], job.n_past, True)))
                 budget -= 1
-        for job in self._running:                      # then prefill chunks, oldest first
-            if job.state is SessionState.PREFILL and budget > 0:
+        for job in self._prefill_order():              # then prefill chunks
+            if budget > 0:
                 k = min(len(job.context) - job.n_past, self.cfg.prefill_chunk, budget)
                 if job.family.length > job.n_past and job.snapshot is None:
                     k = min(k, job.family.length - job.n_past) or k  # end a chunk at the family boundary
@@ -322,6 +331,18 @@ class Scheduler:
                 plan.append((job, BatchEntry(job.seq, job.context[job.n_past:end], job.n_past, end == len(job.context))))
                 budget -= k
         return plan
+
+    def _prefill_order(self) -> list[Job]:
+        jobs = [j for j in self._running if j.state is SessionState.PREFILL]
+        if self.cfg.prefill_order == "fifo" or len(jobs) < 2:
+            return jobs
+        now = time.monotonic()
+
+        def key(j: Job) -> tuple:
+            if now - j.t_submit >= self.cfg.prefill_aging_s:
+                return (0, 0, j.t_submit)              # aged: oldest first, ahead of the rest
+            return (1, len(j.context) - j.n_past, j.t_submit)
+        return sorted(jobs, key=key)
 
     def _preempt_newest(self) -> bool:
         if len(self._running) <= 1:
