@@ -63,6 +63,15 @@ class StateRestoreError(CacheFault):
     reason = "set_data"
 
 
+class NoFreeCells(StateRestoreError):
+    """The backend had too few free cells for a sequence state. A capacity shortfall,
+    not a broken component: the caller may free cells and retry; it is counted as a
+    fallback but never switches restoring off."""
+
+    reason = "no_free_cells"
+    component = "capacity"
+
+
 class CodecError(CacheFault):
     """A codec could not encode or decode a payload (wrong id, version, length, ...)."""
 

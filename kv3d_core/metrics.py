@@ -45,6 +45,7 @@ class Metrics:
         self.kv_bytes = Gauge("kv3d_kv_bytes", "KV bytes held per tier", ["tier"], registry=r)
         self.sessions = Gauge("kv3d_sessions", "Resumable sessions per tier", ["tier"], registry=r)
         self.restores = Counter("kv3d_restores", "Sessions or snapshots restored from a tier", ["tier"], registry=r)
+        self.restore_retries = Counter("kv3d_restore_retries", "Restores the backend refused for lack of free cells, retried after evicting idle entries", registry=r)
         self.restore_seconds = Histogram("kv3d_restore_seconds", "Time to restore KV from a tier into a sequence", ["tier"], buckets=RESTORE_BUCKETS, registry=r)
         self.spills = Counter("kv3d_spills", "Entries written to a tier", ["tier"], registry=r)
         self.evictions = Counter("kv3d_evictions", "Entries evicted from a tier", ["tier"], registry=r)

@@ -84,6 +84,22 @@ def test_cell_ledger_shares_prefix_cells():
     assert led.used == 0 and led.free == 1000
 
 
+def test_cell_ledger_counts_cells_freed_by_several_sequences_together():
+    led = CellLedger(1000)
+    led.extend(0, 100)                 # a family snapshot
+    led.share_prefix(0, 1, 100)        # two sessions on it
+    led.extend(1, 10)
+    led.share_prefix(0, 2, 100)
+    led.extend(2, 20)
+    assert led.used == 130
+    assert led.own_cells(0) == 0 and led.own_cells(1) == 10
+    assert led.freed_by([1, 2]) == 30              # the snapshot keeps the shared cells
+    assert led.freed_by([0, 1]) == 10              # seq 2 still holds them
+    assert led.freed_by([0, 1, 2]) == 130 == led.used
+    led.drop(0), led.drop(1), led.drop(2)
+    assert led.used == 0
+
+
 def test_cell_ledger_truncate_then_extend_makes_new_cells():
     led = CellLedger(100)
     led.extend(0, 20)

@@ -18,7 +18,7 @@ from kv3d_core import hookimpl
 from kv3d_core.config import compose
 from kv3d_core.contracts import KVArrays, SamplingParams
 from kv3d_core.engine.engine import Engine
-from kv3d_core.errors import StateRestoreError
+from kv3d_core.errors import NoFreeCells, StateRestoreError
 from kv3d_core.kv.codec_none import NoneCodec
 from kv3d_core.plugins import make_plugin_manager
 
@@ -175,3 +175,42 @@ def test_safe_mode_serves_without_any_reuse(tmp_path):
             assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         assert httpx.get(srv.url + "/health").json() == {"status": "ok", "service": "kv3d-engine", "mode": "safe"}
         assert srv.metrics()["kv3d_safe_mode"] == 1
+
+
+def test_a_refused_restore_is_retried_after_making_room(reference, monkeypatch):
+    # when llama.cpp finds too few free cells for a state (the ledger thought there were
+    # enough), the prefix cache makes room and retries: not a fault
+    with engine(["safety.max_failures=2", "safety.quality_sample_every=0"]) as eng:
+        real = eng.backend.seq_state_set
+        calls = [0]
+
+        def refuse_once(seq, blob):       # every first attempt refused, every retry accepted
+            calls[0] += 1
+            if calls[0] % 2:
+                raise NoFreeCells("injected: too few free KV cells")
+            return real(seq, blob)
+
+        monkeypatch.setattr(eng.backend, "seq_state_set", refuse_once)
+        results = conversations(eng, range(0, 6))
+        for i, r1, r2, usage in results:
+            assert same_first_word(r2, reference(second(i, r1)))
+        retries = eng.metrics.restore_retries._value.get()
+        assert retries >= 2 and eng.metrics.restores.labels("warm")._value.get() >= retries
+        assert sum(u["cached_tokens"] > 0 for *_, u in results) == len(results), "every second turn resumed"
+        assert eng.metrics.fallbacks.labels("no_free_cells")._value.get() == 0
+        assert not eng.monitor.disabled and eng.health()["status"] == "ok"
+
+
+def test_no_free_cells_never_switches_restoring_off(reference, monkeypatch):
+    # a capacity shortfall that making room does not cure is served by recompute each
+    # time, but it is not a broken component: restoring stays on
+    with engine(["safety.max_failures=2", "safety.quality_sample_every=0"]) as eng:
+        def no_room(seq, blob):
+            raise NoFreeCells("injected: too few free KV cells")
+
+        monkeypatch.setattr(eng.backend, "seq_state_set", no_room)
+        results = conversations(eng, range(0, 6))
+        for i, r1, r2, usage in results:
+            assert same_first_word(r2, reference(second(i, r1)))
+        assert eng.metrics.fallbacks.labels("no_free_cells")._value.get() >= 2
+        assert not eng.monitor.disabled and eng.cache.tiers is not None

@@ -15,7 +15,7 @@ import pytest
 from kv3d_core.contracts.backend import BatchEntry
 from kv3d_core.contracts.codec import KVArrays
 from kv3d_core.engine.prompt import ChatPrompter
-from kv3d_core.errors import StateFormatError
+from kv3d_core.errors import NoFreeCells, StateFormatError, StateRestoreError
 from kv3d_core.kv import state_format as sf
 from kv3d_core.plugins import make_plugin_manager
 
@@ -273,6 +273,31 @@ def test_allocated_blob_restores_like_the_built_one(smol, chat):
     restored = smol.logits(smol.decode([BatchEntry(B, tokens[-1:], n, True)])[0]).copy()
     smol.reset_kv()
     assert float(np.abs(live - restored).max()) == 0.0
+
+
+def test_a_state_needs_free_cells_not_contiguous_ones(smol, chat):
+    """llama.cpp places a restored state in any free cells; with too few free the backend
+    says so as NoFreeCells (a capacity shortfall the prefix cache answers by making room),
+    which is not the same refusal as a damaged blob's."""
+    tokens = (list(chat.tokens) * 4)[:1000]
+    smol.reset_kv()
+    decode(smol, 3, tokens)
+    state = bytes(smol.seq_state_get(3))                 # 1,000 cells
+    smol.reset_kv()
+    decode(smol, 0, tokens[:700])                        # cells 0-699
+    decode(smol, 1, tokens[:700])                        # cells 700-1399
+    decode(smol, 2, tokens[:648])                        # cells 1400-2047: the cache is full
+    smol.seq_remove(2)                                   # 648 free
+    with pytest.raises(NoFreeCells, match="too few free KV cells"):
+        smol.seq_state_set(3, state)
+    assert smol.seq_pos_max(3) == -1                     # left empty
+    smol.seq_remove(0)                                   # 1,348 free, in two runs of 700 and 648
+    with pytest.raises(StateRestoreError) as refused:    # a damaged blob is another refusal
+        smol.seq_state_set(3, state[: len(state) // 2])
+    assert not isinstance(refused.value, NoFreeCells) and smol.seq_pos_max(3) == -1
+    smol.seq_state_set(3, state)
+    assert smol.seq_pos_max(3) == 999
+    smol.reset_kv()
 
 
 def test_allocate_refuses_what_build_refuses(smol, blob):

@@ -151,3 +151,49 @@ def test_conversation_survives_restart_on_the_cold_tier(tmp_path):
         m = srv.metrics()
     assert cached(second) >= first["usage"]["prompt_tokens"]
     assert m.get('kv3d_restores_total{tier="cold"}', 0) >= 1
+
+
+def test_a_spilled_family_snapshot_comes_back_with_room_made_for_it():
+    """Resuming a session whose family snapshot was spilled too restores both; with the
+    hot tier full of other families, room must be made for the snapshot's cells first
+    (llama.cpp refuses a state it has too few free cells for)."""
+    from kv3d_core.config import compose
+    from kv3d_core.contracts import SamplingParams
+    from kv3d_core.engine.engine import Engine
+
+    def run(eng: Engine, messages: list[dict]) -> tuple[str, dict]:
+        q: queue.Queue = queue.Queue()
+        eng.submit(eng.prepare_chat(messages), SamplingParams(temperature=0), 8, [], q.put)
+        text = ""
+        while True:
+            ev = q.get(timeout=300)
+            if ev[0] == "done":
+                return text, ev[2]
+            assert ev[0] == "token", ev
+            text += ev[1]
+
+    rules = " ".join(f"Rule {i}: the reading room closes at {i % 12 + 1} pm on day {i}." for i in range(12))
+    family_a = [{"role": "system", "content": SYSTEM + " " + rules}]          # ~270-token prefix
+    question = [{"role": "user", "content": "Can I renew a book twice?"}]
+
+    def other(i: int) -> list[dict]:                                          # ~140-token prefixes
+        notes = " ".join(f"Ferry {i}-{k} leaves pier {k} at {k + 6} am." for k in range(8))
+        return [{"role": "system", "content": f"Timetable desk {i}. {notes}"},
+                {"role": "user", "content": "First ferry?"}]
+
+    # 512 cells, sequences to spare: cells are what runs out
+    with Engine(compose(["server.threads=2", "scheduler.n_seq_max=16", "scheduler.max_running=1",
+                         "cache.gpu_hot_mb=12", "safety.quality_sample_every=0"])) as eng:
+        reply, _ = run(eng, family_a + question)          # family A: snapshot + session
+        for i in range(3):                                # other families push A's session and snapshot out
+            run(eng, other(i))
+        spilled = [s for s in eng.cache.snapshots.values() if not s.hot]
+        assert len(spilled) == 1, "family A's snapshot was spilled"
+        assert eng.cache.ledger.free < len(spilled[0].tokens), "too few free cells for it"
+        text, usage = run(eng, family_a + question + [{"role": "assistant", "content": reply},
+                                                      {"role": "user", "content": "And for how long?"}])
+        m = eng.metrics
+        assert usage["cached_tokens"] > len(spilled[0].tokens) and text
+        assert m.restores.labels("warm")._value.get() >= 2, "the snapshot and the session were restored"
+        assert m.restore_retries._value.get() == 0, "room was made before restoring, not after a refusal"
+        assert not eng.monitor.disabled

@@ -185,7 +185,12 @@ class ExecutionBackend(abc.ABC):
     @abc.abstractmethod
     def seq_state_set(self, seq: int, blob: bytes | bytearray | memoryview) -> None:
         """Load a blob from :meth:`seq_state_get` (any bytes-like object) into ``seq``
-        (emptied first)."""
+        (emptied first).
+
+        Raises :class:`~kv3d_core.errors.NoFreeCells` when the cache has too few free cells
+        for the state (the caller may free cells and retry), and
+        :class:`~kv3d_core.errors.StateRestoreError` when the blob is refused otherwise. In
+        both cases ``seq`` is left empty."""
 
     def reset_kv(self) -> None:
         """Drop every cell of every sequence (optional; used by tests and benchmarks)."""

@@ -16,6 +16,7 @@ Only the scheduler thread calls it.
 from __future__ import annotations
 
 import itertools
+import collections
 import logging
 import time
 import uuid
@@ -28,7 +29,7 @@ import numpy as np
 from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView
 from kv3d_core.engine.session import SessionState
 from kv3d_core.contracts.backend import BatchEntry
-from kv3d_core.errors import BackendError, CacheFault, QualityGuardTripped
+from kv3d_core.errors import BackendError, CacheFault, NoFreeCells, QualityGuardTripped
 from kv3d_core.prefix.radix import RadixIndex
 from kv3d_core.tiers.hot import CellLedger, SeqPool
 
@@ -211,8 +212,15 @@ class PrefixCache:
 
     # -- capacity --------------------------------------------------------------------
     def evictable_cells(self, exclude: Iterable[CacheEntry] = ()) -> int:
+        """Cells that evicting every evictable idle entry would free: idle sessions, and
+        snapshots no running request holds (their cells are shared with the idle sessions
+        of their family, so they are counted together, not entry by entry)."""
         ex = set(exclude)
-        return sum(self.ledger.own_cells(e.seq) for e in self._idle if e not in ex and e.seq is not None)
+        sessions = [e for e in self._idle if e.kind == "session" and e not in ex and e.seq is not None]
+        held = collections.Counter(e.snapshot for e in sessions if e.snapshot is not None)
+        snaps = {e for e in self._idle if e.kind == "snapshot"} | set(held)   # idle, or idle once those go
+        snaps = [e for e in snaps if e not in ex and e.seq is not None and e.refs - held[e] <= 0]
+        return self.ledger.freed_by(e.seq for e in sessions + snaps)
 
     def _evict_one(self, exclude: set[CacheEntry]) -> bool:
         victim = None
@@ -345,7 +353,7 @@ class PrefixCache:
             return None
         tier = entry.state.value
         try:
-            restored_snap = self.tiers.restore(entry, seq)
+            restored_snap = self._restore_with_room(entry, seq, protect)
             if entry.kind == "session" and self.tiers.should_check_quality():
                 self._quality_check(entry, seq, restored_snap, protect)
         except CacheFault:
@@ -366,6 +374,34 @@ class PrefixCache:
         else:
             snap = None
         return Lease(seq, n, tier, snap)
+
+    def _restore_with_room(self, entry: CacheEntry, seq: int, exclude: set[CacheEntry]) -> CacheEntry | None:
+        """Restore ``entry`` into ``seq``; when the backend finds too few free cells for the
+        state, make room and try once more.
+
+        The ledger makes room before every restore, so this is a safety net for when it and
+        llama.cpp disagree (cells llama.cpp still holds, other cache layouts): evict idle
+        entries (least recently used first) until as many cells again as the entry needs are
+        free, then retry. A second refusal reaches the caller (recompute); being a capacity
+        shortfall, it never switches restoring off."""
+        assert self.tiers is not None
+        try:
+            return self.tiers.restore(entry, seq)
+        except NoFreeCells:
+            need = len(entry.tokens)
+            target = min(self.ledger.n_cells, self.ledger.free + need)
+            ex = set(exclude) | {entry}
+            if entry.snapshot is not None:
+                ex.add(entry.snapshot)
+            evicted = 0
+            while self.ledger.free < target and self._evict_one(ex):
+                evicted += 1
+            if not evicted:
+                raise
+            log.info("restore of %s found too few free cells: evicted %d idle entries, retrying",
+                     entry.key[:8], evicted)
+            self.metrics.restore_retries.inc()
+            return self.tiers.restore(entry, seq)
 
     def _quality_check(self, entry: CacheEntry, seq: int, snap: CacheEntry | None,
                        protect: set[CacheEntry]) -> None:
@@ -430,11 +466,14 @@ class PrefixCache:
             return True
         if self.tiers is None:
             return False
-        seq = self.alloc_seq(set(exclude) | {snap})
+        keep = set(exclude) | {snap}
+        if not self.ensure_cells(len(snap.tokens), keep):
+            return False
+        seq = self.alloc_seq(keep)
         if seq is None:
             return False
         try:
-            self.tiers.restore(snap, seq)
+            self._restore_with_room(snap, seq, set(exclude))
         except CacheFault:
             self._free_seq(seq)
             self._drop_entry(snap)

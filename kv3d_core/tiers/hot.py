@@ -104,11 +104,22 @@ class CellLedger:
 
     def own_cells(self, seq: int) -> int:
         """Cells that dropping ``seq`` would free."""
+        return self.freed_by([seq])
+
+    def freed_by(self, seqs) -> int:
+        """Cells that dropping every sequence of ``seqs`` together would free (cells
+        they share only among themselves included)."""
+        drop = set(seqs)
+        seen: set[int] = set()
         freed = 0
-        for seg in self._segs.get(seq, []):
-            others = [e for s, e in seg.refs.items() if s != seq]
-            rest = max(others) if others else seg.p0
-            freed += max(0, seg.refs[seq] - max(rest, seg.p0))
+        for seq in drop:
+            for seg in self._segs.get(seq, []):
+                if id(seg) in seen:
+                    continue
+                seen.add(id(seg))
+                others = [e for s, e in seg.refs.items() if s not in drop]
+                rest = max(others) if others else seg.p0
+                freed += max(0, seg.end - max(rest, seg.p0))
         return freed
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 import llama_cpp as L
 from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, ModelInfo, Sampler, SamplingParams
-from kv3d_core.errors import (BackendError, ConfigError, KVCacheFullError, ModelLoadError, StateRestoreError,
+from kv3d_core.errors import (BackendError, ConfigError, KVCacheFullError, ModelLoadError, NoFreeCells, StateRestoreError,
                               TokenizerMissing)
 from kv3d_backend_llamacpp.model_files import resolve_model
 
@@ -37,10 +37,18 @@ _initialized = False
 _LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR, 5: logging.DEBUG}  # ggml_log_level
 
 
+# llama.cpp reports why it refused a call only in its log: a call that needs the reason
+# collects this thread's warning and error lines in _capture.lines while it runs.
+_capture = threading.local()
+
+
 @L.llama_log_callback
 def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     # llama.cpp is chatty at INFO; route everything through logging (DEBUG below warnings).
     lvl = _LOG_LEVELS.get(level, logging.DEBUG)
+    lines = getattr(_capture, "lines", None)
+    if lines is not None and lvl >= logging.WARNING:
+        lines.append(text.decode("utf-8", "replace").rstrip())
     if lvl >= logging.WARNING and log.isEnabledFor(lvl):
         msg = text.decode("utf-8", "replace").rstrip()
         if msg:
@@ -400,10 +408,17 @@ class LlamaCppBackend(ExecutionBackend):
         # the contract promises an emptied sequence either way.
         L.llama_memory_seq_rm(self._mem, seq, -1, -1)
         arr = np.frombuffer(blob, dtype=np.uint8)
-        n = L.llama_state_seq_set_data(self._ctx, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), arr.size, seq)
+        _capture.lines = []
+        try:
+            n = L.llama_state_seq_set_data(self._ctx, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), arr.size, seq)
+        finally:
+            said, _capture.lines = _capture.lines, None
         if n == 0:
             L.llama_memory_seq_rm(self._mem, seq, -1, -1)
-            raise StateRestoreError(f"llama_state_seq_set_data refused a {arr.size}-byte blob")
+            why = "; ".join(line for line in said if line)
+            if any("available cells" in line for line in said):    # state_read_meta's find_slot failed
+                raise NoFreeCells(f"too few free KV cells for a {arr.size}-byte state ({why})")
+            raise StateRestoreError(f"llama_state_seq_set_data refused a {arr.size}-byte blob" + (f" ({why})" if why else ""))
 
     def reset_kv(self) -> None:
         L.llama_memory_clear(self._mem, True)
