@@ -346,7 +346,10 @@ class PrefixCache:
         # warm or cold: restore into a fresh sequence; its own cells must fit first
         assert self.tiers is not None
         own = len(entry.tokens) - (entry.n_prefix if entry.snapshot is not None else 0)
-        if not self.ensure_cells(own + 1, protect):
+        need = own + 1
+        if entry.snapshot is not None and not entry.snapshot.hot:
+            need += len(entry.snapshot.tokens)   # its spilled family snapshot comes back first
+        if not self.ensure_cells(need, protect):
             return None
         seq = self.alloc_seq(protect)
         if seq is None:
