@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -29,6 +30,22 @@ TEST_OVERRIDES = [
     "scheduler.n_seq_max=32",
     "server.log_level=warning",
 ]
+
+
+def engine_chat(eng, messages: list[dict], max_tokens: int = 8) -> tuple[str, dict]:
+    """One greedy chat request straight to an in-process Engine: (text, usage)."""
+    from kv3d_core.contracts import SamplingParams
+    q: queue.Queue = queue.Queue()
+    eng.submit(eng.prepare_chat(messages), SamplingParams(temperature=0), max_tokens, [], q.put)
+    text = ""
+    while True:
+        ev = q.get(timeout=300)
+        if ev[0] == "token":
+            text += ev[1]
+        elif ev[0] == "done":
+            return text, ev[2]
+        else:
+            raise AssertionError(f"request failed: {ev}")
 
 
 def free_port() -> int:

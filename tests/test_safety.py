@@ -7,16 +7,14 @@ the other tests exercise."""
 
 from __future__ import annotations
 
-import queue
-
 import httpx
 import numpy as np
 import pytest
 
-from conftest import MODEL_ID, running_server
+from conftest import MODEL_ID, engine_chat as run, running_server
 from kv3d_core import hookimpl
 from kv3d_core.config import compose
-from kv3d_core.contracts import KVArrays, SamplingParams
+from kv3d_core.contracts import KVArrays
 from kv3d_core.engine.engine import Engine
 from kv3d_core.errors import NoFreeCells, StateRestoreError
 from kv3d_core.kv.codec_none import NoneCodec
@@ -60,20 +58,6 @@ class FaultyCodecs:
 
 def engine(overrides: list[str]) -> Engine:
     return Engine(compose(SMALL + overrides), make_plugin_manager(extra=[("faulty", FaultyCodecs())]))
-
-
-def run(eng: Engine, messages: list[dict]) -> tuple[str, dict]:
-    q: queue.Queue = queue.Queue()
-    eng.submit(eng.prepare_chat(messages), SamplingParams(temperature=0), 8, [], q.put)
-    text = ""
-    while True:
-        ev = q.get(timeout=300)
-        if ev[0] == "token":
-            text += ev[1]
-        elif ev[0] == "done":
-            return text, ev[2]
-        else:
-            raise AssertionError(f"request failed: {ev}")
 
 
 def first(i: int) -> list[dict]:

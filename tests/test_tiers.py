@@ -5,12 +5,11 @@ by recompute."""
 from __future__ import annotations
 
 import concurrent.futures
-import queue
 
 import httpx
 import pytest
 
-from conftest import MODEL_ID, running_server
+from conftest import MODEL_ID, engine_chat, running_server
 
 SYSTEM = ("You are the librarian of a small town library. You help visitors find books, explain the "
           "borrowing rules (three weeks, two renewals, no fines for children) and suggest authors. "
@@ -99,23 +98,12 @@ def test_corrupted_warm_entry_is_a_miss_with_correct_output():
     """Fault injection: flip a byte of a stored payload in the RAM tier; the resume
     must miss (checksum), recompute, and answer exactly as a cold run does."""
     from kv3d_core.config import compose
-    from kv3d_core.contracts import SamplingParams
     from kv3d_core.engine.engine import Engine
 
     cfg = compose(["server.threads=2", "cache.gpu_hot_mb=8", "scheduler.n_seq_max=4", "scheduler.max_running=1"])
 
     def run(eng, messages) -> tuple[str, dict]:
-        q: queue.Queue = queue.Queue()
-        eng.submit(eng.prepare_chat(messages), SamplingParams(temperature=0), 10, [], q.put)
-        text = ""
-        while True:
-            ev = q.get(timeout=180)
-            if ev[0] == "token":
-                text += ev[1]
-            elif ev[0] == "done":
-                return text, ev[2]
-            else:
-                raise AssertionError(ev)
+        return engine_chat(eng, messages, max_tokens=10)
 
     with Engine(cfg) as eng:
         reply0, _ = run(eng, first_turn(0))
@@ -158,20 +146,9 @@ def test_a_spilled_family_snapshot_comes_back_with_room_made_for_it():
     hot tier full of other families, room must be made for the snapshot's cells first
     (llama.cpp refuses a state it has too few free cells for)."""
     from kv3d_core.config import compose
-    from kv3d_core.contracts import SamplingParams
     from kv3d_core.engine.engine import Engine
 
-    def run(eng: Engine, messages: list[dict]) -> tuple[str, dict]:
-        q: queue.Queue = queue.Queue()
-        eng.submit(eng.prepare_chat(messages), SamplingParams(temperature=0), 8, [], q.put)
-        text = ""
-        while True:
-            ev = q.get(timeout=300)
-            if ev[0] == "done":
-                return text, ev[2]
-            assert ev[0] == "token", ev
-            text += ev[1]
-
+    run = engine_chat
     rules = " ".join(f"Rule {i}: the reading room closes at {i % 12 + 1} pm on day {i}." for i in range(12))
     family_a = [{"role": "system", "content": SYSTEM + " " + rules}]          # ~270-token prefix
     question = [{"role": "user", "content": "Can I renew a book twice?"}]

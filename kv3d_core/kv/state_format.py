@@ -353,15 +353,16 @@ def _check_arrays(arrays: KVArrays, sections: list[dict]) -> int:
     return n
 
 
-def build(arrays: KVArrays) -> bytes:
-    """The ``llama_state_seq_set_data`` blob holding ``arrays``' cells."""
+def _plan(arrays: KVArrays) -> tuple[int, int, np.ndarray, int, list[tuple]]:
+    """The checked layout that :func:`build` and :func:`allocate` write: seq id, stream
+    count, positions, cell count, and per section ``(first layer, n_layer, rows,
+    cells, stream, v_trans)`` (``rows`` None: every cell). Raises StateFormatError."""
     seq_id, n_stream, sections = _layout(arrays)
     n = _check_arrays(arrays, sections)
     pos_all = np.asarray(arrays.positions)
     if n and (int(pos_all.min()) < 0 or int(pos_all.max()) >= 2**31):
         raise StateFormatError("cell position outside 0..2**31-1")
-
-    parts: list[Any] = [struct.pack("<Ii", MAGIC, seq_id)]
+    plan = []
     li = 0
     for i, s in enumerate(sections):
         nl = int(s["n_layer"])
@@ -372,19 +373,31 @@ def build(arrays: KVArrays) -> bytes:
             raise StateFormatError(f"section {i}: stream {stream} outside 0..{n_stream - 1}")
         if cnt and (nl == 0 or s["v_trans"] not in (0, 1)):
             raise StateFormatError(f"section {i}: {cnt} cells but n_layer={nl}, v_trans={s['v_trans']!r}")
-        ks, vs = arrays.k[li:li + nl], arrays.v[li:li + nl]
+        plan.append((li, nl, rows, cnt, stream, int(s["v_trans"]) if cnt else 0))
         li += nl
+    return seq_id, n_stream, pos_all, n, plan
+
+
+def _cell_records(pos_all: np.ndarray, rows: np.ndarray | None, cnt: int, seq_id: int) -> np.ndarray:
+    cells = np.empty(cnt, _CELL)
+    cells["pos"] = pos_all if rows is None else pos_all[rows]
+    cells["n_seq_id"] = 1
+    cells["seq_id"] = seq_id
+    return cells
+
+
+def build(arrays: KVArrays) -> bytes:
+    """The ``llama_state_seq_set_data`` blob holding ``arrays``' cells."""
+    seq_id, n_stream, pos_all, n, plan = _plan(arrays)
+    parts: list[Any] = [struct.pack("<Ii", MAGIC, seq_id)]
+    for li, nl, rows, cnt, stream, v_trans in plan:
+        ks, vs = arrays.k[li:li + nl], arrays.v[li:li + nl]
         if cnt == 0:
             parts.append(struct.pack(f"<{1 + n_stream}I", n_stream, *([0] * n_stream)))
             continue
         parts.append(struct.pack(f"<{1 + stream}I", n_stream, *([0] * stream)))
         parts.append(_U32.pack(cnt))
-        cells = np.empty(cnt, _CELL)
-        cells["pos"] = pos_all if rows is None else pos_all[rows]
-        cells["n_seq_id"] = 1
-        cells["seq_id"] = seq_id
-        parts.append(cells.data)
-        v_trans = int(s["v_trans"])
+        parts.append(_cell_records(pos_all, rows, cnt, seq_id).data)
         parts.append(struct.pack("<II", v_trans, nl))
         for a in ks:
             parts.append(_TYPE_ROW.pack(GGML_TYPE_F16, 2 * a.shape[1]))
@@ -445,37 +458,18 @@ def allocate(template: KVArrays) -> BlobWriter:
     every header and cell record written and the K/V rows left for the caller to
     fill through :attr:`BlobWriter.arrays`. Raises :class:`StateFormatError` where
     :func:`build` would."""
-    seq_id, n_stream, sections = _layout(template)
-    n = _check_arrays(template, sections)
-    pos_all = np.asarray(template.positions)
-    if n and (int(pos_all.min()) < 0 or int(pos_all.max()) >= 2**31):
-        raise StateFormatError("cell position outside 0..2**31-1")
+    seq_id, n_stream, pos_all, n, plan = _plan(template)
 
     # the blob as a list of header bytes and row slots (K/V, layer, rows, transposed,
     # width, cell count), as build() writes it
     parts: list[Any] = [struct.pack("<Ii", MAGIC, seq_id)]
-    li = 0
-    for i, s in enumerate(sections):
-        nl = int(s["n_layer"])
-        rows = None if s["rows"] is None else _expand(s["rows"], n, f"section {i}")
-        cnt = n if rows is None else int(rows.size)
-        stream = int(s["stream"])
-        if not 0 <= stream < n_stream:
-            raise StateFormatError(f"section {i}: stream {stream} outside 0..{n_stream - 1}")
-        if cnt and (nl == 0 or s["v_trans"] not in (0, 1)):
-            raise StateFormatError(f"section {i}: {cnt} cells but n_layer={nl}, v_trans={s['v_trans']!r}")
-        first = li
-        li += nl
+    for first, nl, rows, cnt, stream, v_trans in plan:
+        li = first + nl
         if cnt == 0:
             parts.append(struct.pack(f"<{1 + n_stream}I", n_stream, *([0] * n_stream)))
             continue
-        cells = np.empty(cnt, _CELL)
-        cells["pos"] = pos_all if rows is None else pos_all[rows]
-        cells["n_seq_id"] = 1
-        cells["seq_id"] = seq_id
-        v_trans = int(s["v_trans"])
-        parts += [struct.pack(f"<{2 + stream}I", n_stream, *([0] * stream), cnt), cells.tobytes(),
-                  struct.pack("<II", v_trans, nl)]
+        parts += [struct.pack(f"<{2 + stream}I", n_stream, *([0] * stream), cnt),
+                  _cell_records(pos_all, rows, cnt, seq_id).tobytes(), struct.pack("<II", v_trans, nl)]
         for il in range(first, li):
             w = int(template.k[il].shape[1])
             parts += [_TYPE_ROW.pack(GGML_TYPE_F16, 2 * w), ("k", il, rows, False, w, cnt)]
