@@ -47,6 +47,8 @@ class CacheSchema:
     ssd_cold_path: str = "~/.cache/kv3d/cold"
     ssd_cold_mb: float = 4096
     min_snapshot_tokens: int = 32
+    hot_idle_s: Optional[float] = 2.0
+    hot_idle_watermark: float = 0.5
 
 
 @dataclass
@@ -144,6 +146,10 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("cache.gpu_hot_mb must be > 0")
     if s.cache.ram_warm_mb < 0 or s.cache.ssd_cold_mb < 0:
         problems.append("cache.ram_warm_mb and cache.ssd_cold_mb must be >= 0")
+    if s.cache.hot_idle_s is not None and s.cache.hot_idle_s < 0:
+        problems.append("cache.hot_idle_s must be >= 0 (or null: idle entries stay hot until cells are needed)")
+    if not 0 <= s.cache.hot_idle_watermark <= 1:
+        problems.append("cache.hot_idle_watermark must be a fraction within 0..1")
     if not 1 <= s.scheduler.n_seq_max <= 256:
         problems.append(f"scheduler.n_seq_max={s.scheduler.n_seq_max} must be within 1..256 (llama.cpp's limit)")
     if s.scheduler.max_running < 1 or s.scheduler.max_waiting < 0 or s.scheduler.prefill_chunk < 1:

@@ -49,6 +49,7 @@ class Metrics:
         self.restore_seconds = Histogram("kv3d_restore_seconds", "Time to restore KV from a tier into a sequence", ["tier"], buckets=RESTORE_BUCKETS, registry=r)
         self.spills = Counter("kv3d_spills", "Entries written to a tier", ["tier"], registry=r)
         self.evictions = Counter("kv3d_evictions", "Entries evicted from a tier", ["tier"], registry=r)
+        self.idle_spills = Counter("kv3d_hot_idle_spills", "Hot entries spilled for being idle longer than cache.hot_idle_s", ["kind"], registry=r)
         self.codec_ratio = Gauge("kv3d_codec_ratio", "f16 bytes / stored bytes of encoded KV", ["codec"], registry=r)
         self.codec_fallback = Counter("kv3d_codec_fallback", "Sequences stored as opaque zstd blobs (unknown state layout)", registry=r)
         self.tier_errors = Counter("kv3d_tier_errors", "Tier entries found damaged or unreadable", ["tier", "reason"], registry=r)

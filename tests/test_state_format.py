@@ -531,3 +531,37 @@ def test_gemma3_iswa_roundtrip_and_rebuild():
         assert float(np.abs(la - lb).max()) == 0.0
     finally:
         b.close()
+
+
+def test_state_staging_pool_round_trips_and_reuses_its_buffers(smol, chat, blob):
+    """``backend.state_staging=on``: blobs go through pooled host buffers (page-locked on a
+    CUDA build, where this is the default; ordinary memory here). The bytes are those of the
+    plain path, a blob built in :meth:`state_buffer` memory loads without a copy, and the
+    buffers are reused rather than allocated per call."""
+    b = make_backend(state_staging="on")
+    try:
+        assert b.info.build["state_staging"] == "pooled"
+        decode(b, 0, chat.tokens[:N_CELLS])
+        got = bytes(b.seq_state_get(0))
+        assert got == blob, "the staged get gives the plain path's bytes"
+        arrays = parse(b, got)
+        for rep in range(4):
+            w = sf.allocate(arrays, b.state_buffer)
+            for dst, src in zip(w.arrays.k + w.arrays.v, arrays.k + arrays.v):
+                np.copyto(dst, src)
+            out = w.finish()
+            assert b._staging.owns(out), "the blob lies in a lent staging buffer"
+            b.seq_state_set(1, out)
+            del w, out
+            back = parse(b, b.seq_state_get(1))
+            assert np.array_equal(back.positions, arrays.positions)
+            assert all(np.array_equal(x, y) for x, y in zip(back.k + back.v, arrays.k + arrays.v))
+            b.seq_state_set(2, got)                # a blob from elsewhere: copied into staging first
+            assert b.seq_pos_max(2) == N_CELLS - 1
+            b.seq_remove(1)
+            b.seq_remove(2)
+        assert b._staging.allocations <= 3, f"{b._staging.allocations} buffers for 13 transfers: not reused"
+        with pytest.raises(StateFormatError):
+            sf.allocate(arrays, lambda n: np.empty(n - 1, np.uint8))
+    finally:
+        b.close()

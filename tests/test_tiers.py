@@ -158,9 +158,9 @@ def test_a_spilled_family_snapshot_comes_back_with_room_made_for_it():
         return [{"role": "system", "content": f"Timetable desk {i}. {notes}"},
                 {"role": "user", "content": "First ferry?"}]
 
-    # 512 cells, sequences to spare: cells are what runs out
+    # 512 cells, sequences to spare: cells are what runs out (and only that: no idle spills)
     with Engine(compose(["server.threads=2", "scheduler.n_seq_max=16", "scheduler.max_running=1",
-                         "cache.gpu_hot_mb=12", "safety.quality_sample_every=0"])) as eng:
+                         "cache.gpu_hot_mb=12", "safety.quality_sample_every=0", "cache.hot_idle_s=null"])) as eng:
         reply, _ = run(eng, family_a + question)          # family A: snapshot + session
         for i in range(3):                                # other families push A's session and snapshot out
             run(eng, other(i))
@@ -174,3 +174,33 @@ def test_a_spilled_family_snapshot_comes_back_with_room_made_for_it():
         assert m.restores.labels("warm")._value.get() >= 2, "the snapshot and the session were restored"
         assert m.restore_retries._value.get() == 0, "room was made before restoring, not after a refusal"
         assert not eng.monitor.disabled
+
+
+@pytest.mark.parametrize("hot_idle_s", [0, None])
+def test_idle_sessions_leave_the_hot_tier_while_others_run(hot_idle_s):
+    """``cache.hot_idle_s``: an idle session's cells slow every step of the unified KV
+    cache, so while other requests run, a session idle longer than that spills to the
+    warm tier (its family snapshot follows once no sequence shares it) and its next
+    turn is restored from there. ``null`` keeps it hot until its cells are needed."""
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+
+    cfg = ["server.threads=2", "+codec=int8", "safety.quality_sample_every=0", "cache.hot_idle_watermark=0",
+           f"cache.hot_idle_s={'null' if hot_idle_s is None else hot_idle_s}"]
+    with Engine(compose(cfg)) as eng:
+        reply, _ = engine_chat(eng, first_turn(1))
+        on_scheduler = lambda fn: eng.scheduler.call(fn).result(timeout=60)   # after the release
+        session = on_scheduler(lambda: next(e for e in eng.cache._by_key.values() if e.kind == "session"))
+        engine_chat(eng, [{"role": "user", "content": "Name three rivers of Europe."}])   # another request runs
+        on_scheduler(lambda: None)
+        m = eng.metrics
+        spilled = m.idle_spills.labels("session")._value.get()
+        if hot_idle_s is None:
+            assert session.hot and spilled == 0, "kept hot: its cells were never needed"
+            return
+        assert spilled == 1 and not session.hot and session.state.value == "warm"
+        assert m.idle_spills.labels("snapshot")._value.get() == 1, "its family snapshot followed"
+        assert eng.cache.ledger.used < len(session.tokens), "only the running request's cells stay hot"
+        text, usage = engine_chat(eng, second_turn(1, reply))
+        assert text and usage["cached_tokens"] >= len(session.tokens) - 1
+        assert m.restores.labels("warm")._value.get() == 2, "the snapshot and the session came back"

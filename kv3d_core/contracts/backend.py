@@ -192,6 +192,16 @@ class ExecutionBackend(abc.ABC):
         :class:`~kv3d_core.errors.StateRestoreError` when the blob is refused otherwise. In
         both cases ``seq`` is left empty."""
 
+    def state_buffer(self, nbytes: int) -> np.ndarray:
+        """A writable, C-contiguous uint8 array of ``nbytes`` in which the caller builds a
+        blob for :meth:`seq_state_set` (the restore path decodes KV straight into it).
+
+        A backend whose KV cache lives on an accelerator returns memory it loads from
+        fastest (page-locked host memory for CUDA: one DMA per tensor instead of the
+        driver's bounce buffer); the memory is the caller's until the array and its views
+        are dropped. The default: ordinary memory."""
+        return np.empty(int(nbytes), dtype=np.uint8)
+
     def reset_kv(self) -> None:
         """Drop every cell of every sequence (optional; used by tests and benchmarks)."""
         for s in range(self.info.n_seq_max):

@@ -70,6 +70,8 @@ class Engine:
                 self.backend, self.detector, self.metrics,
                 enabled=not cfg.safe_mode,
                 min_snapshot_tokens=cfg.cache.min_snapshot_tokens,
+                hot_idle_s=cfg.cache.hot_idle_s,
+                hot_idle_watermark=cfg.cache.hot_idle_watermark,
                 tiers=self.tiers,
                 monitor=self.monitor,
             )

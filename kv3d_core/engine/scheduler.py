@@ -275,6 +275,7 @@ class Scheduler:
             self.cache.update_gauges()          # walks every cache entry: not every step
         if not self._running:
             return
+        self.cache.trim_idle(now)               # idle hot cells slow this step: spill the stale ones
         self._decode_step()
 
     def _admit(self) -> None:

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import copy
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -451,13 +451,15 @@ class BlobWriter:
         return memoryview(self._buf)
 
 
-def allocate(template: KVArrays) -> BlobWriter:
+def allocate(template: KVArrays, alloc: Callable[[int], np.ndarray] | None = None) -> BlobWriter:
     """The blob :func:`build` would make for ``template``'s layout (positions, K/V
     shapes, head dims, ``extra``; the K/V values are not read -- zero-stride
     placeholders such as ``np.broadcast_to(np.float16(0), shape)`` will do), with
     every header and cell record written and the K/V rows left for the caller to
-    fill through :attr:`BlobWriter.arrays`. Raises :class:`StateFormatError` where
-    :func:`build` would."""
+    fill through :attr:`BlobWriter.arrays`. ``alloc(nbytes)`` gives the blob's memory
+    (a C-contiguous uint8 array, e.g. the backend's
+    :meth:`~kv3d_core.contracts.backend.ExecutionBackend.state_buffer`); default: a
+    fresh numpy array. Raises :class:`StateFormatError` where :func:`build` would."""
     seq_id, n_stream, pos_all, n, plan = _plan(template)
 
     # the blob as a list of header bytes and row slots (K/V, layer, rows, transposed,
@@ -480,7 +482,9 @@ def allocate(template: KVArrays) -> BlobWriter:
         parts.append(struct.pack(f"<{n_stream - 1 - stream}I", *([0] * (n_stream - 1 - stream))))
 
     total = sum(len(p) if type(p) is bytes else 2 * p[4] * p[5] for p in parts)
-    buf = np.empty(total, np.uint8)
+    buf = np.empty(total, np.uint8) if alloc is None else alloc(total)
+    if buf.dtype != np.uint8 or buf.shape != (total,) or not buf.flags.c_contiguous or not buf.flags.writeable:
+        raise StateFormatError(f"the blob's memory must be a writable contiguous uint8 array of {total} bytes")
     mv = memoryview(buf)
     k: list[np.ndarray | None] = [None] * len(template.k)
     v: list[np.ndarray | None] = [None] * len(template.v)

@@ -68,6 +68,7 @@ class CacheEntry:
     snapshot: "CacheEntry | None" = None
     refs: int = 0                  # snapshots: hot sequences sharing its cells
     last_used: float = field(default_factory=time.monotonic)
+    idle_since: float = field(default_factory=time.monotonic)  # when it last became evictable
     pending: object | None = None  # the spill in flight (a Future), if any
 
     @property
@@ -97,6 +98,8 @@ class PrefixCache:
         *,
         enabled: bool = True,
         min_snapshot_tokens: int = 32,
+        hot_idle_s: float | None = None,
+        hot_idle_watermark: float = 0.5,
         tiers: "TierStack | None" = None,
         monitor: "FailureMonitor | None" = None,
     ) -> None:
@@ -106,6 +109,12 @@ class PrefixCache:
         self.metrics = metrics
         self.enabled = enabled
         self.min_snapshot_tokens = max(1, int(min_snapshot_tokens))
+        if hot_idle_s is not None and not float(hot_idle_s) >= 0:
+            raise ValueError(f"cache.hot_idle_s={hot_idle_s!r}: use seconds >= 0, or null (never)")
+        self.hot_idle_s = None if hot_idle_s is None else float(hot_idle_s)
+        if not 0 <= float(hot_idle_watermark) <= 1:
+            raise ValueError(f"cache.hot_idle_watermark={hot_idle_watermark!r}: use a fraction 0..1")
+        self.hot_idle_watermark = float(hot_idle_watermark)
         self.tiers = tiers
         self.pool = SeqPool(self.info.n_seq_max)
         self.ledger = CellLedger(self.info.n_ctx)
@@ -163,14 +172,19 @@ class PrefixCache:
         self.ledger.drop(seq)
         self.pool.release(seq)
 
+    def _make_idle(self, e: CacheEntry) -> None:
+        """``e`` (hot) is evictable from now on."""
+        e.idle_since = time.monotonic()
+        self._idle[e] = None
+        self._idle.move_to_end(e)
+
     def _unref(self, snap: CacheEntry | None) -> None:
         if snap is None:
             return
         snap.refs -= 1
         if snap.refs <= 0 and snap.hot:
             snap.refs = 0
-            self._idle[snap] = None
-            self._idle.move_to_end(snap)
+            self._make_idle(snap)
 
     def _ref(self, snap: CacheEntry | None) -> None:
         if snap is None:
@@ -270,6 +284,42 @@ class PrefixCache:
             if not self._evict_one(ex):
                 return False
         return True
+
+    def trim_idle(self, now: float | None = None) -> int:
+        """Spill hot entries idle for longer than ``hot_idle_s`` while the hot tier is
+        fuller than ``hot_idle_watermark`` (a fraction of its cells), oldest first, until
+        it is not.
+
+        Why: llama.cpp's unified KV cache computes every step's attention over the
+        whole used cell range, so idle sessions' cells slow every other request's steps
+        (docs/BENCHMARKS.md, "Hot-tier size"), while spilling one costs a state copy and
+        an encode, and bringing it back a restore. Below the watermark the span is
+        bounded and spilling would be work for nothing (on a GPU, where a step is cheap,
+        that work costs more than the cells). The scheduler calls this between steps
+        only while requests run (an idle server pays nothing for what it keeps). Sessions
+        go first; a family snapshot becomes idle when the last sequence sharing it goes
+        and may leave ``hot_idle_s`` later. Only with a tier below to spill to (without
+        one, idle entries stay until their cells are needed). Returns the entries spilled."""
+        if self.hot_idle_s is None or self.tiers is None or not self.enabled or not self._idle:
+            return 0
+        limit = self.hot_idle_watermark * self.ledger.n_cells
+        if self.ledger.used <= limit:
+            return 0
+        now = time.monotonic() if now is None else now
+        cutoff = now - self.hot_idle_s
+        done = 0
+        for kind in ("session", "snapshot"):
+            stale = sorted((x for x in self._idle if x.kind == kind and x.idle_since < cutoff and x.seq is not None),
+                           key=lambda x: x.idle_since)
+            for e in stale:
+                if self.ledger.used <= limit:
+                    return done
+                if kind == "snapshot" and e.refs > 0:
+                    continue
+                self.evict(e)
+                self.metrics.idle_spills.labels(kind).inc()
+                done += 1
+        return done
 
     def alloc_seq(self, exclude: Iterable[CacheEntry] = ()) -> int | None:
         ex = set(exclude)
@@ -485,7 +535,7 @@ class PrefixCache:
         snap.seq = seq
         snap.state = SessionState.IDLE
         if snap.refs <= 0:
-            self._idle[snap] = None
+            self._make_idle(snap)
         return True
 
     def maybe_snapshot(self, seq: int, n_past: int, tokens: list[int], family: FamilyKey,
@@ -527,7 +577,7 @@ class PrefixCache:
                 seq=seq, snapshot=snapshot,
             )
             self._add(entry)
-            self._idle[entry] = None
+            self._make_idle(entry)
             return
         self._free_seq(seq)
         self._unref(snapshot)

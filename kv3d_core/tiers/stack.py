@@ -358,7 +358,7 @@ class TierStack:
                 raise CodecError(f"{e.key[:8]}: codec {self.codec.codec_id} asked for its output arrays twice")
             if template.n_cells != expected:
                 raise CodecError(f"{e.key[:8]} decodes to {template.n_cells} cells, expected {expected}")
-            writers.append(state_format.allocate(template))
+            writers.append(state_format.allocate(template, self.cache.backend.state_buffer))
             return writers[0].arrays
 
         arrays = self.codec.decode_into(got.payload, alloc)

@@ -384,8 +384,11 @@ def stage_capacity(a) -> None:
 
     # kv3d: sessions sent in waves of `capacity_concurrency`; after each wave /debug/stats says how
     # many sessions are resident (hot) and how many were spilled to host RAM (warm tier)
+    # idle sessions stay hot until their cells are needed (cache.hot_idle_s=null): what is measured
+    # here is how many fit in the GPU budget before any has to leave
     srv = Server(a, "kv3d-capacity", [f"cache.gpu_hot_mb={a.capacity_mb}", "scheduler.n_seq_max=256",
-                                      f"scheduler.max_running={a.capacity_concurrency}"])
+                                      f"scheduler.max_running={a.capacity_concurrency}", "cache.hot_idle_s=null",
+                                      f"cache.ram_warm_mb={a.capacity_warm_mb}"])
     waves: list[dict] = []
     sessions: list[tuple[list[int], int | None]] = []
     with srv:
@@ -413,6 +416,7 @@ def stage_capacity(a) -> None:
         resumed = [dict(srv.complete(p + wl._ids(16), 1, stream=True), family=fam) for p, fam in pick]
         fresh = [srv.complete(wl._ids(a.prefix + a.unique + 16), 1, stream=True) for _ in range(3)]
         st = srv.stats()
+        out["cache_metrics"] = cache_metrics(srv)
     hot = st.get("hot", {})
     out["kv3d_waves"] = waves
     out["kv3d_stats"] = st
@@ -450,7 +454,8 @@ def stage_serve(a) -> None:
     res_all: dict = {}
     common = [f"cache.gpu_hot_mb={a.serve_hot_mb}", "scheduler.n_seq_max=256",
               f"scheduler.max_running={max(a.concurrency)}"]
-    for name, extra in (("kv3d", []), ("plain", ["safe_mode=true"])):
+    systems = {"kv3d": [], "kv3d_keep_idle": ["cache.hot_idle_s=null"], "plain": ["safe_mode=true"]}
+    for name, extra in ((n, systems[n]) for n in a.serve_systems.split(",")):
         out: dict = {}
         with Server(a, f"serve-{name}", common + extra) as srv:
             wl = Workload(a, srv.n_vocab)
@@ -493,11 +498,24 @@ def stage_serve(a) -> None:
                     f"{out[f'c{c}']['ttft_hit_ms_p50']:.0f} ms / miss {out[f'c{c}']['ttft_miss_ms_p50']:.0f} ms, "
                     f"{out[f'c{c}']['errors']} errors")
             out["stats"] = srv.stats()
+            out["cache_metrics"] = cache_metrics(srv)
             out["gpu_memory_mib"] = srv.gpu_memory_mib()
         res_all[name] = out
         log(f"serve {name}: sequential TTFT hit {out['ttft_seq_hit_ms_median']:.1f} ms ({len(hits)}), "
             f"miss {out['ttft_seq_miss_ms_median']:.1f} ms ({len(misses)})")
         RESULTS["serve"] = res_all
+
+
+def cache_metrics(srv: "Server") -> dict[str, float]:
+    """The server's restore, spill and eviction counters, and mean restore time per tier."""
+    m = srv.metrics()
+    keep = ("kv3d_restore", "kv3d_spills", "kv3d_evictions", "kv3d_hot_idle_spills", "kv3d_sessions", "kv3d_kv_bytes")
+    out = {k: v for k, v in m.items() if k.startswith(keep) and "_bucket" not in k and "_created" not in k}
+    for tier in ("warm", "cold"):
+        n = m.get(f'kv3d_restore_seconds_count{{tier="{tier}"}}', 0)
+        if n:
+            out[f"restore_mean_ms_{tier}"] = 1e3 * m[f'kv3d_restore_seconds_sum{{tier="{tier}"}}'] / n
+    return out
 
 
 # -- a kv3d server ------------------------------------------------------------------------------
@@ -666,10 +684,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacity-mb", type=float, default=1024)
     p.add_argument("--capacity-sessions", type=int, default=240)
     p.add_argument("--capacity-concurrency", type=int, default=16)
+    p.add_argument("--capacity-warm-mb", type=float, default=8192,
+                   help="warm tier (host RAM) of the capacity server: large enough that every spilled session "
+                        "stays resumable, so the resumes measure restores")
     p.add_argument("--resume-requests", type=int, default=8)
     p.add_argument("--serve-hot-mb", type=float, default=4096)
     p.add_argument("--ttft-requests", type=int, default=20)
     p.add_argument("--concurrency", default="32,64")
+    p.add_argument("--serve-systems", default="kv3d,kv3d_keep_idle,plain",
+                   help="kv3d (defaults), kv3d_keep_idle (cache.hot_idle_s=null: idle sessions stay hot), "
+                        "plain (safe mode)")
     p.add_argument("--rounds", type=int, default=2, help="requests per concurrent slot in the throughput runs")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--request-timeout", type=float, default=600)

@@ -204,6 +204,7 @@ class LlamaCppBackend(ExecutionBackend):
         type_k: str = "f16",
         type_v: str = "f16",
         swa_full: bool = False,
+        state_staging: str = "auto",
         **unknown: object,
     ) -> None:
         if unknown:
@@ -212,6 +213,8 @@ class LlamaCppBackend(ExecutionBackend):
             raise ConfigError(f"n_seq_max={n_seq_max} must be within 1..{L.llama_max_parallel_sequences()}")
         if flash_attn not in _FLASH_ATTN:
             raise ConfigError(f"backend.flash_attn={flash_attn!r}: use auto, on or off")
+        if state_staging not in ("auto", "on", "off"):
+            raise ConfigError(f"backend.state_staging={state_staging!r}: use auto, on or off")
         for name, t in (("type_k", type_k), ("type_v", type_v)):
             if t not in _GGML_TYPES:
                 raise ConfigError(f"backend.{name}={t!r}: use one of {', '.join(_GGML_TYPES)}")
@@ -265,6 +268,14 @@ class LlamaCppBackend(ExecutionBackend):
         self._mem = L.llama_get_memory(self._ctx)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self._batch = _Batch(n_batch)
+        # State blobs through pooled page-locked buffers when the KV cache is on a CUDA device
+        # (gpu_state.py: 4x faster restores, 20x faster spills on an H200); "on" uses the pool
+        # on any build (ordinary memory without CUDA: how CPU tests cover this path).
+        self._staging = None
+        if state_staging == "on" or (state_staging == "auto" and int(n_gpu_layers) != 0):
+            from kv3d_backend_llamacpp.gpu_state import StagingPool, cuda_build
+            if state_staging == "on" or cuda_build():
+                self._staging = StagingPool()
         self._pieces: dict[int, bytes] = {}
         self._piece_lock = threading.Lock()
         real_ctx = L.llama_n_ctx(self._ctx)
@@ -303,6 +314,7 @@ class LlamaCppBackend(ExecutionBackend):
                 "flash_attn": flash_attn,
                 "type_k": type_k,
                 "type_v": type_v,
+                "state_staging": ("pinned" if self._staging.pinned else "pooled") if self._staging else "off",
             },
         )
         log.info("loaded %s (%s, %d layers) with %d cells, %d sequences, %d threads",
@@ -397,17 +409,32 @@ class LlamaCppBackend(ExecutionBackend):
         size = L.llama_state_seq_get_size(self._ctx, seq)
         buf = bytearray(size)
         if size:
-            arr = (ctypes.c_uint8 * size).from_buffer(buf)
-            n = L.llama_state_seq_get_data(self._ctx, arr, size, seq)
+            if self._staging is not None:        # device -> page-locked staging, then a host copy
+                stage = self._staging.lend(size)
+                dst = stage.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+            else:
+                stage, dst = None, (ctypes.c_uint8 * size).from_buffer(buf)
+            n = L.llama_state_seq_get_data(self._ctx, dst, size, seq)
             if n != size:
                 raise BackendError(f"llama_state_seq_get_data wrote {n} of {size} bytes")
+            if stage is not None:
+                np.frombuffer(buf, dtype=np.uint8)[:] = stage
         return bytes(buf) if size < (1 << 16) else buf  # bytearray avoids a copy of large blobs
+
+    def state_buffer(self, nbytes: int) -> np.ndarray:
+        if self._staging is None:
+            return np.empty(int(nbytes), dtype=np.uint8)
+        return self._staging.lend(nbytes)
 
     def seq_state_set(self, seq: int, blob: bytes) -> None:
         # llama.cpp drops the destination's cells only when the blob holds at least one cell;
         # the contract promises an emptied sequence either way.
         L.llama_memory_seq_rm(self._mem, seq, -1, -1)
         arr = np.frombuffer(blob, dtype=np.uint8)
+        if self._staging is not None and arr.size and not self._staging.owns(blob):
+            stage = self._staging.lend(arr.size)     # host copy, then one DMA per tensor
+            stage[:] = arr
+            arr = stage
         _capture.lines = []
         try:
             n = L.llama_state_seq_set_data(self._ctx, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), arr.size, seq)
@@ -427,6 +454,8 @@ class LlamaCppBackend(ExecutionBackend):
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        if getattr(self, "_staging", None) is not None:
+            self._staging.close()
         L.llama_free(self._ctx)
         L.llama_model_free(self._model)
 

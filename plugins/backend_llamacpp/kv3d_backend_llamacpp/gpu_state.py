@@ -22,6 +22,11 @@ Contract:
   ``seq`` (raises :class:`StateRestoreError` and leaves ``seq`` empty on
   refusal). The bytes are exactly those of ``seq_state_get`` / ``seq_state_set``:
   blobs are interchangeable between both paths.
+* :class:`StagingPool` -- the serving path's use of them: ``lend(nbytes)`` gives a
+  numpy uint8 array over a pooled buffer (page-locked with CUDA), which goes back
+  to the pool when the array (and every view of it) is garbage; ``owns(array)``
+  says whether an array lies in such a buffer. Page-locking costs milliseconds
+  per call, so buffers are kept (``max_bytes`` in all) and reused.
 * :class:`DeviceSnapshots` -- ``LLAMA_STATE_SEQ_FLAGS_ON_DEVICE``: llama.cpp
   copies the cells of a sequence into device buffers it keeps *per source
   sequence id* (a second save of the same id replaces the first) and restores
@@ -36,6 +41,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +138,63 @@ class PinnedBuffer:
             self.close()
         except Exception:
             pass
+
+
+class StagingPool:
+    """Reused host buffers for state blobs (see the module docstring)."""
+
+    GRAIN = 1 << 20                      # buffers are whole MiB: a little slack lets them be reused
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = int(max_bytes)
+        self._free: list[PinnedBuffer] = []
+        self._lock = threading.Lock()
+        self.allocations = 0             # buffers ever allocated (reuse shows as few)
+        self.pinned = cuda_build()
+
+    def lend(self, nbytes: int) -> np.ndarray:
+        n = max(1, int(nbytes))
+        with self._lock:
+            fits = [b for b in self._free if b.nbytes >= n]
+            buf = min(fits, key=lambda b: b.nbytes) if fits else None
+            if buf is not None:
+                self._free.remove(buf)
+        if buf is None:
+            buf = PinnedBuffer(-(-n // self.GRAIN) * self.GRAIN)
+            self.allocations += 1
+        raw = (ctypes.c_uint8 * n).from_address(buf.ptr)
+        raw._kv3d_staging = True         # the mark owns() looks for
+        weakref.finalize(raw, self._give_back, buf)   # keeps buf alive while raw lives
+        return np.frombuffer(raw, dtype=np.uint8)
+
+    def _give_back(self, buf: PinnedBuffer) -> None:
+        with self._lock:
+            held = sum(b.nbytes for b in self._free)
+            if held + buf.nbytes <= self.max_bytes:
+                self._free.append(buf)
+                return
+        buf.close()
+
+    @staticmethod
+    def owns(a: object) -> bool:
+        """Whether ``a`` is (a view of) an array :meth:`lend` gave."""
+        base = a
+        for _ in range(8):
+            if getattr(base, "_kv3d_staging", False):
+                return True
+            if isinstance(base, memoryview):
+                base = base.obj
+            elif isinstance(base, np.ndarray) and base.base is not None:
+                base = base.base
+            else:
+                return False
+        return False
+
+    def close(self) -> None:
+        with self._lock:
+            free, self._free = self._free, []
+        for b in free:
+            b.close()
 
 
 def state_size(backend, seq: int, flags: int = 0) -> int:
