@@ -291,7 +291,7 @@ def test_int8_fast_kernel_gives_the_general_kernels_bits(pm, monkeypatch):
     a.k[3][:, 64:128] = 0                                     # zero groups
     a.v[7][::50, :64] = rng.uniform(-65504, 65504, (20, 64)).astype(np.float16)   # scales above 511.75
     a.v[4][:, :] *= np.float16(2e-3)                          # scales near 2**-14, on both sides
-    codec = make(pm, "int8", decode_threads=2)
+    codec = make(pm, "int8", decode_threads=2, kernel="numpy")
     data = codec.encode(a)
     p = codec._read(data)
     lo, hi = int8_codec.FAST_SCALE_BITS
@@ -309,11 +309,46 @@ def test_int8_fast_kernel_gives_the_general_kernels_bits(pm, monkeypatch):
     assert same_bits(general, codec.decode_into(data, alloc_into(calls)))
     for x, y in zip(a.k + a.v, fast.k + fast.v):
         assert (np.abs(y.astype(np.float64) - x.astype(np.float64)) <= int8_bound(x, y, 64)).all()
+    # the compiled kernel: every scale, the same bits, on one thread or two, in place or not
+    for t in (1, 2):
+        c = make(pm, "int8", decode_threads=t)
+        assert c._compiled
+        assert same_bits(general, c.decode(data))
+        assert same_bits(general, c.decode_into(data, alloc_into(calls)))
+        assert same_bits(general, c.decode_into(data, alloc_into(calls, "F")))
+
+
+def test_int8_compiled_kernel_is_built_and_matches_numpy_on_any_codes(pm):
+    """The plugin builds ``_kernels.c`` (setup needs a C compiler, as llama-cpp-python does);
+    on random codes and every kind of float16 scale (zero, subnormal, normal, huge) and a
+    group that is not a multiple of the SIMD width, its bits are those of the numpy
+    general kernel."""
+    from kv3d_codec_int8 import kernels
+    from kv3d_codec_int8.codec import _dequantize
+    from kv3d_core.kv import quant_kernels as K
+
+    assert kernels.level() in ("avx2", "generic"), "the compiled kernel was not built"
+    rng = np.random.default_rng(3)
+    for group in (64, 24, 7):
+        codes = rng.integers(-127, 128, (5000, group)).astype(np.int8)
+        bits = rng.integers(0, 0x7C00, 5000).astype(np.uint16)          # every finite float16
+        bits[::9] = 0
+        scale = K.f16_scaled_to_f32(bits)
+        want = np.empty(codes.shape, np.uint16)
+        _dequantize(codes, scale, want)
+        got = np.full(codes.shape, 0xABCD, np.uint16)
+        kernels.dequant(codes, scale, got)
+        assert np.array_equal(want, got), group
+    with pytest.raises(ValueError):
+        kernels.dequant(codes, scale, np.empty((5000, group + 1), np.uint16))
+    assert make(pm, "int8", kernel="numpy")._compiled is False
+    with pytest.raises(PluginError, match="kernel"):
+        make(pm, "int8", kernel="fortran")
 
 
 def test_int8_decode_threads(pm):
     """Decoding on 1 or several threads (chunks taken as threads come free) gives the
-    same bits; the default uses up to 2 cores."""
+    same bits; the default is one thread with the compiled kernel, else up to 2 cores."""
     import os
 
     a = synth_kv(n=300, n_layer=6)
@@ -321,8 +356,9 @@ def test_int8_decode_threads(pm):
     outs = [make(pm, "int8", decode_threads=t).decode(data) for t in (1, 2, 5)]
     assert same_bits(outs[0], outs[1]) and same_bits(outs[0], outs[2])
     cores = len(os.sched_getaffinity(0))
-    assert make(pm, "int8").decode_threads == min(2, cores)
-    assert make(pm, "int8", threads=3).decode_threads == 3
+    assert make(pm, "int8").decode_threads == 1, "compiled kernel: zstd holds the GIL, one thread is faster"
+    assert make(pm, "int8", kernel="numpy").decode_threads == min(2, cores)
+    assert make(pm, "int8", threads=3, kernel="numpy").decode_threads == 3
     assert make(pm, "int8", threads=3, decode_threads=1).decode_threads == 1
 
 

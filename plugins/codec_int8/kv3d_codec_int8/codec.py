@@ -26,7 +26,10 @@ Integrity: a CRC-32 covers the metadata, positions, frame sizes and scales; zstd
 frame checksums cover the codes. Anything that does not add up raises
 :class:`~kv3d_core.errors.CodecError`.
 
-Speed: decode works chunk by chunk (64 Ki values, cache-resident scratch): zstd
+Speed: with the compiled kernel (``_kernels.c``, built with the plugin; :mod:`.kernels`)
+each chunk's zstd frame is dequantized by one C call straight into the caller's arrays
+(about 0.5 ns a value with AVX2). Without it, the numpy path below gives the same bits.
+The numpy path works chunk by chunk (64 Ki values, cache-resident scratch): zstd
 frame, int8 -> float32 with negative codes moved up 32 binades (the sign then comes
 out of the shift, see :func:`_dequantize_fast`), one multiply by the scales, and one
 shift by 13 that narrows to float16 bits as it writes the output. :meth:`Int8Codec.decode_into`
@@ -50,6 +53,7 @@ from kv3d_core.kv import framing
 from kv3d_core.kv.codec_none import check_layout, layout_meta
 
 from kv3d_core.kv import quant_kernels as K
+from kv3d_codec_int8 import kernels
 
 QMAX = 127
 
@@ -142,10 +146,13 @@ class Int8Codec(DeltaCodec):
 
     Settings: ``zstd_level`` (0 = no zstd; 1..19, default 3); ``threads`` (chunks
     encoded in parallel, default 1: encoding runs in the background, beside the
-    model); ``decode_threads`` (chunks decoded in parallel; default ``None``: the
+    model); ``decode_threads`` (chunks decoded in parallel; default ``None``: 1 with
+    the compiled kernel, whose decode is then mostly zstd, which holds the GIL; else the
     larger of ``threads`` and min(2, usable cores) -- a restore blocks the serving
-    thread, so a second core is free latency). Results are the same for any thread
-    count. Error bound: see the module docstring.
+    thread, so a second core is free latency); ``kernel`` (``auto``: the compiled
+    dequantization kernel when the plugin was built with it, see :mod:`.kernels`;
+    ``numpy``: the numpy kernels). Results are the same bits for any thread count and
+    either kernel. Error bound: see the module docstring.
     """
 
     codec_id = "int8"
@@ -153,9 +160,13 @@ class Int8Codec(DeltaCodec):
     lossless = False
 
     def __init__(self, zstd_level: int = 3, threads: int = 1, decode_threads: int | None = None,
-                 **unknown: object) -> None:
+                 kernel: str = "auto", **unknown: object) -> None:
         if unknown:
-            raise TypeError(f"unknown settings {sorted(unknown)}; int8 takes zstd_level, threads, decode_threads")
+            raise TypeError(f"unknown settings {sorted(unknown)}; int8 takes zstd_level, threads, decode_threads, kernel")
+        if kernel not in ("auto", "numpy"):
+            raise TypeError(f"kernel={kernel!r}: use auto (the compiled kernel when it was built) or numpy")
+        self.kernel = kernel
+        self._compiled = kernel == "auto" and kernels.load() is not None
         if isinstance(zstd_level, bool) or not isinstance(zstd_level, int) or not 0 <= zstd_level <= 19:
             raise TypeError(f"zstd_level={zstd_level!r}: use an integer 0..19 (0 = no zstd)")
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 64:
@@ -165,7 +176,10 @@ class Int8Codec(DeltaCodec):
             raise TypeError(f"decode_threads={decode_threads!r}: use an integer 1..64, or null (automatic)")
         self.zstd_level = zstd_level
         self.threads = threads
-        self.decode_threads = decode_threads if decode_threads is not None else max(threads, min(2, _cores()))
+        # the compiled kernel makes a restore mostly zstd, which holds the GIL: one thread is
+        # faster there (measured, docs/BENCHMARKS.md); the numpy kernels gain from a second
+        self.decode_threads = (decode_threads if decode_threads is not None
+                               else 1 if self._compiled else max(threads, min(2, _cores())))
 
     @staticmethod
     def group_of(head_dim_k: int, head_dim_v: int) -> int:
@@ -282,7 +296,28 @@ class Int8Codec(DeltaCodec):
                 np.copyto(targets[j][first:first + count], dec[at:at + count], casting="unsafe")
                 at += count
 
+        if self._compiled:                            # addresses, checked once: the loop only adds offsets
+            for t in targets:
+                if t.dtype != np.uint16 or t.shape[1:] != (g,) or not t.flags.c_contiguous or not t.flags.writeable:
+                    raise CodecError("decode targets must be writable C-contiguous uint16 [groups, group] arrays")
+            t_addr = [t.__array_interface__["data"][0] for t in targets]
+            s_addr = scale.__array_interface__["data"][0]
+            assert scale.dtype == np.float32 and scale.flags.c_contiguous and scale.shape == (p.n_groups,)
+
+        def compiled(item: int) -> None:              # the C kernel: any scale, straight into the targets
+            for i in range(item * per, min(p.n_chunks, (item + 1) * per)):
+                ca, cb = i * cg, min(p.n_groups, (i + 1) * cg)
+                codes = codes_of(i)
+                c_addr = codes.__array_interface__["data"][0]
+                at = 0
+                for j, first, count in K.segments(spans, ca, cb):
+                    kernels.dequant_ptr(c_addr + at * g, s_addr + 4 * (ca + at), count, g,
+                                        t_addr[j] + 2 * g * first)
+                    at += count
+
         def work(item: int) -> None:
+            if self._compiled:
+                return compiled(item)
             chunks = range(item * per, min(p.n_chunks, (item + 1) * per))
             a, b = chunks[0] * cg, min(p.n_groups, (chunks[-1] + 1) * cg)
             if item in slow:                                  # unusual scales: the general kernel
@@ -314,10 +349,11 @@ class Int8Codec(DeltaCodec):
         """:meth:`decode` writing the values straight into ``alloc``'s arrays (no copy
         when they are C-contiguous float16 arrays, e.g. views into a state blob)."""
         p = self._read(data)
-        zero = np.float16(0)
-        template = KVArrays(p.positions, [np.broadcast_to(zero, (p.n, w)) for w in p.k_width],
-                            [np.broadcast_to(zero, (p.n, w)) for w in p.v_width], p.head_dim_k, p.head_dim_v,
-                            p.extra)
+        # zero-stride placeholders: one broadcast, sliced per layer (a broadcast_to per layer
+        # costs more than the rest of the layout work)
+        zero = np.broadcast_to(np.float16(0), (p.n, max([*p.k_width, *p.v_width], default=0)))
+        template = KVArrays(p.positions, [zero[:, :w] for w in p.k_width], [zero[:, :w] for w in p.v_width],
+                            p.head_dim_k, p.head_dim_v, p.extra)
         out = alloc(template)
         if len(out.k) != len(p.k_width) or len(out.v) != len(p.v_width) or any(
                 a.shape != (p.n, w) for a, w in zip([*out.k, *out.v], [*p.k_width, *p.v_width])):
