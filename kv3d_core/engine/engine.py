@@ -20,6 +20,7 @@ from kv3d_core.contracts.backend import ExecutionBackend, SamplingParams
 from kv3d_core.contracts.detector import FamilyKey, PrefixDetector, PromptView
 from kv3d_core.engine.prompt import ChatPrompter
 from kv3d_core.engine.scheduler import Job, JobHandle, Scheduler, SchedulerConfig, Sink
+from kv3d_core.errors import ConfigError
 from kv3d_core.metrics import Metrics
 from kv3d_core.plugins import PluginManager, make_plugin_manager
 from kv3d_core.prefix.cache import PrefixCache
@@ -65,6 +66,9 @@ class Engine:
         self.backend: ExecutionBackend = self.plugins.create("backend", backend_name, **backend_settings)
         try:
             self.info = self.backend.info
+            if not cfg.safe_mode and not self.info.build.get("kv_unified", True):
+                raise ConfigError("backend.kv_unified=false gives every sequence its own KV stream, so prefixes "
+                                  "cannot be shared; it needs safe_mode=true (no cache reuse)")
             self.tiers = self._make_tiers(cfg)
             self.cache = PrefixCache(
                 self.backend, self.detector, self.metrics,

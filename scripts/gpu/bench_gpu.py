@@ -178,11 +178,44 @@ def stage_h2d(a) -> None:
     torch.cuda.empty_cache()
 
 
-def _backend(a, hot_mb: float | None = None, n_ctx: int | None = None, n_seq_max: int = 8):
+def _backend(a, hot_mb: float | None = None, n_ctx: int | None = None, n_seq_max: int = 8, **extra):
     from kv3d_core.plugins import make_plugin_manager
     return make_plugin_manager().create(
         "backend", "llamacpp", model_path=a.model, hot_mb=hot_mb, n_ctx=n_ctx, n_seq_max=n_seq_max,
-        n_threads=a.threads, n_gpu_layers=a.n_gpu_layers, n_batch=a.n_batch, n_ubatch=a.n_ubatch)
+        n_threads=a.threads, n_gpu_layers=a.n_gpu_layers, n_batch=a.n_batch, n_ubatch=a.n_ubatch, **extra)
+
+
+def stage_streams(a) -> None:
+    """Why many sequences slow each other down: N sequences, each with a context of its own
+    (prefix + unique tokens, nothing shared), in one unified KV cache (what kv3d and plain
+    use) and in one KV stream per sequence (``kv_unified=false``). Measured: the time to
+    prefill all of them one after the other, then decode steps of one token for each."""
+    from kv3d_core.contracts.backend import BatchEntry
+    out: dict = {}
+    ctx = a.prefix + a.unique
+    steps = 32
+    for nseq in a.streams_seqs:
+        per = (ctx + steps + 255) // 256 * 256
+        for unified in (True, False):
+            rng = np.random.default_rng(5)
+            b = _backend(a, n_ctx=nseq * per, n_seq_max=nseq, kv_unified=unified)
+            t0 = time.perf_counter()
+            for s in range(nseq):
+                _prefill(b, s, rng.integers(300, b.info.n_vocab, ctx).tolist())
+            t_prefill = time.perf_counter() - t0
+            last = [int(x) for x in rng.integers(300, b.info.n_vocab, nseq)]
+            t0 = time.perf_counter()
+            for i in range(steps):
+                outs = b.decode([BatchEntry(s, [last[s]], ctx + i, True) for s in range(nseq)])
+                last = [int(np.argmax(b.logits(o))) for o in outs]
+            dt = time.perf_counter() - t0
+            name = f"{nseq}_{'unified' if unified else 'streams'}"
+            out[name] = {"prefill_s": t_prefill, "prefill_tokens_per_s": nseq * ctx / t_prefill,
+                         "decode_tokens_per_s": nseq * steps / dt, "cells": nseq * (ctx + steps)}
+            b.close()
+            log(f"streams: {nseq} sequences x {ctx} own tokens, {'unified' if unified else 'per-sequence streams'}: "
+                f"prefill {nseq * ctx / t_prefill:.0f} tok/s, decode {nseq * steps / dt:.0f} tok/s")
+    RESULTS["streams"] = out
 
 
 def _prefill(b, seq: int, tokens: list[int], pos0: int = 0, logits_last: bool = False) -> int | None:
@@ -660,7 +693,7 @@ def run_concurrent(srv: Server, prompts: list[list[int]], max_tokens: int, concu
 
 
 STAGES = {"env": stage_env, "h2d": stage_h2d, "state": stage_state, "scale": stage_scale,
-          "capacity": stage_capacity, "serve": stage_serve}
+          "capacity": stage_capacity, "serve": stage_serve, "streams": stage_streams}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -691,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-hot-mb", type=float, default=4096)
     p.add_argument("--ttft-requests", type=int, default=20)
     p.add_argument("--concurrency", default="32,64")
+    p.add_argument("--streams-seqs", default="8,32,64", help="sequence counts of the streams stage")
     p.add_argument("--serve-systems", default="kv3d,kv3d_keep_idle,plain",
                    help="kv3d (defaults), kv3d_keep_idle (cache.hot_idle_s=null: idle sessions stay hot), "
                         "plain (safe mode)")
@@ -700,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-timeout", type=float, default=300)
     a = p.parse_args(argv)
     a.concurrency = [int(x) for x in a.concurrency.split(",") if x]
+    a.streams_seqs = [int(x) for x in a.streams_seqs.split(",") if x]
     Path(a.workdir).mkdir(parents=True, exist_ok=True)
     if a.out.exists():
         RESULTS.update(json.loads(a.out.read_text()))

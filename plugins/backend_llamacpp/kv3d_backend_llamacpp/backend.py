@@ -205,6 +205,7 @@ class LlamaCppBackend(ExecutionBackend):
         type_v: str = "f16",
         swa_full: bool = False,
         state_staging: str = "auto",
+        kv_unified: bool = True,
         **unknown: object,
     ) -> None:
         if unknown:
@@ -258,7 +259,11 @@ class LlamaCppBackend(ExecutionBackend):
         cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
         cparams.type_k = tk
         cparams.type_v = tv
-        cparams.kv_unified = True
+        # one cell pool for all sequences: what lets seq_cp share a prefix's cells. False gives
+        # every sequence a KV stream of its own (n_ctx / n_seq_max cells; attention over its own
+        # cells only; seq_cp between streams copies) -- for benchmarks: the prefix cache's cell
+        # ledger assumes sharing, so the engine refuses it unless the cache is off
+        cparams.kv_unified = bool(kv_unified)
         cparams.swa_full = bool(swa_full)
         cparams.no_perf = True
         self._ctx = L.llama_init_from_model(model, cparams)
@@ -315,6 +320,7 @@ class LlamaCppBackend(ExecutionBackend):
                 "type_k": type_k,
                 "type_v": type_v,
                 "state_staging": ("pinned" if self._staging.pinned else "pooled") if self._staging else "off",
+                "kv_unified": bool(kv_unified),
             },
         )
         log.info("loaded %s (%s, %d layers) with %d cells, %d sequences, %d threads",
