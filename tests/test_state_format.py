@@ -565,3 +565,28 @@ def test_state_staging_pool_round_trips_and_reuses_its_buffers(smol, chat, blob)
             sf.allocate(arrays, lambda n: np.empty(n - 1, np.uint8))
     finally:
         b.close()
+
+
+def test_kv_unified_false_gives_each_sequence_its_own_stream_and_the_engine_refuses_it():
+    """``backend.kv_unified=false`` (benchmarks): every sequence gets a KV stream of its own,
+    sized n_ctx / n_seq_max, so a sequence can no longer take cells beyond its share; the
+    engine refuses it unless the cache is off, since prefix sharing needs one cell pool."""
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+    from kv3d_core.errors import ConfigError, KVCacheFullError
+
+    b = make_backend(kv_unified=False)                       # 2048 cells, 4 streams of 512
+    try:
+        assert b.info.build["kv_unified"] is False
+        decode(b, 0, list(range(100, 600)))                  # fits its own stream
+        decode(b, 1, list(range(100, 400)))
+        assert b.seq_pos_max(0) == 499 and b.seq_pos_max(1) == 299
+        with pytest.raises(KVCacheFullError):
+            decode(b, 2, list(range(100, 700)))              # more than a stream holds
+    finally:
+        b.close()
+    with pytest.raises(ConfigError, match="safe_mode"):
+        Engine(compose(["backend.kv_unified=false", "server.threads=1", "cache.gpu_hot_mb=16"]))
+    with Engine(compose(["backend.kv_unified=false", "safe_mode=true", "server.threads=1",
+                         "cache.gpu_hot_mb=16", "scheduler.n_seq_max=4"])) as eng:
+        assert eng.info.build["kv_unified"] is False
