@@ -47,7 +47,7 @@ class CacheSchema:
     ssd_cold_path: str = "~/.cache/kv3d/cold"
     ssd_cold_mb: float = 4096
     min_snapshot_tokens: int = 32
-    hot_idle_s: Optional[float] = 2.0
+    hot_idle_s: Optional[float] = None
     hot_idle_watermark: float = 0.5
 
 
