@@ -176,17 +176,18 @@ def test_a_spilled_family_snapshot_comes_back_with_room_made_for_it():
         assert not eng.monitor.disabled
 
 
-@pytest.mark.parametrize("hot_idle_s", [0, None])
-def test_idle_sessions_leave_the_hot_tier_while_others_run(hot_idle_s):
+@pytest.mark.parametrize("hot_idle_s,watermark", [(0, 0), (None, 0), (0, 1)])
+def test_idle_sessions_leave_the_hot_tier_while_others_run(hot_idle_s, watermark):
     """``cache.hot_idle_s``: an idle session's cells slow every step of the unified KV
-    cache, so while other requests run, a session idle longer than that spills to the
-    warm tier (its family snapshot follows once no sequence shares it) and its next
-    turn is restored from there. ``null`` keeps it hot until its cells are needed."""
+    cache, so while other requests run and the hot tier is fuller than
+    ``hot_idle_watermark``, a session idle longer than that spills to the warm tier (its
+    family snapshot follows once no sequence shares it) and its next turn is restored
+    from there. ``null`` (the default), or a tier under its watermark, keeps it hot."""
     from kv3d_core.config import compose
     from kv3d_core.engine.engine import Engine
 
-    cfg = ["server.threads=2", "+codec=int8", "safety.quality_sample_every=0", "cache.hot_idle_watermark=0",
-           f"cache.hot_idle_s={'null' if hot_idle_s is None else hot_idle_s}"]
+    cfg = ["server.threads=2", "+codec=int8", "safety.quality_sample_every=0",
+           f"cache.hot_idle_watermark={watermark}", f"cache.hot_idle_s={'null' if hot_idle_s is None else hot_idle_s}"]
     with Engine(compose(cfg)) as eng:
         reply, _ = engine_chat(eng, first_turn(1))
         on_scheduler = lambda fn: eng.scheduler.call(fn).result(timeout=60)   # after the release
@@ -195,7 +196,7 @@ def test_idle_sessions_leave_the_hot_tier_while_others_run(hot_idle_s):
         on_scheduler(lambda: None)
         m = eng.metrics
         spilled = m.idle_spills.labels("session")._value.get()
-        if hot_idle_s is None:
+        if hot_idle_s is None or watermark == 1:
             assert session.hot and spilled == 0, "kept hot: its cells were never needed"
             return
         assert spilled == 1 and not session.hot and session.state.value == "warm"

@@ -299,7 +299,9 @@ class PrefixCache:
         only while requests run (an idle server pays nothing for what it keeps). Sessions
         go first; a family snapshot becomes idle when the last sequence sharing it goes
         and may leave ``hot_idle_s`` later. Only with a tier below to spill to (without
-        one, idle entries stay until their cells are needed). Returns the entries spilled."""
+        one, idle entries stay until their cells are needed). Off unless configured: on
+        the 2-core CPU bench it cost tokens/s, on the H200 it cut hits' TTFT (measured both
+        ways in docs/BENCHMARKS.md). Returns the entries spilled."""
         if self.hot_idle_s is None or self.tiers is None or not self.enabled or not self._idle:
             return 0
         limit = self.hot_idle_watermark * self.ledger.n_cells
