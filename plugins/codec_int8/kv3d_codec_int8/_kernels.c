@@ -16,30 +16,26 @@
 #include <stdint.h>
 #include <string.h>
 
-#define KV3D_BODY                                                             \
-    for (int64_t g = 0; g < n_groups; g++) {                                  \
-        const float s = scale[g];                                             \
-        const int8_t *c = codes + g * group;                                  \
-        uint16_t *o = out + g * group;                                        \
-        for (int64_t j = 0; j < group; j++) {                                 \
-            const int32_t q = c[j];                                           \
-            const float y = (float)(q < 0 ? -q : q) * s;                      \
-            uint32_t b;                                                       \
-            memcpy(&b, &y, sizeof b);                                         \
-            o[j] = (uint16_t)((b >> 13) | (q < 0 ? 0x8000u : 0u));            \
-        }                                                                     \
-    }
+/* One value: the float16 bits of |q| * s (one float32 multiply), cut to 16 bits, sign from q. */
+static inline uint16_t bits1(int32_t q, float s) {
+    const float y = (float)(q < 0 ? -q : q) * s;
+    uint32_t b;
+    memcpy(&b, &y, sizeof b);
+    return (uint16_t)((b >> 13) | (q < 0 ? 0x8000u : 0u));
+}
 
 static void dequant_generic(const int8_t *codes, const float *scale, int64_t n_groups, int64_t group,
                             uint16_t *out) {
-    KV3D_BODY
+    for (int64_t g = 0; g < n_groups; g++)
+        for (int64_t j = 0; j < group; j++)
+            out[g * group + j] = bits1(codes[g * group + j], scale[g]);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
 /* 8 codes -> 8 int32 holding the float16 bits (low 16 bits; the mask keeps exactly
- * what the generic loop's cast to uint16 keeps). */
+ * what bits1's cast to uint16 keeps). */
 __attribute__((target("avx2")))
 static inline __m256i bits8(const int8_t *c, __m256 s) {
     const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)c));
@@ -63,14 +59,8 @@ static void dequant_avx2(const int8_t *codes, const float *scale, int64_t n_grou
             const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
             _mm256_storeu_si256((__m256i *)(o + j), packed);
         }
-        const float sf = scale[g];
-        for (; j < group; j++) {
-            const int32_t q = c[j];
-            const float y = (float)(q < 0 ? -q : q) * sf;
-            uint32_t b;
-            memcpy(&b, &y, sizeof b);
-            o[j] = (uint16_t)((b >> 13) | (q < 0 ? 0x8000u : 0u));
-        }
+        for (; j < group; j++)
+            o[j] = bits1(c[j], scale[g]);
     }
 }
 #endif
