@@ -12,8 +12,17 @@
  * run time where the CPU has it. The bits do not depend on which one runs (one IEEE
  * multiply per value, nothing to contract into an FMA). No Python API: a plain shared
  * library, so it builds without the Python headers.
+ *
+ * kv3d_int8_decode_chunks decodes whole chunks of a payload in one call: each chunk's
+ * two zstd frames (high and low nibbles of its codes) are decompressed into small
+ * buffers, joined, and dequantized straight into the caller's output arrays. zstd comes in as two function pointers (ZSTD_decompressDCtx,
+ * ZSTD_isError of the system's libzstd, resolved by kernels.py), so this file needs no
+ * zstd headers and links nothing. ctypes releases the GIL for the call: a restore's
+ * chunks decode on several cores at once.
  */
+#include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* One value: the float16 bits of |q| * s (one float32 multiply), cut to 16 bits, sign from q. */
@@ -63,13 +72,54 @@ static void dequant_avx2(const int8_t *codes, const float *scale, int64_t n_grou
             o[j] = bits1(c[j], scale[g]);
     }
 }
+
+/* 16 codes -> 16 float16 bits: the same steps on 16 lanes; the narrowing store keeps the
+ * low 16 bits of each lane (what bits1's cast keeps), the sign comes in by mask. */
+__attribute__((target("avx512f,avx512bw")))
+static void dequant_avx512(const int8_t *codes, const float *scale, int64_t n_groups, int64_t group,
+                           uint16_t *out) {
+    const __m512i sign = _mm512_set1_epi32(0x8000);
+    for (int64_t g = 0; g < n_groups; g++) {
+        const int8_t *c = codes + g * group;
+        uint16_t *o = out + g * group;
+        const __m512 s = _mm512_set1_ps(scale[g]);
+        int64_t j = 0;
+        for (; j + 16 <= group; j += 16) {
+            const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + j)));
+            const __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_abs_epi32(q)), s);
+            const __m512i b = _mm512_srli_epi32(_mm512_castps_si512(y), 13);
+            const __m512i r = _mm512_mask_or_epi32(b, _mm512_cmplt_epi32_mask(q, _mm512_setzero_si512()), b, sign);
+            _mm256_storeu_si256((__m256i *)(o + j), _mm512_cvtepi32_epi16(r));
+        }
+        for (; j < group; j++)
+            o[j] = bits1(c[j], scale[g]);
+    }
+}
 #endif
 
-/* The kernel; returns 0. Every value of out[0 .. n_groups*group) is written. */
-int kv3d_int8_dequant(const int8_t *codes, const float *scale, int64_t n_groups, int64_t group,
-                      uint16_t *out) {
+/* Which build runs here: 3 = AVX-512, 2 = AVX2, 1 = generic. */
+int kv3d_int8_kernel_level(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (__builtin_cpu_supports("avx2")) {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+        return 3;
+    if (__builtin_cpu_supports("avx2"))
+        return 2;
+#endif
+    return 1;
+}
+
+/* The kernel of one build (level as above; tests compare them); returns 0, or -1 when
+ * this CPU cannot run that build. Every value of out[0 .. n_groups*group) is written. */
+int kv3d_int8_dequant_at(int level, const int8_t *codes, const float *scale, int64_t n_groups, int64_t group,
+                         uint16_t *out) {
+    if (level < 1 || level > kv3d_int8_kernel_level())
+        return -1;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (level == 3) {
+        dequant_avx512(codes, scale, n_groups, group, out);
+        return 0;
+    }
+    if (level == 2) {
         dequant_avx2(codes, scale, n_groups, group, out);
         return 0;
     }
@@ -78,11 +128,93 @@ int kv3d_int8_dequant(const int8_t *codes, const float *scale, int64_t n_groups,
     return 0;
 }
 
-/* Which build runs here: 2 = AVX2, 1 = generic. */
-int kv3d_int8_kernel_level(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (__builtin_cpu_supports("avx2"))
-        return 2;
-#endif
-    return 1;
+/* The kernel, on the best build this CPU runs; returns 0. */
+int kv3d_int8_dequant(const int8_t *codes, const float *scale, int64_t n_groups, int64_t group,
+                      uint16_t *out) {
+    static int level = 0;           /* benign race: every thread computes the same value */
+    if (level == 0)
+        level = kv3d_int8_kernel_level();
+    return kv3d_int8_dequant_at(level, codes, scale, n_groups, group, out);
+}
+
+typedef size_t (*zstd_decompress_fn)(void *dctx, void *dst, size_t capacity, const void *src, size_t size);
+typedef unsigned (*zstd_is_error_fn)(size_t code);
+
+/* The codes of one chunk from its two nibble streams (see codec.py): byte k of hi holds
+ * the high nibbles of codes 2k (in its high nibble) and 2k+1, byte k of lo their low
+ * nibbles. n codes are written. */
+static void join_nibbles(const uint8_t *hi, const uint8_t *lo, int64_t n, uint8_t *codes) {
+    int64_t k = 0;
+    for (; 2 * k + 1 < n; k++) {
+        codes[2 * k] = (uint8_t)((hi[k] & 0xF0u) | (lo[k] >> 4));
+        codes[2 * k + 1] = (uint8_t)((hi[k] << 4) | (lo[k] & 0x0Fu));
+    }
+    if (2 * k < n)
+        codes[2 * k] = (uint8_t)((hi[k] & 0xF0u) | (lo[k] >> 4));
+}
+
+/* Chunks [first, last) of a payload, straight into the output arrays.
+ *
+ *   chunk i                          groups [i*chunk_groups, min(n_groups, (i+1)*chunk_groups))
+ *   frame f: payload + starts[f] .. ends[f]
+ *       with decompress given:       frames 2i and 2i+1 are chunk i's zstd frames of the high
+ *                                    and the low nibbles (ceil(codes/2) bytes each)
+ *       else:                        frame i is chunk i's raw codes
+ *   scale[g]                         group g's float32 scale (times F16_SHIFT)
+ *   targets[t], spans[t]..spans[t+1] output array t (uint16) holds the groups
+ *                                    [spans[t], spans[t+1]) of the flat buffer
+ *
+ * The caller has checked the layout: frames inside the payload, spans[0] = 0,
+ * spans[n_targets] = n_groups. dctx is a ZSTD_DCtx of this caller's thread alone.
+ * Returns 0, or -1 - i when chunk i is damaged (zstd error, checksum mismatch, or a frame
+ * of another size than the layout's); -1 - first when the buffers cannot be allocated. */
+int64_t kv3d_int8_decode_chunks(void *decompress, void *is_error, void *dctx, const uint8_t *payload,
+                                const int64_t *starts, const int64_t *ends, int64_t first, int64_t last,
+                                int64_t chunk_groups, int64_t n_groups, int64_t group, const float *scale,
+                                const int64_t *spans, const uint64_t *targets, int64_t n_targets) {
+    uint8_t *buf = NULL;
+    const int64_t most = chunk_groups * group, half_most = (most + 1) / 2;
+    if (decompress != NULL && last > first) {
+        buf = (uint8_t *)malloc((size_t)(most + 2 * half_most));
+        if (buf == NULL)
+            return -1 - first;
+    }
+    int64_t t = 0;
+    for (int64_t i = first; i < last; i++) {
+        const int64_t ca = i * chunk_groups, cb = ca + chunk_groups < n_groups ? ca + chunk_groups : n_groups;
+        const int64_t need = (cb - ca) * group, half = (need + 1) / 2;
+        const int8_t *codes;
+        if (decompress != NULL) {
+            uint8_t *hi = buf + most, *lo = hi + half_most;
+            for (int s = 0; s < 2; s++) {
+                const int64_t f = 2 * i + s;
+                const size_t got = ((zstd_decompress_fn)decompress)(dctx, s ? lo : hi, (size_t)half, payload + starts[f],
+                                                                    (size_t)(ends[f] - starts[f]));
+                if (((zstd_is_error_fn)is_error)(got) || got != (size_t)half) {
+                    free(buf);
+                    return -1 - i;
+                }
+            }
+            join_nibbles(hi, lo, need, buf);
+            codes = (const int8_t *)buf;
+        } else {
+            if (ends[i] - starts[i] != need)
+                return -1 - i;
+            codes = (const int8_t *)(payload + starts[i]);
+        }
+        for (int64_t g = ca; g < cb;) {                 /* the chunk's part in each target */
+            while (t < n_targets && spans[t + 1] <= g)
+                t++;
+            if (t >= n_targets) {
+                free(buf);
+                return -1 - i;
+            }
+            const int64_t stop = spans[t + 1] < cb ? spans[t + 1] : cb;
+            kv3d_int8_dequant(codes + (g - ca) * group, scale + g, stop - g, group,
+                              (uint16_t *)(uintptr_t)targets[t] + (g - spans[t]) * group);
+            g = stop;
+        }
+    }
+    free(buf);
+    return 0;
 }

@@ -3,21 +3,37 @@
 Built with the plugin (a setuptools extension marked optional: an install without a C
 compiler still works, on the numpy kernels). :func:`load` returns the kernel or None;
 :func:`dequant` is the call. The kernel gives exactly the bits of the numpy general
-kernel ``codec._dequantize`` for every scale (tested), about 6x faster on one core
-(AVX2 where the CPU has it, else the compiler's vectorization of plain C). ctypes
+kernel ``codec._dequantize`` for every scale (tested, on every build this CPU runs), 6-15x
+faster on one core (AVX-512 or AVX2 where the CPU has them, picked at run time, else the
+compiler's vectorization of plain C). ctypes
 releases the GIL for the call, so decode threads run it in parallel.
+
+:func:`decode_chunks` decodes whole chunks (zstd frame -> codes -> float16 bits in the
+output arrays) in one C call, with the system's zstd library (``libzstd.so.1``, loaded
+by :func:`zstd`; its ``ZSTD_decompressDCtx`` and ``ZSTD_isError`` are handed to the
+kernel as function pointers, one ``ZSTD_DCtx`` per thread). Without the library the
+codec decompresses with python-zstandard and calls :func:`dequant_ptr` per chunk.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import importlib.machinery
+import threading
 from pathlib import Path
 
 import numpy as np
 
 _lib: ctypes.CDLL | None = None
 _tried = False
+_zstd: "_Zstd | None" = None
+_zstd_tried = False
+_local = threading.local()
+
+#: Oldest libzstd taken (``ZSTD_versionNumber``): 1.4.0, from which ``ZSTD_decompressDCtx``
+#: and frame checksums behave as used here.
+ZSTD_MIN_VERSION = 10400
 
 
 def _find() -> Path | None:
@@ -42,6 +58,11 @@ def load() -> ctypes.CDLL | None:
                                                   ctypes.c_int64, ctypes.c_void_p]
                 lib.kv3d_int8_dequant.restype = ctypes.c_int
                 lib.kv3d_int8_kernel_level.restype = ctypes.c_int
+                lib.kv3d_int8_dequant_at.argtypes = [ctypes.c_int] + lib.kv3d_int8_dequant.argtypes
+                lib.kv3d_int8_dequant_at.restype = ctypes.c_int
+                lib.kv3d_int8_decode_chunks.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [
+                    ctypes.c_void_p] * 3 + [ctypes.c_int64]
+                lib.kv3d_int8_decode_chunks.restype = ctypes.c_int64
                 _lib = lib
             except (OSError, AttributeError):
                 _lib = None
@@ -49,16 +70,22 @@ def load() -> ctypes.CDLL | None:
 
 
 def level() -> str:
-    """``avx2``, ``generic`` (compiled, no AVX2 here) or ``numpy`` (not built)."""
+    """``avx512``, ``avx2``, ``generic`` (compiled, neither here) or ``numpy`` (not built)."""
     lib = load()
     if lib is None:
         return "numpy"
-    return "avx2" if lib.kv3d_int8_kernel_level() == 2 else "generic"
+    return LEVELS.get(lib.kv3d_int8_kernel_level(), "generic")
 
 
-def dequant(codes: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+#: The builds of the kernel, by the level number ``_kernels.c`` gives them.
+LEVELS = {1: "generic", 2: "avx2", 3: "avx512"}
+
+
+def dequant(codes: np.ndarray, scale: np.ndarray, out: np.ndarray, build: str | None = None) -> None:
     """``out`` (uint16 ``[g, group]``, C-contiguous) = float16 bits of ``codes * scale /
-    F16_SHIFT`` (``codes`` int8 ``[g, group]``, ``scale`` float32 ``[g]``, both C-contiguous)."""
+    F16_SHIFT`` (``codes`` int8 ``[g, group]``, ``scale`` float32 ``[g]``, both C-contiguous),
+    on the best build this CPU runs, or on ``build`` (one of :data:`LEVELS`' names;
+    ValueError when this CPU cannot run it)."""
     lib = load()
     assert lib is not None
     g, group = codes.shape
@@ -66,8 +93,12 @@ def dequant(codes: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
             or scale.dtype != np.float32 or not (codes.flags.c_contiguous and out.flags.c_contiguous
                                                   and scale.flags.c_contiguous and out.flags.writeable):
         raise ValueError("dequant: arrays of the wrong shape, type or layout")
+    level = 0 if build is None else {v: k for k, v in LEVELS.items()}[build]
+    if level and lib.kv3d_int8_kernel_level() < level:
+        raise ValueError(f"this CPU cannot run the {build} build")
     if g:
-        lib.kv3d_int8_dequant(codes.ctypes.data, scale.ctypes.data, g, group, out.ctypes.data)
+        lib.kv3d_int8_dequant_at(level or lib.kv3d_int8_kernel_level(), codes.ctypes.data, scale.ctypes.data,
+                                 g, group, out.ctypes.data)
 
 
 def dequant_ptr(codes: int, scale: int, n_groups: int, group: int, out: int) -> None:
@@ -75,3 +106,57 @@ def dequant_ptr(codes: int, scale: int, n_groups: int, group: int, out: int) -> 
     layout once for the whole payload): ``n_groups`` groups of ``group`` int8 codes at
     ``codes``, their float32 scales at ``scale``, uint16 output at ``out``."""
     _lib.kv3d_int8_dequant(codes, scale, n_groups, group, out)
+
+
+class _Zstd:
+    """The system zstd library: function pointers for the kernel, a DCtx per thread."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        lib.ZSTD_versionNumber.restype = ctypes.c_uint
+        lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+        lib.ZSTD_createDCtx.argtypes = []
+        self.version = int(lib.ZSTD_versionNumber())
+        self.lib = lib
+        self.decompress = ctypes.cast(lib.ZSTD_decompressDCtx, ctypes.c_void_p).value
+        self.is_error = ctypes.cast(lib.ZSTD_isError, ctypes.c_void_p).value
+
+    def dctx(self) -> int:
+        """This thread's decompression context (made once per thread, kept for its life)."""
+        d = getattr(_local, "dctx", None)
+        if d is None:
+            d = self.lib.ZSTD_createDCtx()
+            if not d:
+                raise MemoryError("ZSTD_createDCtx failed")
+            _local.dctx = d
+        return d
+
+
+def zstd() -> _Zstd | None:
+    """The system zstd library (1.4 or newer), or None when there is none."""
+    global _zstd, _zstd_tried
+    if not _zstd_tried:
+        _zstd_tried = True
+        for name in (ctypes.util.find_library("zstd"), "libzstd.so.1", "libzstd.dylib"):
+            if not name:
+                continue
+            try:
+                z = _Zstd(ctypes.CDLL(name))
+            except (OSError, AttributeError):
+                continue
+            if z.version >= ZSTD_MIN_VERSION:
+                _zstd = z
+                break
+    return _zstd
+
+
+def decode_chunks(z: _Zstd | None, payload: int, starts: int, ends: int, first: int, last: int,
+                  chunk_groups: int, n_groups: int, group: int, scale: int, spans: int, targets: int,
+                  n_targets: int) -> int:
+    """Chunks ``[first, last)`` of a payload (raw addresses, layout checked by the caller),
+    decompressed with ``z`` (None: the frames are raw codes) and dequantized into the
+    targets; 0, or ``-1 - i`` when chunk ``i`` is damaged. See ``_kernels.c``."""
+    if z is None:
+        return _lib.kv3d_int8_decode_chunks(None, None, None, payload, starts, ends, first, last,
+                                            chunk_groups, n_groups, group, scale, spans, targets, n_targets)
+    return _lib.kv3d_int8_decode_chunks(z.decompress, z.is_error, z.dctx(), payload, starts, ends, first, last,
+                                        chunk_groups, n_groups, group, scale, spans, targets, n_targets)
