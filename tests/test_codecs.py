@@ -362,6 +362,8 @@ def test_int8_decoders_agree_on_nibble_frames(pm, n, group_dims):
     u = np.random.default_rng(1).integers(0, 256, 1001, dtype=np.uint8)
     for m in (1001, 1000, 1):
         hi, lo = split_nibbles(u[:m])
+        c_hi, c_lo = kernels.split_nibbles(u[:m])               # the encoder's compiled split
+        assert np.array_equal(hi, c_hi) and np.array_equal(lo, c_lo)
         back = np.empty(m, np.uint8)
         join_nibbles(hi, lo, back)
         assert np.array_equal(back, u[:m])

@@ -153,6 +153,21 @@ static void join_nibbles(const uint8_t *hi, const uint8_t *lo, int64_t n, uint8_
         codes[2 * k] = (uint8_t)((hi[k] & 0xF0u) | (lo[k] >> 4));
 }
 
+/* The inverse, for the encoder: hi/lo (ceil(n/2) bytes each) from n codes; an odd last
+ * code is paired with 0. */
+void kv3d_int8_split_nibbles(const uint8_t *codes, int64_t n, uint8_t *hi, uint8_t *lo) {
+    int64_t k = 0;
+    for (; 2 * k + 1 < n; k++) {
+        const uint8_t e = codes[2 * k], o = codes[2 * k + 1];
+        hi[k] = (uint8_t)((e & 0xF0u) | (o >> 4));
+        lo[k] = (uint8_t)((e << 4) | (o & 0x0Fu));
+    }
+    if (2 * k < n) {
+        hi[k] = (uint8_t)(codes[2 * k] & 0xF0u);
+        lo[k] = (uint8_t)(codes[2 * k] << 4);
+    }
+}
+
 /* Chunks [first, last) of a payload, straight into the output arrays.
  *
  *   chunk i                          groups [i*chunk_groups, min(n_groups, (i+1)*chunk_groups))

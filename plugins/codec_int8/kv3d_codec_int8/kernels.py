@@ -63,6 +63,9 @@ def load() -> ctypes.CDLL | None:
                 lib.kv3d_int8_decode_chunks.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [
                     ctypes.c_void_p] * 3 + [ctypes.c_int64]
                 lib.kv3d_int8_decode_chunks.restype = ctypes.c_int64
+                lib.kv3d_int8_split_nibbles.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                                        ctypes.c_void_p]
+                lib.kv3d_int8_split_nibbles.restype = None
                 _lib = lib
             except (OSError, AttributeError):
                 _lib = None
@@ -160,3 +163,15 @@ def decode_chunks(z: _Zstd | None, payload: int, starts: int, ends: int, first: 
                                             chunk_groups, n_groups, group, scale, spans, targets, n_targets)
     return _lib.kv3d_int8_decode_chunks(z.decompress, z.is_error, z.dctx(), payload, starts, ends, first, last,
                                         chunk_groups, n_groups, group, scale, spans, targets, n_targets)
+
+
+def split_nibbles(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The high and the low nibbles of ``codes`` (C-contiguous, one byte each), two to a
+    byte, as ``codec.split_nibbles`` gives them (the compiled kernel must be loaded)."""
+    u = np.ascontiguousarray(codes).reshape(-1).view(np.uint8)
+    half = (u.size + 1) // 2
+    hi, lo = np.empty(half, np.uint8), np.empty(half, np.uint8)
+    lib = load()
+    assert lib is not None, "the compiled kernel is not built"
+    lib.kv3d_int8_split_nibbles(u.ctypes.data, u.size, hi.ctypes.data, lo.ctypes.data)
+    return hi, lo
