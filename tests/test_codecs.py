@@ -318,6 +318,47 @@ def test_int8_fast_kernel_gives_the_general_kernels_bits(pm, monkeypatch):
         assert same_bits(general, c.decode_into(data, alloc_into(calls, "F")))
 
 
+@pytest.mark.parametrize("group", [64, 24, 8, 7])
+def test_int8_compiled_quantizer_gives_numpy_bits(pm, group):
+    """The encoder's compiled quantizer (each of its builds) gives the codes and scales of
+    the numpy reference ``_quantize`` bit for bit: random float16 bits of every magnitude
+    (subnormal, normal, up to 65504, where the scale is rounded down), zero and -0 groups;
+    an inf or a NaN anywhere is refused. So payloads do not depend on the kernel."""
+    from kv3d_codec_int8 import kernels
+    from kv3d_codec_int8.codec import _quantize
+
+    rng = np.random.default_rng(group)
+    bits = rng.integers(0, 0x7C00, (6000, group)).astype(np.uint16)          # every finite magnitude
+    bits |= (rng.random((6000, group)) < 0.5).astype(np.uint16) << 15       # either sign
+    x = bits.view(np.float16)
+    x[:400] *= np.float16(2.0 ** -14)                                       # subnormal groups
+    x[400:500] = rng.normal(0, 1, (100, group)).astype(np.float16)
+    x[500:510] = 0
+    x[510:520] = np.float16(-0.0)
+    x[520:530, 0] = np.float16(65504)                                       # 127*ceil(t) > 65504
+    x[530:540, 0] = np.float16(-65504)
+    x[540:550, :] = np.float16(515.5)
+    want_codes, want_scale = _quantize(x)
+    builds = [b for b in kernels.QUANTIZE_LEVELS.values() if b == "generic" or group % 8 == 0]
+    for build in [None, *builds]:
+        got = kernels.quantize(x, build)
+        assert got is not None
+        assert np.array_equal(got[0], want_codes), build
+        assert np.array_equal(got[1].view(np.uint16), want_scale.view(np.uint16)), build
+    for bad in (np.inf, -np.inf, np.nan):
+        y = x.copy()
+        y[3000, group // 2] = bad
+        for build in [None, *builds]:
+            assert kernels.quantize(y, build) is None
+    inf_kv = KVArrays(np.arange(2, dtype=np.int32), [np.full((2, 64), np.inf, np.float16)],
+                      [np.zeros((2, 64), np.float16)], 64, 64, {})
+    for kernel in ("auto", "numpy"):
+        with pytest.raises(CodecError, match="inf/NaN"):
+            make(pm, "int8", kernel=kernel).encode(inf_kv)
+    a = synth_kv(n=200, n_layer=4)
+    assert make(pm, "int8").encode(a) == make(pm, "int8", kernel="numpy").encode(a)
+
+
 def test_int8_compiled_kernel_is_built_and_matches_numpy_on_any_codes(pm):
     """The plugin builds ``_kernels.c`` (setup needs a C compiler, as llama-cpp-python does);
     on random codes and every kind of float16 scale (zero, subnormal, normal, huge) and a

@@ -20,6 +20,7 @@
  * zstd headers and links nothing. ctypes releases the GIL for the call: a restore's
  * chunks decode on several cores at once.
  */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -139,6 +140,153 @@ int kv3d_int8_dequant(const int8_t *codes, const float *scale, int64_t n_groups,
 
 typedef size_t (*zstd_decompress_fn)(void *dctx, void *dst, size_t capacity, const void *src, size_t size);
 typedef unsigned (*zstd_is_error_fn)(size_t code);
+
+/* ---- encoder: the quantizer ------------------------------------------------------------
+ * kv3d_int8_quantize gives, bit for bit, what codec._quantize (numpy) gives:
+ *   am = max |x| over the group (float32), t = am / 127 in double,
+ *   s  = the smallest float16 >= t, or the largest <= t where 127*s would pass 65504,
+ *   q  = clamp(rint(x / s), -127, 127) with one float32 division (0 where s = 0).
+ * Every step is one IEEE operation (conversions exact, rint half to even), so the
+ * AVX2/F16C loop and the plain one agree with numpy. */
+
+/* float16 bits -> float (exact; subnormals, inf and NaN too). */
+static inline float h2f(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    uint32_t f;
+    if (e == 0) {
+        float v = (float)m * (1.0f / 16777216.0f);      /* m * 2**-24, exact */
+        memcpy(&f, &v, sizeof f);
+        f |= sign;
+    } else if (e == 31) {
+        f = sign | 0x7F800000u | (m << 13);
+    } else {
+        f = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    float r;
+    memcpy(&r, &f, sizeof r);
+    return r;
+}
+
+/* The smallest float16 >= t (0 <= t <= 65504), as bits. */
+static uint16_t f16_ceil(double t) {
+    uint16_t h;
+    if (t < 6.103515625e-05) {                     /* below 2**-14: subnormal steps of 2**-24 */
+        h = (uint16_t)(t * 16777216.0);
+    } else {
+        int e;
+        const double m = frexp(t, &e);             /* t = m * 2**e, 0.5 <= m < 1 */
+        h = (uint16_t)(((e + 14) << 10) | ((uint16_t)((m * 2.0 - 1.0) * 1024.0) & 0x3FFu));
+    }
+    while (h < 0x7BFFu && (double)h2f(h) < t)      /* the guess truncates: step up to t */
+        h++;
+    while (h > 0 && (double)h2f((uint16_t)(h - 1)) >= t)
+        h--;
+    return h;
+}
+
+/* The scale of a group whose largest magnitude is am (bits; 0 for a zero group). */
+static inline uint16_t scale_of(float am) {
+    if (am == 0.0f)
+        return 0;
+    const double t = (double)am / 127.0;
+    uint16_t h = f16_ceil(t);
+    if ((double)h2f(h) * 127.0 > 65504.0 && (double)h2f(h) != t)
+        h--;                                       /* the largest float16 <= t */
+    return h;
+}
+
+static inline int8_t code1(float x, float s) {
+    float q = rintf(x / s);
+    q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+    return (int8_t)q;
+}
+
+static int64_t quantize_generic(const uint16_t *x, int64_t n_groups, int64_t group, int8_t *codes,
+                                uint16_t *scale) {
+    for (int64_t g = 0; g < n_groups; g++) {
+        const uint16_t *xg = x + g * group;
+        float am = 0.0f;
+        for (int64_t j = 0; j < group; j++) {
+            if ((xg[j] & 0x7C00u) == 0x7C00u)
+                return -1 - g;
+            const float a = fabsf(h2f(xg[j]));
+            am = a > am ? a : am;
+        }
+        scale[g] = scale_of(am);
+        const float s = h2f(scale[g]);
+        for (int64_t j = 0; j < group; j++)
+            codes[g * group + j] = s > 0.0f ? code1(h2f(xg[j]), s) : 0;
+    }
+    return 0;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,f16c")))
+static int64_t quantize_avx2(const uint16_t *x, int64_t n_groups, int64_t group, int8_t *codes,
+                             uint16_t *scale) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    const __m256i exp16 = _mm256_set1_epi32(0x7C00);
+    for (int64_t g = 0; g < n_groups; g++) {
+        const uint16_t *xg = x + g * group;
+        __m256 m = _mm256_setzero_ps();
+        __m256i bad = _mm256_setzero_si256();
+        for (int64_t j = 0; j < group; j += 8) {
+            const __m128i h = _mm_loadu_si128((const __m128i *)(xg + j));
+            const __m256i e = _mm256_and_si256(_mm256_cvtepu16_epi32(h), exp16);
+            bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(e, exp16));
+            m = _mm256_max_ps(m, _mm256_and_ps(_mm256_cvtph_ps(h), absmask));
+        }
+        if (!_mm256_testz_si256(bad, bad))
+            return -1 - g;
+        float lanes[8];
+        _mm256_storeu_ps(lanes, m);
+        float am = 0.0f;
+        for (int k = 0; k < 8; k++)
+            am = lanes[k] > am ? lanes[k] : am;
+        scale[g] = scale_of(am);
+        const float s1 = h2f(scale[g]);
+        int8_t *cg = codes + g * group;
+        if (s1 == 0.0f) {
+            memset(cg, 0, (size_t)group);
+            continue;
+        }
+        const __m256 s = _mm256_set1_ps(s1);
+        for (int64_t j = 0; j < group; j += 8) {
+            const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(xg + j)));
+            __m256 q = _mm256_round_ps(_mm256_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+            const __m256i qi = _mm256_cvtps_epi32(q);
+            const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+            _mm_storel_epi64((__m128i *)(cg + j), _mm_packs_epi16(w, w));
+        }
+    }
+    return 0;
+}
+#endif
+
+/* Codes (int8, n_groups*group) and scales (float16 bits, n_groups) of n_groups groups of
+ * float16 values (bits); 0, or -1 - g when group g holds an inf or a NaN. */
+int64_t kv3d_int8_quantize(const uint16_t *x, int64_t n_groups, int64_t group, int8_t *codes, uint16_t *scale) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (group % 8 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+        return quantize_avx2(x, n_groups, group, codes, scale);
+#endif
+    return quantize_generic(x, n_groups, group, codes, scale);
+}
+
+/* The quantizer of one build (1 = plain C, 2 = AVX2/F16C; tests compare them); -2 when
+ * this CPU or group size cannot run it. */
+int64_t kv3d_int8_quantize_at(int level, const uint16_t *x, int64_t n_groups, int64_t group, int8_t *codes,
+                              uint16_t *scale) {
+    if (level == 1)
+        return quantize_generic(x, n_groups, group, codes, scale);
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (level == 2 && group % 8 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+        return quantize_avx2(x, n_groups, group, codes, scale);
+#endif
+    return -2;
+}
 
 /* The codes of one chunk from its two nibble streams (see codec.py): byte k of hi holds
  * the high nibbles of codes 2k (in its high nibble) and 2k+1, byte k of lo their low

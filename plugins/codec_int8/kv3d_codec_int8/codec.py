@@ -247,7 +247,13 @@ class Int8Codec(DeltaCodec):
 
         def work(i: int) -> None:
             a, b = i * cg, min(n_groups, (i + 1) * cg)
-            codes, scales[a:b] = _quantize(x[a:b])
+            if self._compiled:                        # the same bits as _quantize, ~10x faster
+                got = kernels.quantize(x[a:b])
+                if got is None:
+                    raise CodecError("KV holds inf/NaN values; int8 cannot code them")
+                codes, scales[a:b] = got
+            else:
+                codes, scales[a:b] = _quantize(x[a:b])
             if level:
                 hi, lo = (kernels.split_nibbles(codes) if self._compiled
                           else split_nibbles(codes.reshape(-1).view(np.uint8)))
