@@ -139,8 +139,11 @@ def test_targets_report_met_and_missed_with_reasons():
 
 # -- real runs through the CLI -----------------------------------------------------------------------
 def test_bench_run_kv3d_against_safe_mode(tmp_path):
+    """Two rounds (the systems in turn, twice): the report's figures are those of the median
+    round (no peer: by kv3d's tokens/s, the lower of two), and ``rounds`` lists both rounds of
+    both systems."""
     out = tmp_path / "run"
-    bench([*SMALL, "systems=[kv3d,kv3d_safe]", f"hydra.run.dir={out}"])
+    bench([*SMALL, "systems=[kv3d,kv3d_safe]", "rounds=2", f"hydra.run.dir={out}"])
     rep = json.loads((out / "report.json").read_text())
     for key in report.REPORT_KEYS:
         assert key in rep
@@ -168,11 +171,20 @@ def test_bench_run_kv3d_against_safe_mode(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "| kv3d |" in md and "| kv3d_safe |" in md and "## Targets" in md
+    rounds = rep["rounds"]
+    assert rounds["count"] == 2
+    assert rounds["chosen"] == min(rounds["systems"]["kv3d"], key=lambda x: x["tokens_per_s"])["round"]
+    for name, s in systems.items():
+        per = rounds["systems"][name]
+        assert [x["round"] for x in per] == [0, 1] and all(x["tokens_per_s"] > 0 for x in per)
+        assert s["round"] == rounds["chosen"] and s["tokens_per_s"] == per[s["round"]]["tokens_per_s"]
+    assert len(rounds["ratios"]) == 2 and "## Rounds" in md
     lines = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
-    assert len(lines) == 16 and {x["system"] for x in lines} == {"kv3d", "kv3d_safe"}
+    assert len(lines) == 32 and {x["system"] for x in lines} == {"kv3d", "kv3d_safe"}
+    assert sorted({x["round"] for x in lines}) == [0, 1]
     assert any(x["hit"] for x in lines if x["system"] == "kv3d")
     # follow-ups resent their history: their prompts are longer than their first turn's
-    kv_lines = {x["index"]: x for x in lines if x["system"] == "kv3d"}
+    kv_lines = {x["index"]: x for x in lines if x["system"] == "kv3d" and x["round"] == 0}
     for x in kv_lines.values():
         if x["turn"] > 0:
             first = next(y for y in kv_lines.values() if y["session"] == x["session"] and y["turn"] == 0)

@@ -10,7 +10,15 @@
      "workload": {...}, "machine": {...},
      "targets":  {"sessions_per_gb" | "ttft_hit_vs_miss" | "tokens_per_s":
                    {"goal", "value", "threshold", "met", "why"}},
+     "rounds":   {"count", "chosen": round, "systems": {system: [{"round", "tokens_per_s",
+                   "ttft_p50_s", "ttft_p50_hit_s", "ttft_p50_miss_s", "wall_s", "loadavg_1m_start_end"}]},
+                  "ratios": [{per-round ratios}], "ratio_range": {ratio: [min, max]}},
      "overrides": [...], "out_dir": "..."}
+
+With ``rounds`` > 1 every system runs once per round, in turn; the figures reported are
+those of the median round (by kv3d's tokens/s over the peer's of that round; without the
+peer, by the first system's tokens/s), and ``rounds`` shows every round and its ratios
+(kv3d against the peer of the same round: a noisy machine drifts between rounds).
 
 A ratio or target that cannot be computed (the peer not run, no hits) is null
 with the reason in ``why``. Targets are never adjusted to the results: a missed
@@ -182,6 +190,24 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+ROUND_KEYS = ("tokens_per_s", "ttft_p50_s", "ttft_p50_hit_s", "ttft_p50_miss_s", "wall_s", "loadavg_1m_start_end")
+
+
+def rounds_summary(round_figures: list[dict[str, dict]], round_ratios: list[dict], chosen: int) -> dict:
+    """``report.json``'s ``rounds``: every round's headline figures per system
+    (``round_figures[r][system]``), the kv3d/peer ratios of each round and their range,
+    and the round whose figures the report gives."""
+    systems = list(round_figures[0]) if round_figures else []
+    per_system = {n: [{"round": r, **{k: this[n].get(k) for k in ROUND_KEYS}} for r, this in enumerate(round_figures)]
+                  for n in systems}
+    rng: dict[str, list[float] | None] = {}
+    for k in (round_ratios[0] if round_ratios else {}):
+        vals = [r[k] for r in round_ratios if r.get(k) is not None]
+        rng[k] = [min(vals), max(vals)] if vals else None
+    return {"count": len(round_figures), "chosen": chosen, "systems": per_system, "ratios": round_ratios,
+            "ratio_range": rng}
+
+
 def system_table(systems: list[dict], label: str | None = None) -> list[str]:
     head = ("| " + ("run | " if label is not None else "") + "system | hit rate | TTFT p50 hit | TTFT p50 miss | "
             "TTFT p95 | req/s | gen tok/s | KV/session | sessions/GiB | RSS | restore p95 warm | restore p95 cold "
@@ -197,6 +223,34 @@ def system_table(systems: list[dict], label: str | None = None) -> list[str]:
             _fmt(s.get("rss_bytes"), "B"), _fmt(s.get("restore_p95_warm_s"), "s"),
             _fmt(s.get("restore_p95_cold_s"), "s"), _fmt(q.get("mean_kl"), "", 3)]) + " |")
     return lines
+
+
+def _range_note(report: dict, key: str) -> str:
+    rng = (report.get("rounds") or {}).get("ratio_range", {}).get(key)
+    if not rng or (report.get("rounds") or {}).get("count", 1) < 2:
+        return ""
+    return f" (rounds: {_fmt(rng[0], 'x', 3)} to {_fmt(rng[1], 'x', 3)})"
+
+
+def _rounds_lines(report: dict) -> list[str]:
+    """The table of rounds, when there was more than one."""
+    rounds = report.get("rounds") or {}
+    if rounds.get("count", 1) < 2:
+        return []
+    names = list(rounds["systems"])
+    head = "| round | " + " | ".join(f"{n} tok/s | {n} TTFT p50" for n in names) + " | tokens/s ratio |"
+    lines = ["## Rounds", "",
+             f"{rounds['count']} rounds, the systems in turn in each; the figures above are those of round "
+             f"{rounds['chosen'] + 1}, the median one (by kv3d's tokens/s over the peer's, else by the first "
+             f"system's tokens/s).", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in range(rounds["count"]):
+        cells = []
+        for n in names:
+            x = rounds["systems"][n][r]
+            cells += [_fmt(x.get("tokens_per_s")), _fmt(x.get("ttft_p50_s"), "s")]
+        ratio = rounds["ratios"][r].get("tokens_per_s") if r < len(rounds["ratios"]) else None
+        lines.append(f"| {r + 1} | " + " | ".join(cells) + f" | {_fmt(ratio, 'x', 3)} |")
+    return lines + [""]
 
 
 def write_markdown(path: Path, report: dict, plots: list[str]) -> None:
@@ -219,7 +273,8 @@ def write_markdown(path: Path, report: dict, plots: list[str]) -> None:
         "; ".join(f"{s['name']}: {s.get('sessions_per_gb_method')}" for s in report["systems"]
                   if s.get("sessions_per_gb_method")) + ".", "",
         "## Ratios (kv3d / llamacpp_peer)", "",
-        *[f"- {k}: {_fmt(v, 'x', 3)}" for k, v in report["ratios"].items()], "",
+        *[f"- {k}: {_fmt(v, 'x', 3)}" + _range_note(report, k) for k, v in report["ratios"].items()], "",
+        *_rounds_lines(report),
         "## Targets", "",
     ]
     for name, t in report["targets"].items():

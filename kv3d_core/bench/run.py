@@ -103,10 +103,10 @@ def peer_settings(cfg: DictConfig, spec: WorkloadSpec) -> dict[str, Any]:
             "cache_bytes": int(cache_mb * (1 << 20)), "cache_type": "ram"}
 
 
-def _write_requests(path: Path, name: str, run: DriveResult) -> None:
+def _write_requests(path: Path, name: str, run: DriveResult, round_: int = 0) -> None:
     with path.open("a", encoding="utf-8") as f:
         for r in run.results:
-            f.write(json.dumps({"system": name, "index": r.index, "session": r.session, "turn": r.turn,
+            f.write(json.dumps({"system": name, "round": round_, "index": r.index, "session": r.session, "turn": r.turn,
                                 "family": r.family, "reusable": r.reusable, "start_s": r.start_s, "ttft_s": r.ttft_s,
                                 "latency_s": r.latency_s, "prompt_tokens": r.prompt_tokens,
                                 "completion_tokens": r.completion_tokens, "cached_tokens": r.cached_tokens,
@@ -235,23 +235,40 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
     peer = peer_settings(cfg, spec)
     (out / "requests.jsonl").unlink(missing_ok=True)
 
-    results: dict[str, dict] = {}
-    peer_run: DriveResult | None = None
-    for name in systems:
-        sys_report, run = _run_system(name, cfg, wl, out, overrides, model_path, model_id, peer)
-        _write_requests(out / "requests.jsonl", name, run)
-        if name == PEER:
-            peer_run = run
-            sys_report["config"] = dict(peer)
-        else:
-            sys_report["config"] = kv3d_config(cfg, safe=name == KV3D_SAFE)
-        results[name] = sys_report
-        log.info("%s: %d requests in %.1fs, hit rate %s, %s tok/s", name, sys_report["requests"], run.wall_s,
-                 sys_report.get("hit_rate"), sys_report.get("tokens_per_s"))
+    rounds = int(cfg.rounds)
+    if rounds < 1:
+        raise BenchError(f"rounds={rounds}: run at least one round")
+    # the systems in turn, round after round: a machine whose speed drifts slows each alike
+    by_round: list[dict[str, tuple[dict, DriveResult]]] = []
+    for r in range(rounds):
+        this: dict[str, tuple[dict, DriveResult]] = {}
+        for name in systems:
+            sys_report, run = _run_system(name, cfg, wl, out, overrides, model_path, model_id, peer)
+            _write_requests(out / "requests.jsonl", name, run, r)
+            sys_report["round"] = r
+            sys_report["config"] = dict(peer) if name == PEER else kv3d_config(cfg, safe=name == KV3D_SAFE)
+            this[name] = (sys_report, run)
+            log.info("%s%s: %d requests in %.1fs, hit rate %s, %s tok/s", name,
+                     f" (round {r + 1}/{rounds})" if rounds > 1 else "", sys_report["requests"], run.wall_s,
+                     sys_report.get("hit_rate"), sys_report.get("tokens_per_s"))
+        by_round.append(this)
+    # the figures reported: those of the median round, by kv3d's tokens/s over the peer's of the
+    # same round (else by the first system's tokens/s), so the report's ratios are one round's
+    def rank(i: int) -> float:
+        this = by_round[i]
+        if KV3D in this and PEER in this:
+            return (this[KV3D][0].get("tokens_per_s") or 0.0) / (this[PEER][0].get("tokens_per_s") or float("inf"))
+        return this[systems[0]][0].get("tokens_per_s") or 0.0
 
-    if peer_run is not None:
-        state = measure_peer_state(out, model_path, peer_run, peer, cfg)
-        results[PEER].update(figures.peer_memory(state))
+    median_round = sorted(range(rounds), key=rank)[(rounds - 1) // 2]
+    results = {name: by_round[median_round][name][0] for name in systems}
+    chosen_run = {name: by_round[median_round][name][1] for name in systems}
+
+    peer_memory: dict[str, Any] = {}
+    if PEER in chosen_run:
+        state = measure_peer_state(out, model_path, chosen_run[PEER], peer, cfg)
+        peer_memory = figures.peer_memory(state)
+        results[PEER].update(peer_memory)
     q, q_why = quality(cfg, overrides, quality_cache_dir) if KV3D in results else (None, None)
     for name, s in results.items():
         s.setdefault("kv_bytes_per_session", None)
@@ -264,6 +281,10 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
 
     workload = wl.summary()
     targets, ratios = report.targets_and_ratios(results, workload, int(cfg.concurrency))
+    round_ratios = []
+    for this in by_round:              # kv3d against the peer of the same round
+        figs = {n: ({**rep_, **peer_memory} if n == PEER else rep_) for n, (rep_, _) in this.items()}
+        round_ratios.append(report.targets_and_ratios(figs, workload, int(cfg.concurrency))[1])
     try:
         machine["loadavg_end"] = list(os.getloadavg())
     except OSError:
@@ -271,6 +292,8 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
     rep = {
         "systems": [results[n] for n in systems],
         "ratios": ratios,
+        "rounds": report.rounds_summary([{n: rep_ for n, (rep_, _) in this.items()} for this in by_round],
+                                        round_ratios, median_round),
         "workload": workload,
         "machine": machine,
         "targets": targets,
