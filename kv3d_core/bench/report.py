@@ -242,7 +242,7 @@ def _rounds_lines(report: dict) -> list[str]:
     lines = ["## Rounds", "",
              f"{rounds['count']} rounds, the systems in turn in each; the figures above are those of round "
              f"{rounds['chosen'] + 1}, the median one (by kv3d's tokens/s over the peer's, else by the first "
-             f"system's tokens/s).", "", head, "|" + "---|" * (head.count("|") - 1)]
+             f"system's tokens/s; of an even count, the lower middle one).", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in range(rounds["count"]):
         cells = []
         for n in names:

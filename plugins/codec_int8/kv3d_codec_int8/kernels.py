@@ -78,16 +78,16 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
+#: The builds of the kernel, by the level number ``_kernels.c`` gives them.
+LEVELS = {1: "generic", 2: "avx2", 3: "avx512"}
+
+
 def level() -> str:
     """``avx512``, ``avx2``, ``generic`` (compiled, neither here) or ``numpy`` (not built)."""
     lib = load()
     if lib is None:
         return "numpy"
     return LEVELS.get(lib.kv3d_int8_kernel_level(), "generic")
-
-
-#: The builds of the kernel, by the level number ``_kernels.c`` gives them.
-LEVELS = {1: "generic", 2: "avx2", 3: "avx512"}
 
 
 def dequant(codes: np.ndarray, scale: np.ndarray, out: np.ndarray, build: str | None = None) -> None:
@@ -130,14 +130,25 @@ class _Zstd:
         self.is_error = ctypes.cast(lib.ZSTD_isError, ctypes.c_void_p).value
 
     def dctx(self) -> int:
-        """This thread's decompression context (made once per thread, kept for its life)."""
+        """This thread's decompression context (made once per thread, freed when it ends)."""
         d = getattr(_local, "dctx", None)
         if d is None:
-            d = self.lib.ZSTD_createDCtx()
-            if not d:
-                raise MemoryError("ZSTD_createDCtx failed")
-            _local.dctx = d
-        return d
+            d = _local.dctx = _DCtx(self.lib)
+        return d.ptr
+
+
+class _DCtx:
+    """A ``ZSTD_DCtx`` owned by one thread's ``threading.local`` (freed with it)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+        self._free = lib.ZSTD_freeDCtx
+        self.ptr = lib.ZSTD_createDCtx()
+        if not self.ptr:
+            raise MemoryError("ZSTD_createDCtx failed")
+
+    def __del__(self) -> None:
+        self._free(self.ptr)
 
 
 def zstd() -> _Zstd | None:
