@@ -109,23 +109,26 @@ int kv3d_int8_kernel_level(void) {
     return 1;
 }
 
+/* Every value of out[0 .. n_groups*group) on the build of that level (the CPU runs it). */
+static void dequant_level(int level, const int8_t *codes, const float *scale, int64_t n_groups, int64_t group,
+                          uint16_t *out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (level == 3)
+        dequant_avx512(codes, scale, n_groups, group, out);
+    else if (level == 2)
+        dequant_avx2(codes, scale, n_groups, group, out);
+    else
+#endif
+        dequant_generic(codes, scale, n_groups, group, out);
+}
+
 /* The kernel of one build (level as above; tests compare them); returns 0, or -1 when
- * this CPU cannot run that build. Every value of out[0 .. n_groups*group) is written. */
+ * this CPU cannot run that build. */
 int kv3d_int8_dequant_at(int level, const int8_t *codes, const float *scale, int64_t n_groups, int64_t group,
                          uint16_t *out) {
     if (level < 1 || level > kv3d_int8_kernel_level())
         return -1;
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (level == 3) {
-        dequant_avx512(codes, scale, n_groups, group, out);
-        return 0;
-    }
-    if (level == 2) {
-        dequant_avx2(codes, scale, n_groups, group, out);
-        return 0;
-    }
-#endif
-    dequant_generic(codes, scale, n_groups, group, out);
+    dequant_level(level, codes, scale, n_groups, group, out);
     return 0;
 }
 
@@ -135,11 +138,9 @@ int kv3d_int8_dequant(const int8_t *codes, const float *scale, int64_t n_groups,
     static int level = 0;           /* benign race: every thread computes the same value */
     if (level == 0)
         level = kv3d_int8_kernel_level();
-    return kv3d_int8_dequant_at(level, codes, scale, n_groups, group, out);
+    dequant_level(level, codes, scale, n_groups, group, out);
+    return 0;
 }
-
-typedef size_t (*zstd_decompress_fn)(void *dctx, void *dst, size_t capacity, const void *src, size_t size);
-typedef unsigned (*zstd_is_error_fn)(size_t code);
 
 /* ---- encoder: the quantizer ------------------------------------------------------------
  * kv3d_int8_quantize gives, bit for bit, what codec._quantize (numpy) gives:
@@ -267,14 +268,6 @@ static int64_t quantize_avx2(const uint16_t *x, int64_t n_groups, int64_t group,
 
 /* Codes (int8, n_groups*group) and scales (float16 bits, n_groups) of n_groups groups of
  * float16 values (bits); 0, or -1 - g when group g holds an inf or a NaN. */
-int64_t kv3d_int8_quantize(const uint16_t *x, int64_t n_groups, int64_t group, int8_t *codes, uint16_t *scale) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (group % 8 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
-        return quantize_avx2(x, n_groups, group, codes, scale);
-#endif
-    return quantize_generic(x, n_groups, group, codes, scale);
-}
-
 /* The quantizer of one build (1 = plain C, 2 = AVX2/F16C; tests compare them); -2 when
  * this CPU or group size cannot run it. */
 int64_t kv3d_int8_quantize_at(int level, const uint16_t *x, int64_t n_groups, int64_t group, int8_t *codes,
@@ -286,6 +279,12 @@ int64_t kv3d_int8_quantize_at(int level, const uint16_t *x, int64_t n_groups, in
         return quantize_avx2(x, n_groups, group, codes, scale);
 #endif
     return -2;
+}
+
+/* The best quantizer this CPU and group size run. */
+int64_t kv3d_int8_quantize(const uint16_t *x, int64_t n_groups, int64_t group, int8_t *codes, uint16_t *scale) {
+    const int64_t rc = kv3d_int8_quantize_at(2, x, n_groups, group, codes, scale);
+    return rc == -2 ? quantize_generic(x, n_groups, group, codes, scale) : rc;
 }
 
 /* The codes of one chunk from its two nibble streams (see codec.py): byte k of hi holds
@@ -316,6 +315,9 @@ void kv3d_int8_split_nibbles(const uint8_t *codes, int64_t n, uint8_t *hi, uint8
     }
 }
 
+typedef size_t (*zstd_decompress_fn)(void *dctx, void *dst, size_t capacity, const void *src, size_t size);
+typedef unsigned (*zstd_is_error_fn)(size_t code);
+
 /* Chunks [first, last) of a payload, straight into the output arrays.
  *
  *   chunk i                          groups [i*chunk_groups, min(n_groups, (i+1)*chunk_groups))
@@ -331,8 +333,8 @@ void kv3d_int8_split_nibbles(const uint8_t *codes, int64_t n, uint8_t *hi, uint8
  * spans[n_targets] = n_groups. dctx is a ZSTD_DCtx of this caller's thread alone.
  * Returns 0, or -1 - i when chunk i is damaged (zstd error, checksum mismatch, or a frame
  * of another size than the layout's); -1 - first when the buffers cannot be allocated. */
-int64_t kv3d_int8_decode_chunks(void *decompress, void *is_error, void *dctx, const uint8_t *payload,
-                                const int64_t *starts, const int64_t *ends, int64_t first, int64_t last,
+int64_t kv3d_int8_decode_chunks(zstd_decompress_fn decompress, zstd_is_error_fn is_error, void *dctx,
+                                const uint8_t *payload, const int64_t *starts, const int64_t *ends, int64_t first, int64_t last,
                                 int64_t chunk_groups, int64_t n_groups, int64_t group, const float *scale,
                                 const int64_t *spans, const uint64_t *targets, int64_t n_targets) {
     uint8_t *buf = NULL;
@@ -351,9 +353,9 @@ int64_t kv3d_int8_decode_chunks(void *decompress, void *is_error, void *dctx, co
             uint8_t *hi = buf + most, *lo = hi + half_most;
             for (int s = 0; s < 2; s++) {
                 const int64_t f = 2 * i + s;
-                const size_t got = ((zstd_decompress_fn)decompress)(dctx, s ? lo : hi, (size_t)half, payload + starts[f],
+                const size_t got = decompress(dctx, s ? lo : hi, (size_t)half, payload + starts[f],
                                                                     (size_t)(ends[f] - starts[f]));
-                if (((zstd_is_error_fn)is_error)(got) || got != (size_t)half) {
+                if (is_error(got) || got != (size_t)half) {
                     free(buf);
                     return -1 - i;
                 }

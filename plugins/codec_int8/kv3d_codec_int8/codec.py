@@ -219,8 +219,8 @@ class Int8Codec(DeltaCodec):
             raise TypeError(f"decode_threads={decode_threads!r}: use an integer 1..64, or null (automatic)")
         self.zstd_level = zstd_level
         self.threads = threads
-        # the compiled kernel makes a restore mostly zstd, which holds the GIL: one thread is
-        # faster there (measured, docs/BENCHMARKS.md); the numpy kernels gain from a second
+        # compiled kernel fed by python-zstandard: a restore is then mostly zstd under the GIL and
+        # one thread is faster (measured, docs/BENCHMARKS.md); the other decoders gain from a second
         self.decode_threads = (decode_threads if decode_threads is not None
                                else 1 if self._compiled and self._zstd is None
                                else max(threads, min(2, _cores())))
@@ -315,7 +315,7 @@ class Int8Codec(DeltaCodec):
             raise CodecError(f"scales hold {len(raw_scales)} bytes, layout needs {2 * n_groups}")
         scale_bits = K.unshuffle16(raw_scales, n_groups)
         return _Payload(payload, n, kw, vw, hk, hv, g, cg, n_values, n_groups, n_chunks, positions,
-                        (ends - sizes).tolist(), ends.tolist(), scale_bits, K.f16_scaled_to_f32(scale_bits),
+                        ends - sizes, ends, scale_bits, K.f16_scaled_to_f32(scale_bits),
                         zstd_on, dict(meta["extra"]))
 
     def _fill(self, p: "_Payload", targets: list[np.ndarray]) -> None:
@@ -408,12 +408,10 @@ class Int8Codec(DeltaCodec):
         ctypes call that decompresses (the system libzstd) and dequantizes its chunks
         straight into the targets, without the GIL; threads take items as they come free."""
         payload = np.frombuffer(p.payload, np.uint8)
-        starts = np.asarray(p.starts, np.int64)
-        ends = np.asarray(p.ends, np.int64)
         spans = np.ascontiguousarray(spans, np.int64)
         addrs = np.asarray(t_addr, np.uint64)
         z = self._zstd if p.zstd else None
-        args = (payload.ctypes.data, starts.ctypes.data, ends.ctypes.data)
+        args = (payload.ctypes.data, p.starts.ctypes.data, p.ends.ctypes.data)
         tail = (p.chunk_groups, p.n_groups, p.group, s_addr, spans.ctypes.data, addrs.ctypes.data, len(t_addr))
         per = NATIVE_ITEM_CHUNKS
 
@@ -474,8 +472,8 @@ class _Payload:
     n_groups: int
     n_chunks: int
     positions: np.ndarray
-    starts: list[int]
-    ends: list[int]
+    starts: np.ndarray          # int64 offsets of each code frame in the payload
+    ends: np.ndarray
     scale_bits: np.ndarray
     scale: np.ndarray
     zstd: bool
