@@ -643,7 +643,7 @@ def real():
     arch = (REPO / "docs" / "ARCHITECTURE.md").read_text()
     messages = [{"role": "system", "content": "You are a helpful assistant.\n" + readme[:600]},
                 {"role": "user", "content": "Explain this design:\n" + arch[:1300]}]
-    prompt = ChatPrompter(b.info, b.tokenize).chat(messages)
+    prompt = ChatPrompter.for_backend(b).chat(messages)
     toks = prompt.tokens
     for i in range(0, len(toks), 256):
         b.decode([BatchEntry(0, toks[i:i + 256], i, False)])

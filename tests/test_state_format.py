@@ -79,7 +79,7 @@ def smol():
 
 @pytest.fixture(scope="module")
 def chat(smol):
-    p = ChatPrompter(smol.info, smol.tokenize).chat(MESSAGES)
+    p = ChatPrompter.for_backend(smol).chat(MESSAGES)
     assert len(p.tokens) > N_CELLS and 0 < p.family_len < 200
     return p
 
@@ -493,7 +493,7 @@ def test_gemma3_iswa_roundtrip_and_rebuild():
         info = b.info
         assert info.sliding_window == 512
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER + " " + USER}]
-        p = ChatPrompter(info, b.tokenize).chat(messages)
+        p = ChatPrompter.for_backend(b).chat(messages)
         tokens, fam = p.tokens, p.family_len
         assert len(tokens) - 1 > info.sliding_window + 32 and fam > 0
         decode(b, A, tokens[:-1])

@@ -133,6 +133,16 @@ class ExecutionBackend(abc.ABC):
         """Token ids of ``text``. ``parse_special`` turns control-token text such as
         ``<|im_start|>`` into its token (as a chat template's output needs)."""
 
+    def control_tokens(self) -> dict[str, int]:
+        """{text: id} of the tokens that ``parse_special=True`` turns text into (a chat
+        template's markers such as ``<|im_start|>``). The prompt renderer splits template
+        text at these and tokenizes everything between them -- template text and user data
+        alike -- with special parsing off, so user text can never become a marker and
+        ordinary prompts tokenize exactly as the whole rendered text would. The default
+        (empty) makes the renderer tokenize each template and data piece on its own.
+        Thread-safe."""
+        return {}
+
     @abc.abstractmethod
     def token_piece(self, token: int) -> bytes:
         """Bytes the token stands for in generated text (control tokens: empty).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from omegaconf import DictConfig
@@ -62,6 +62,7 @@ class Engine:
             self.plugins.get("codec", cfg.codec.name)
             self.plugins.get("tier", cfg.tier.name)
         self.detector: PrefixDetector = self.plugins.create("detector", det_name, **det_settings)
+        self.share_families = bool(cfg.cache.get("share_families", False))
         self.tiers = None
         self.backend: ExecutionBackend = self.plugins.create("backend", backend_name, **backend_settings)
         try:
@@ -79,7 +80,7 @@ class Engine:
                 tiers=self.tiers,
                 monitor=self.monitor,
             )
-            self.prompter = ChatPrompter(self.info, self.backend.tokenize)
+            self.prompter = ChatPrompter.for_backend(self.backend)
             self.scheduler = Scheduler(self.backend, self.cache, self.metrics, SchedulerConfig(
                 max_running=cfg.scheduler.max_running,
                 max_waiting=cfg.scheduler.max_waiting,
@@ -134,17 +135,25 @@ class Engine:
         return self.info.model_id
 
     # -- requests (API worker threads) -------------------------------------------------------
-    def _prepared(self, tokens: list[int], family_len: int, cache_salt: str | None) -> Prepared:
-        view = PromptView(tokens, family_len, self.info.model_id, cache_salt)
-        return Prepared(view, self.detector.family(view))
+    def _prepared(self, tokens: list[int], family_len: int, cache_salt: str | None, tenant: str | None) -> Prepared:
+        view = PromptView(tokens, family_len, self.info.model_id, cache_salt, tenant)
+        family = self.detector.family(view)
+        if self.share_families and tenant is not None and cache_salt is None:
+            # the operator lets tenants share the snapshots of identical system prompts: the
+            # family is named in the tenant-free namespace; conversations stay in the tenant's
+            shared = self.detector.family(replace(view, tenant=None))
+            family = replace(family, digest=shared.digest, snapshot_namespace=shared.namespace)
+        return Prepared(view, family)
 
-    def prepare_chat(self, messages: list[dict], tools: list | None = None, cache_salt: str | None = None) -> Prepared:
+    def prepare_chat(self, messages: list[dict], tools: list | None = None, cache_salt: str | None = None,
+                     tenant: str | None = None) -> Prepared:
         r = self.prompter.chat(messages, tools)
-        return self._prepared(r.tokens, r.family_len, cache_salt)
+        return self._prepared(r.tokens, r.family_len, cache_salt, tenant)
 
-    def prepare_completion(self, prompt: str | list[int], cache_salt: str | None = None) -> Prepared:
+    def prepare_completion(self, prompt: str | list[int], cache_salt: str | None = None,
+                           tenant: str | None = None) -> Prepared:
         r = self.prompter.completion(prompt)
-        return self._prepared(r.tokens, r.family_len, cache_salt)
+        return self._prepared(r.tokens, r.family_len, cache_salt, tenant)
 
     def submit(self, prepared: Prepared, params: SamplingParams, max_tokens: int, stop: list[str],
                sink: Sink, request_id: str | None = None) -> JobHandle:

@@ -262,7 +262,7 @@ def run(backend: ExecutionBackend, codec: DeltaCodec, cases: list[PromptCase], c
     non-bit-exact codec can go on this model and backend."""
     from kv3d_core.engine.prompt import ChatPrompter
 
-    prompter = ChatPrompter(backend.info, backend.tokenize)
+    prompter = ChatPrompter.for_backend(backend)
     rendered = []
     for c in cases:
         p = prompter.chat(c.messages)

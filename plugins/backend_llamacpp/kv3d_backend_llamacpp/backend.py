@@ -283,6 +283,7 @@ class LlamaCppBackend(ExecutionBackend):
                 self._staging = StagingPool()
         self._pieces: dict[int, bytes] = {}
         self._piece_lock = threading.Lock()
+        self._control: dict[str, int] | None = None
         real_ctx = L.llama_n_ctx(self._ctx)
         template = _meta(model, "tokenizer.chat_template")
         bos_id, eos_id = L.llama_vocab_bos(self._vocab), L.llama_vocab_eos(self._vocab)
@@ -348,6 +349,19 @@ class LlamaCppBackend(ExecutionBackend):
         if n < 0:
             raise BackendError("tokenization failed")
         return list(buf[:n])
+
+    def control_tokens(self) -> dict[str, int]:
+        if self._control is None and not self._no_vocab:
+            # the tokens llama.cpp's parse_special toggles (control and unknown-type tokens)
+            want = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_UNKNOWN
+            out: dict[str, int] = {}
+            for t in range(self._n_vocab):
+                if L.llama_vocab_get_attr(self._vocab, t) & want:
+                    text = (L.llama_vocab_get_text(self._vocab, t) or b"").decode("utf-8", "replace")
+                    if text:
+                        out.setdefault(text, t)
+            self._control = out
+        return dict(self._control or {})
 
     def token_piece(self, token: int) -> bytes:
         if self._no_vocab:
