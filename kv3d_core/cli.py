@@ -44,8 +44,10 @@ def cmd_serve(args: Sequence[str]) -> int:
     engine = Engine(cfg)
     try:
         engine.start()
-        app = create_app(engine, api_key=cfg.server.api_key, max_body_mb=cfg.server.max_body_mb,
-                         default_max_tokens=cfg.server.default_max_tokens, close_engine_on_shutdown=True)
+        app = create_app(engine, api_key=cfg.server.api_key, api_keys=dict(cfg.server.api_keys),
+                         max_body_mb=cfg.server.max_body_mb, default_max_tokens=cfg.server.default_max_tokens,
+                         cached_tokens=cfg.server.cached_tokens, cached_tokens_block=cfg.server.cached_tokens_block,
+                         close_engine_on_shutdown=True)
         info = engine.info
         log.info("kv3d serving %s (%s, %d cells = %.0f MiB hot KV, %d sequences, codec=%s, tier=%s, detector=%s%s) "
                  "on http://%s:%d", info.model_id, info.architecture, info.n_ctx,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -29,9 +29,12 @@ class ServerSchema:
     port: int = 8080
     threads: Optional[int] = None
     api_key: Optional[str] = None
+    api_keys: Dict[str, str] = field(default_factory=dict)
     log_level: str = "info"
     max_body_mb: float = 16
     default_max_tokens: Optional[int] = None
+    cached_tokens: str = "block"
+    cached_tokens_block: int = 32
 
 
 @dataclass
@@ -49,6 +52,7 @@ class CacheSchema:
     min_snapshot_tokens: int = 32
     hot_idle_s: Optional[float] = None
     hot_idle_watermark: float = 0.5
+    share_families: bool = False
 
 
 @dataclass
@@ -160,6 +164,17 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append(f"scheduler.prefill_order must be 'shortest' or 'fifo', not {s.scheduler.prefill_order!r}")
     if s.scheduler.prefill_aging_s < 0:
         problems.append("scheduler.prefill_aging_s must be >= 0")
+    if s.server.cached_tokens not in ("block", "exact", "off"):
+        problems.append(f"server.cached_tokens must be 'block', 'exact' or 'off', not {s.server.cached_tokens!r}")
+    if s.server.cached_tokens_block < 1:
+        problems.append("server.cached_tokens_block must be >= 1")
+    keys = list(s.server.api_keys.values()) + ([s.server.api_key] if s.server.api_key else [])
+    if any(not k for k in keys):
+        problems.append("server.api_keys: every tenant needs a non-empty key")
+    elif len(set(keys)) != len(keys):
+        problems.append("server.api_keys: a key may belong to one tenant only (and not repeat server.api_key)")
+    if s.server.api_key and "default" in s.server.api_keys:
+        problems.append("server.api_key is the tenant 'default': do not name another tenant 'default' in server.api_keys")
     if problems:
         raise ConfigError("; ".join(problems))
     for name in ("backend", *PLUGIN_GROUPS):

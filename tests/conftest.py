@@ -25,6 +25,7 @@ MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
 
 # Small, fast settings for tests on a 2-core machine.
 TEST_OVERRIDES = [
+    "server.cached_tokens=exact",   # tests check reuse to the token; the default (block) has its own test
     "server.threads=2",
     "cache.gpu_hot_mb=96",
     "scheduler.n_seq_max=32",

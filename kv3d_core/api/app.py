@@ -76,8 +76,22 @@ def _error_from_event(ev: tuple) -> APIError:
     return APIError(status, message, etype=etype, code=code, headers=headers)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float = 16,
-               default_max_tokens: int | None = None, close_engine_on_shutdown: bool = False) -> FastAPI:
+def tenant_keys(api_key: str | None, api_keys: dict[str, str] | None) -> dict[str, str]:
+    """{tenant: key}: ``server.api_key`` is the tenant ``default``; ``server.api_keys`` names more."""
+    out = dict(api_keys or {})
+    if api_key:
+        out["default"] = api_key
+    return out
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str, str] | None = None,
+               max_body_mb: float = 16, default_max_tokens: int | None = None,
+               cached_tokens: str = "block", cached_tokens_block: int = 32,
+               close_engine_on_shutdown: bool = False) -> FastAPI:
+    """The app. Each API key is a tenant (``api_key`` the tenant ``default``, ``api_keys``
+    {name: key} more): a tenant's requests reuse only its own cached KV. ``cached_tokens``
+    says how usage reports reuse: ``block`` (rounded down to ``cached_tokens_block``),
+    ``exact`` or ``off``."""
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
@@ -114,7 +128,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
     # -- middleware: auth and request metrics (pure ASGI: BaseHTTPMiddleware wraps `receive`,
     #    and inside a streaming response that made is_disconnected() report a disconnect
     #    for a client that had only paused reading) ------------------------------------------
-    app.add_middleware(_ObserveMiddleware, metrics=metrics, api_key=api_key)
+    app.add_middleware(_ObserveMiddleware, metrics=metrics, keys=tenant_keys(api_key, api_keys))
 
     async def _body(request: Request, model_cls):
         raw = await request.body()
@@ -176,8 +190,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
         return _Run(handle, queue), max_tokens
 
     def _usage(u: dict) -> dict:
+        cached = u["cached_tokens"]
+        if cached_tokens == "block":             # a token-exact figure would tell how far a guess matched
+            cached -= cached % cached_tokens_block
+        elif cached_tokens == "off":
+            cached = 0
         return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-                "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
+                "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def _collect(request: Request, run: _Run) -> tuple[str, str, dict] | None:
         parts: list[str] = []
@@ -256,6 +275,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
         return StreamingResponse(_sse(request, run, first, chunk, usage_chunk, include_usage, prelude),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    def _tenant(request: Request) -> str | None:
+        return request.scope.get("kv3d.tenant")
+
     # -- endpoints ------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -264,7 +286,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
             raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported_parameter")
         messages = [m.canonical() for m in req.messages]
         try:
-            prepared = await asyncio.to_thread(engine.prepare_chat, messages, req.tools, req.cache_salt)
+            prepared = await asyncio.to_thread(engine.prepare_chat, messages, req.tools, req.cache_salt,
+                                               _tenant(request))
         except (TemplateError, TokenizerMissing) as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
         return await _serve(request, req, prepared, default_max_tokens, _CHAT)
@@ -280,7 +303,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_mb: float
             raise APIError(400, f"'prompt' token ids must be within 0..{engine.info.n_vocab - 1}", param="prompt",
                            code="invalid_value")
         try:
-            prepared = await asyncio.to_thread(engine.prepare_completion, p, req.cache_salt)
+            prepared = await asyncio.to_thread(engine.prepare_completion, p, req.cache_salt, _tenant(request))
         except TokenizerMissing as exc:
             raise APIError(400, str(exc), param="prompt", code="invalid_prompt") from exc
         if prepared.n_tokens == 0:
@@ -348,12 +371,20 @@ _PROTECTED = ("/v1/", "/debug/")
 
 
 class _ObserveMiddleware:
-    """Bearer-key check for /v1/* and /debug/*, and per-endpoint request metrics."""
+    """Bearer-key check for /v1/* and /debug/* (the key names the request's tenant, kept in
+    ``scope["kv3d.tenant"]``), and per-endpoint request metrics."""
 
-    def __init__(self, app, metrics, api_key: str | None) -> None:
+    def __init__(self, app, metrics, keys: dict[str, str]) -> None:
         self.app = app
         self.metrics = metrics
-        self.api_key = api_key
+        self.keys = [(tenant, key.encode()) for tenant, key in keys.items()]
+
+    def _tenant_of(self, token: bytes) -> str | None:
+        found = None
+        for tenant, key in self.keys:            # every key compared in constant time
+            if hmac.compare_digest(token, key):
+                found = tenant
+        return found
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -361,15 +392,17 @@ class _ObserveMiddleware:
             return
         path = scope.get("path", "")
         endpoint = path if path in _ENDPOINTS else "other"
-        if self.api_key and path.startswith(_PROTECTED):
+        if self.keys and path.startswith(_PROTECTED):
             headers = dict(scope.get("headers") or [])
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            tenant = self._tenant_of(token.strip().encode("latin-1")) if scheme.lower() == "bearer" else None
+            if tenant is None:
                 self.metrics.http_requests.labels(endpoint, "401").inc()
                 msg = "Incorrect API key provided" if auth else "Missing API key: send 'Authorization: Bearer <key>'"
                 await APIError(401, msg, code="invalid_api_key").response()(scope, receive, send)
                 return
+            scope["kv3d.tenant"] = tenant
         status = 500
         t0 = time.monotonic()
 

@@ -26,6 +26,9 @@ class PromptView:
     (0 when there are none). ``tokens[:family_len]`` is what a family shares."""
     model_id: str
     cache_salt: str | None = None
+    tenant: str | None = None
+    """Who sent it: the tenant of the API key used (``None`` on a server without keys).
+    Each tenant is a namespace of its own; ``cache_salt`` divides a tenant further."""
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,22 @@ class FamilyKey:
     family inside its namespace; ``length`` is the number of prefix tokens the
     family's shared snapshot holds. A digest match is always confirmed by
     comparing token ids, so a hash collision can never serve another prefix.
+
+    ``snapshot_namespace`` is where the family's shared snapshot lives when it is
+    not ``namespace``: the core sets it (never a detector) when the operator lets
+    tenants share the snapshots of identical system prompts
+    (``cache.share_families``). Conversation state always stays in ``namespace``.
     """
 
     namespace: str
     digest: str
     length: int
+    snapshot_namespace: str | None = None
+
+    @property
+    def scope(self) -> str:
+        """The namespace holding this family's snapshot."""
+        return self.snapshot_namespace or self.namespace
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -293,7 +294,7 @@ class Scheduler:
                 break
 
     def _admit_one(self, job: Job) -> bool:
-        view = PromptView(job.context, job.prompt.family_len, job.prompt.model_id, job.prompt.cache_salt)
+        view = dataclasses.replace(job.prompt, tokens=job.context)
         lease = self.cache.acquire(view, job.family)
         if lease is None:
             if not self._running:

@@ -210,18 +210,24 @@ class PrefixCache:
         best: CacheEntry | None = None
         best_n = 0
         seen: set[CacheEntry] = set()
-        for lcp, entries in self.index.match(family.namespace, prompt.tokens):
-            if min(lcp, limit) < best_n or (best is not None and min(lcp, limit) == best_n and best.hot):
-                break
-            for e in itertools.islice((x for x in entries if x not in seen), 256):
-                seen.add(e)
-                cand = Candidate(e.family, lcp, int(e.tokens.shape[0]), e.kind)
-                n = min(self.detector.reusable(prompt, family, cand), lcp, limit)
-                if n <= 0:
-                    continue
-                if (n > best_n or (n == best_n and best is not None and
-                                   (_TIER_RANK[e.state], -e.last_used) < (_TIER_RANK[best.state], -best.last_used))):
-                    best, best_n = e, n
+        # The request's own namespace (its tenant and salt) holds sessions and snapshots; a family
+        # shared across tenants adds its snapshot's namespace, where only snapshots live.
+        spaces = [family.namespace] if family.scope == family.namespace else [family.namespace, family.scope]
+        for space in spaces:
+            for lcp, entries in self.index.match(space, prompt.tokens):
+                if min(lcp, limit) < best_n or (best is not None and min(lcp, limit) == best_n and best.hot):
+                    break
+                for e in itertools.islice((x for x in entries if x not in seen), 256):
+                    seen.add(e)
+                    if space != family.namespace and e.kind != "snapshot":
+                        continue                 # never another tenant's conversation
+                    cand = Candidate(e.family, lcp, int(e.tokens.shape[0]), e.kind)
+                    n = min(self.detector.reusable(prompt, family, cand), lcp, limit)
+                    if n <= 0:
+                        continue
+                    if (n > best_n or (n == best_n and best is not None and
+                                       (_TIER_RANK[e.state], -e.last_used) < (_TIER_RANK[best.state], -best.last_used))):
+                        best, best_n = e, n
         return best, best_n
 
     # -- capacity --------------------------------------------------------------------
@@ -513,7 +519,7 @@ class PrefixCache:
         self._forget(e)
 
     def snapshot_entry(self, family: FamilyKey) -> CacheEntry | None:
-        return self.snapshots.get((family.namespace, family.digest))
+        return self.snapshots.get((family.scope, family.digest))
 
     def ensure_hot_snapshot(self, snap: CacheEntry, exclude: Iterable[CacheEntry] = ()) -> bool:
         """Bring a spilled snapshot back into a sequence (for a session restore)."""
@@ -560,7 +566,7 @@ class PrefixCache:
         self.backend.seq_copy(seq, snap_seq, 0, L)
         self.ledger.share_prefix(seq, snap_seq, L)
         snap = CacheEntry(
-            key=family.digest, kind="snapshot", namespace=family.namespace, family=family.digest,
+            key=family.digest, kind="snapshot", namespace=family.scope, family=family.digest,
             tokens=np.asarray(tokens[:L], dtype=np.int32), seq=snap_seq,
         )
         self._add(snap)

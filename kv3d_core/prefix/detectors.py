@@ -23,11 +23,15 @@ from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, P
 from kv3d_core.hookspecs import hookimpl
 
 
-def namespace_of(model_id: str, cache_salt: str | None) -> str:
-    """Digest separating models and tenants: equal only for equal model id and salt."""
+def namespace_of(model_id: str, cache_salt: str | None, tenant: str | None = None) -> str:
+    """Digest separating models, tenants and cache salts: equal only for equal model id,
+    tenant and salt."""
     h = hashlib.blake2b(digest_size=16, person=b"kv3d-namespace")
     h.update(model_id.encode("utf-8"))
     h.update(b"\x00")
+    if tenant is not None:                       # length-prefixed, before the client's salt
+        t = tenant.encode("utf-8")
+        h.update(b"\x02" + len(t).to_bytes(4, "little") + t)
     if cache_salt is not None:
         h.update(b"\x01")
         h.update(cache_salt.encode("utf-8"))
@@ -51,7 +55,7 @@ class ExactDetector(PrefixDetector):
         self.min_family_tokens = int(min_family_tokens)
 
     def family(self, prompt: PromptView) -> FamilyKey:
-        ns = namespace_of(prompt.model_id, prompt.cache_salt)
+        ns = namespace_of(prompt.model_id, prompt.cache_salt, prompt.tenant)
         n = prompt.family_len if prompt.family_len >= self.min_family_tokens else 0
         return FamilyKey(ns, family_digest(ns, prompt.tokens[:n]), n)
 

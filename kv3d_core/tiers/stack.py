@@ -106,17 +106,19 @@ class TierStack:
         assert self.cache is not None
         metas = [m for m in tier.entries() if m.model_fingerprint == self.info.fingerprint]
         snaps: dict[tuple[str, str], CacheEntry] = {}
+        by_family: dict[str, CacheEntry] = {}   # snapshots shared across tenants live in another namespace
         for m in metas:
             if m.kind == "snapshot":
                 e = CacheEntry(key=m.key, kind="snapshot", namespace=m.namespace, family=m.family,
                                tokens=np.asarray(m.tokens, np.int32), state=state)
                 snaps[(m.namespace, m.family)] = e
+                by_family[m.family] = e
                 self.cache._add(e)
         n = len(snaps)
         for m in metas:
             if m.kind != "session":
                 continue
-            snap = snaps.get((m.namespace, m.family)) if m.n_prefix > 0 else None
+            snap = (snaps.get((m.namespace, m.family)) or by_family.get(m.family)) if m.n_prefix > 0 else None
             if m.n_prefix > 0 and (snap is None or len(snap.tokens) != m.n_prefix):
                 tier.delete(m.key)               # its family prefix is gone: the delta cannot be used
                 continue
