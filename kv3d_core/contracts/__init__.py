@@ -14,6 +14,7 @@ from kv3d_core.contracts.backend import (
     ModelInfo,
     Sampler,
     SamplingParams,
+    TokenLogprob,
 )
 from kv3d_core.contracts.codec import DeltaCodec, KVArrays
 from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView
@@ -37,4 +38,5 @@ __all__ = [
     "SamplingParams",
     "StorageTier",
     "TierEntry",
+    "TokenLogprob",
 ]

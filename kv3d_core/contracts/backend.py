@@ -64,10 +64,30 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before any other sampler; a bias of
+    ``-inf`` bans the token (the API maps OpenAI's -100 to it)."""
+    grammar: str | None = None
+    """A GBNF grammar (llama.cpp's syntax, root rule ``root``) every sampled token must
+    keep the output inside; once the grammar is complete only end-of-generation tokens
+    remain. Applied after ``logit_bias`` and before every truncating sampler, so top-k/top-p
+    never remove every allowed token."""
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one sampled token and the most likely alternatives at its
+    position, from the model's own distribution (log-softmax of the raw logits: before
+    logit bias, penalties, temperature, truncation and grammar)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """The ``n`` most likely tokens, most likely first: (token id, logprob)."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +193,31 @@ class ExecutionBackend(abc.ABC):
 
     @abc.abstractmethod
     def make_sampler(self, params: SamplingParams) -> Sampler:
-        """A fresh sampler chain for one sequence."""
+        """A fresh sampler chain for one sequence. Honours every field of ``params``
+        (``logit_bias`` and ``grammar`` included): a backend that cannot must raise
+        :class:`~kv3d_core.errors.BackendError` rather than sample without it."""
+
+    def token_logprob(self, output: int, token: int, top_n: int = 0) -> TokenLogprob:
+        """Log-probability of ``token`` at output row ``output`` of the last decode, and the
+        ``top_n`` most likely tokens there (see :class:`TokenLogprob`). The default derives
+        them from :meth:`logits`."""
+        logits = np.asarray(self.logits(output), dtype=np.float64)
+        m = logits.max()
+        lse = m + np.log(np.exp(logits - m).sum())
+        top: tuple[tuple[int, float], ...] = ()
+        if top_n > 0:
+            k = min(int(top_n), logits.shape[0])
+            idx = np.argpartition(-logits, k - 1)[:k]
+            idx = idx[np.lexsort((idx, -logits[idx]))]      # most likely first; ties by id
+            top = tuple((int(i), float(logits[i] - lse)) for i in idx)
+        return TokenLogprob(int(token), float(logits[token] - lse), top)
+
+    def check_grammar(self, grammar: str) -> str | None:
+        """Why ``grammar`` (see :attr:`SamplingParams.grammar`) cannot be used, or None when
+        it can. Thread-safe: the API checks grammars on worker threads, before a request is
+        queued, so a bad one is a 400 rather than a failed request. The default accepts
+        every grammar (its :meth:`make_sampler` must then raise on a bad one)."""
+        return None
 
     # -- KV cells -------------------------------------------------------------
     @abc.abstractmethod

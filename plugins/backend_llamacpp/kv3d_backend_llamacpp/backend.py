@@ -134,17 +134,69 @@ class _Batch:
         return outputs
 
 
-class LlamaCppSampler(Sampler):
-    """llama.cpp's sampler chain; a plain greedy chain (no penalties) is an argmax over
-    the logits row instead (the chain would build an n_vocab candidate array per token)."""
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])   # llama_token_data
 
-    def __init__(self, ctx, n_vocab: int, params: SamplingParams) -> None:
+
+def _grammar_sampler(vocab, grammar: str):
+    """llama.cpp's grammar sampler for ``grammar`` (root rule ``root``), or the reason it
+    was refused (llama.cpp says why only in its log)."""
+    _capture.lines = []
+    try:
+        g = L.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    finally:
+        said, _capture.lines = _capture.lines, None
+    if not g:
+        return "; ".join(line for line in said if line) or "llama.cpp could not parse it"
+    return g
+
+
+class LlamaCppSampler(Sampler):
+    """llama.cpp's sampler chain: logit bias, grammar, penalties, top-k, top-p, min-p,
+    temperature, seeded distribution (or greedy). A plain greedy chain (no bias, grammar or
+    penalties) is an argmax over the logits row instead (the chain would build an n_vocab
+    candidate array per token).
+
+    The grammar is kept beside the chain, as llama.cpp's own server does: checking every
+    token of the vocabulary against it costs several times a small model's decode step, so
+    the chain picks a token first and only when the grammar refuses that one is the choice
+    made again with the grammar applied to every candidate (before the chain, so no
+    truncating sampler can remove every token it allows). Both ways the token comes from
+    the chain's distribution restricted to what the grammar allows."""
+
+    def __init__(self, ctx, vocab, n_vocab: int, params: SamplingParams) -> None:
         self._ctx = ctx
         self._n_vocab = n_vocab
-        self._argmax = params.greedy and not (params.presence_penalty or params.frequency_penalty
-                                              or params.repeat_penalty != 1.0)
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        if params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1.0:
+        penalties = bool(params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1.0)
+        self._argmax = params.greedy and not (penalties or params.logit_bias or params.grammar)
+        self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        self._grammar = None
+        try:
+            self._build(vocab, n_vocab, params, penalties)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, vocab, n_vocab: int, params: SamplingParams, penalties: bool) -> None:
+        chain = self._chain
+        if params.logit_bias:
+            arr = (L.llama_logit_bias * len(params.logit_bias))()
+            for i, (tok, bias) in enumerate(params.logit_bias):
+                if not 0 <= int(tok) < n_vocab:
+                    raise BackendError(f"logit_bias token {tok} is outside the vocabulary (0..{n_vocab - 1})")
+                arr[i].token = int(tok)
+                arr[i].bias = float(bias)
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), arr))
+        if params.grammar:
+            g = _grammar_sampler(vocab, params.grammar)
+            if isinstance(g, str):
+                raise BackendError(f"the grammar was refused: {g}")
+            self._grammar = g
+            self._cand = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+            self._ids = np.arange(n_vocab, dtype=np.int32)
+            self._cur = L.llama_token_data_array()
+            self._one = (L.llama_token_data * 1)()
+            self._one_arr = L.llama_token_data_array(self._one, 1, -1, False)
+        if penalties:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
                 n_vocab, 64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
         if params.greedy:
@@ -159,7 +211,6 @@ class LlamaCppSampler(Sampler):
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        self._chain = chain
 
     def sample(self, output: int) -> int:
         if self._argmax:
@@ -167,7 +218,42 @@ class LlamaCppSampler(Sampler):
             if not ptr:
                 raise BackendError(f"no logits for output {output}")
             return int(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).argmax())
-        return int(L.llama_sampler_sample(self._chain, self._ctx, output))
+        if self._grammar is None:
+            return int(L.llama_sampler_sample(self._chain, self._ctx, output))
+        ptr = L.llama_get_logits_ith(self._ctx, output)
+        if not ptr:
+            raise BackendError(f"no logits for output {output}")
+        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        token = self._apply(logits, grammar_first=False)
+        if not self._allowed(token):
+            token = self._apply(logits, grammar_first=True)
+        L.llama_sampler_accept(self._grammar, token)
+        L.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _apply(self, logits: np.ndarray, grammar_first: bool) -> int:
+        cand = self._cand
+        cand["id"] = self._ids
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        cur = self._cur
+        cur.data = cand.ctypes.data_as(ctypes.POINTER(L.llama_token_data))
+        cur.size = self._n_vocab
+        cur.selected = -1
+        cur.sorted = False
+        if grammar_first:
+            L.llama_sampler_apply(self._grammar, ctypes.byref(cur))
+        L.llama_sampler_apply(self._chain, ctypes.byref(cur))
+        if not 0 <= cur.selected < cur.size:
+            raise BackendError("the sampler chain selected no token")
+        return int(cur.data[cur.selected].id)
+
+    def _allowed(self, token: int) -> bool:
+        one = self._one[0]
+        one.id, one.logit, one.p = token, 1.0, 0.0
+        self._one_arr.size, self._one_arr.selected, self._one_arr.sorted = 1, -1, False
+        L.llama_sampler_apply(self._grammar, ctypes.byref(self._one_arr))
+        return self._one[0].logit != float("-inf")
 
     def accept(self, token: int) -> None:
         L.llama_sampler_accept(self._chain, token)
@@ -176,6 +262,9 @@ class LlamaCppSampler(Sampler):
         if self._chain is not None:
             L.llama_sampler_free(self._chain)
             self._chain = None
+        if getattr(self, "_grammar", None) is not None:
+            L.llama_sampler_free(self._grammar)
+            self._grammar = None
 
     def __del__(self) -> None:  # safety net; the scheduler closes samplers explicitly
         try:
@@ -409,7 +498,16 @@ class LlamaCppBackend(ExecutionBackend):
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
 
     def make_sampler(self, params: SamplingParams) -> Sampler:
-        return LlamaCppSampler(self._ctx, self._n_vocab, params)
+        return LlamaCppSampler(self._ctx, self._vocab, self._n_vocab, params)
+
+    def check_grammar(self, grammar: str) -> str | None:
+        if self._no_vocab:
+            return "this model has no tokenizer, so no grammar can constrain its text"
+        g = _grammar_sampler(self._vocab, grammar)
+        if isinstance(g, str):
+            return g
+        L.llama_sampler_free(g)
+        return None
 
     # -- KV cells ----------------------------------------------------------------
     def seq_copy(self, src: int, dst: int, p0: int, p1: int) -> None:
