@@ -156,8 +156,14 @@ class Engine:
         return self._prepared(r.tokens, r.family_len, cache_salt, tenant)
 
     def submit(self, prepared: Prepared, params: SamplingParams, max_tokens: int, stop: list[str],
-               sink: Sink, request_id: str | None = None) -> JobHandle:
-        job = Job(request_id or uuid.uuid4().hex, prepared.prompt, prepared.family, params, max_tokens, stop, sink)
+               sink: Sink, request_id: str | None = None, *, logprobs: int | None = None,
+               forks: list[tuple[SamplingParams, Sink]] = ()) -> JobHandle:
+        """Queue a prompt. ``logprobs``: send each token's log-probability and this many
+        alternatives with its text. ``forks``: more choices of the same prompt, each with its
+        own sampling and sink; the prompt is computed once and its cells shared with them.
+        The handle cancels them all."""
+        job = Job(request_id or uuid.uuid4().hex, prepared.prompt, prepared.family, params, max_tokens, stop, sink,
+                  logprobs=logprobs, forks=list(forks))
         return self.scheduler.submit(job)
 
     # -- inspection ---------------------------------------------------------------------------

@@ -19,7 +19,12 @@ llama.cpp). Each step it:
    the newest request, which is resumed later from its own cached state);
 5. decodes, samples each sequence with its own sampler chain, streams text.
 
-Every request ends with exactly one ``done`` or ``error`` event.
+Every request ends with exactly one ``done`` or ``error`` event. Two per-job hooks serve
+OpenAI's ``n`` and ``logprobs``: a job with ``forks`` (the other choices of one prompt) is
+prefilled once; when its prompt is done each fork gets a sequence sharing the prompt's
+cells (``seq_cp``, no copy) and samples its first token from the same logits with its own
+sampler, then decodes on its own. A job with ``logprobs`` sends the log-probability of
+each token with the text it produced: ``("token", text, [TokenLogprob, ...])``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, Sampler, SamplingParams
+from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, Sampler, SamplingParams, TokenLogprob
 from kv3d_core.contracts.detector import FamilyKey, PromptView
 from kv3d_core.engine.session import SessionState, check_transition
 from kv3d_core.engine.textstream import TextStream
@@ -45,6 +50,17 @@ log = logging.getLogger("kv3d.scheduler")
 
 Sink = Callable[[tuple], None]
 GAUGE_INTERVAL_S = 0.5
+
+
+def _cancelled(job: "Job") -> bool:
+    return job.cancelled or (job.parent is not None and job.parent.cancelled)
+
+
+def _emit_to(sink: Sink, event: tuple) -> None:
+    try:
+        sink(event)
+    except Exception:  # a closed client must not break the scheduler
+        pass
 
 
 class QueueFull(Exception):
@@ -93,6 +109,11 @@ class Job:
     cancelled: bool = False
     preemptions: int = 0
     keep_cache: bool = True
+    logprobs: int | None = None       # record each token's logprob and this many alternatives
+    forks: list[tuple[SamplingParams, Sink]] = field(default_factory=list)   # choices sharing this prefill
+    parent: "Job | None" = None       # the job a fork was made from (its cancellation is the fork's)
+    lp_pending: list[tuple[int, TokenLogprob]] = field(default_factory=list)  # (first byte, logprob) unsent
+    n_bytes: int = 0                  # bytes of generated text so far
 
     @property
     def n_prompt(self) -> int:
@@ -114,6 +135,7 @@ class JobHandle:
         return self._job.id
 
     def cancel(self) -> None:
+        """Cancel the request, and every choice forked from it (they check their parent)."""
         if not self._job.cancelled:
             self._job.cancelled = True
             self._scheduler.wake()
@@ -214,7 +236,7 @@ class Scheduler:
                     if not self._intake and not self._calls:
                         self._cond.wait(0.05)
         for job in list(self._running) + list(self._waiting) + list(self._intake):
-            self._emit(job, ("error", 503, "the server is shutting down", "server_error", "shutting_down"))
+            self._emit_all(job, ("error", 503, "the server is shutting down", "server_error", "shutting_down"))
             self._release(job, keep=False)
 
     def _emit(self, job: Job, event: tuple) -> None:
@@ -222,6 +244,13 @@ class Scheduler:
             job.sink(event)
         except Exception:  # a closed client must not break the scheduler
             job.cancelled = True
+
+    def _emit_all(self, job: Job, event: tuple) -> None:
+        """An ending event for ``job`` and for the choices still waiting to fork from it."""
+        self._emit(job, event)
+        for _, sink in job.forks:
+            _emit_to(sink, event)
+        job.forks = []
 
     def _release(self, job: Job, keep: bool, *, close_sampler: bool = True) -> None:
         if job.sampler is not None and close_sampler:
@@ -236,15 +265,15 @@ class Scheduler:
             self._running.remove(job)
 
     def _fail(self, job: Job, status: int, message: str, etype: str, code: str | None) -> None:
-        self._emit(job, ("error", status, message, etype, code))
+        self._emit_all(job, ("error", status, message, etype, code))
         self._release(job, keep=False)
         if job.state is not SessionState.DROPPED:
             job.state = SessionState.DROPPED
 
     def _finish(self, job: Job, reason: str) -> None:
         tail = job.stream.flush() if job.stream else ""
-        if tail:
-            self._emit(job, ("token", tail))
+        if tail or job.lp_pending:
+            self._emit_text(job, tail)
         usage = {"prompt_tokens": job.n_prompt, "completion_tokens": job.generated,
                  "total_tokens": job.n_prompt + job.generated, "cached_tokens": job.n_cached}
         self._emit(job, ("done", reason, usage))
@@ -254,18 +283,18 @@ class Scheduler:
     def _step(self) -> None:
         now = time.monotonic()
         # cancellations and timeouts
-        for job in [j for j in self._waiting if j.cancelled]:
+        for job in [j for j in self._waiting if _cancelled(j)]:
             self._waiting.remove(job)
             job.state = SessionState.DROPPED
             self._release(job, keep=False)
-        for job in [j for j in self._running if j.cancelled]:
+        for job in [j for j in self._running if _cancelled(j)]:
             job.state = SessionState.DROPPED
             self._release(job, keep=False)
         while self._waiting and now - self._waiting[0].t_submit > self.cfg.queue_timeout_s:
             job = self._waiting.popleft()
             self.metrics.rejected.labels("queue_timeout").inc()
-            self._emit(job, ("error", 503, f"no sequence became free within {self.cfg.queue_timeout_s:g} s; retry later",
-                             "server_error", "queue_timeout", self.cfg.retry_after_s))
+            self._emit_all(job, ("error", 503, f"no sequence became free within {self.cfg.queue_timeout_s:g} s; retry later",
+                                 "server_error", "queue_timeout", self.cfg.retry_after_s))
             self._release(job, keep=False)
             job.state = SessionState.DROPPED
         self._admit()
@@ -398,7 +427,52 @@ class Scheduler:
                 continue
             if job.state is SessionState.PREFILL:
                 job.move(SessionState.DECODE)
+                if job.forks:
+                    self._fork(job, out)
             self._on_logits(job, out)
+
+    def _fork(self, job: Job, out: int) -> None:
+        """The prompt of ``job`` is done: start its other choices from the same cells and
+        logits. A fork that gets no sequence now is queued as a request of its own (it
+        prefills its prompt itself)."""
+        forks, job.forks = job.forks, []
+        now = time.monotonic()
+        for i, (params, sink) in enumerate(forks, 1):
+            # t_first set: a choice is not a request of its own in the time-to-first-token figures
+            child = Job(f"{job.id}/{i}", job.prompt, job.family, params, job.max_tokens, job.stop, sink,
+                        logprobs=job.logprobs, parent=job, t_submit=now, t_first=now)
+            child.context = list(job.context)
+            child.n_cached, child.cache_source = job.n_cached, job.cache_source
+            try:
+                seq = self.cache.fork(job.seq, job.n_past, job.snapshot)
+            except Exception:
+                log.exception("sharing the prompt of request %s with choice %d failed", job.id, i)
+                seq = None
+            if seq is None:
+                self._waiting.appendleft(child)
+                continue
+            child.seq, child.n_past, child.snapshot = seq, job.n_past, job.snapshot
+            child.sampler = self.backend.make_sampler(params)
+            child.stream = TextStream(job.stop)
+            child.move(SessionState.PREFILL)
+            child.move(SessionState.DECODE)
+            self._running.append(child)
+            self._on_logits(child, out)
+
+    def _emit_text(self, job: Job, text: str) -> None:
+        if job.logprobs is None:
+            self._emit(job, ("token", text))
+            return
+        sent = len(job.stream.text.encode("utf-8", "replace")) if job.stream else job.n_bytes
+        k = 0
+        while k < len(job.lp_pending) and job.lp_pending[k][0] < sent:
+            k += 1
+        lps = [lp for _, lp in job.lp_pending[:k]]
+        del job.lp_pending[:k]
+        if job.stream is not None and job.stream.stopped:
+            job.lp_pending.clear()           # tokens wholly past a stop string are not part of the reply
+        if text or lps:
+            self._emit(job, ("token", text, lps))
 
     def _on_logits(self, job: Job, out: int) -> None:
         token = job.sampler.sample(out)
@@ -410,9 +484,13 @@ class Scheduler:
         if self.backend.is_eog(token):
             self._finish(job, "stop")
             return
-        text = job.stream.push(self.backend.token_piece(token))
-        if text:
-            self._emit(job, ("token", text))
+        piece = self.backend.token_piece(token)
+        if job.logprobs is not None:
+            job.lp_pending.append((job.n_bytes, self.backend.token_logprob(out, token, job.logprobs)))
+        job.n_bytes += len(piece)
+        text = job.stream.push(piece)
+        if text or (job.stream.stopped and job.lp_pending):
+            self._emit_text(job, text)
         if job.stream.stopped:
             self._finish(job, "stop")
         elif job.generated >= job.max_tokens or len(job.context) + 1 > self.backend.info.n_ctx_seq:

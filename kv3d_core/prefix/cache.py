@@ -573,6 +573,19 @@ class PrefixCache:
         self._ref(snap)
         return snap
 
+    def fork(self, src: int, n: int, snapshot: CacheEntry | None) -> int | None:
+        """A new sequence sharing the first ``n`` cells of the running sequence ``src``
+        (``seq_cp``: no copy), and its family snapshot when it has one: the other choices of
+        a request with ``n`` > 1, which start from its prompt. None when no sequence can be
+        freed now."""
+        seq = self.alloc_seq({snapshot} if snapshot is not None else ())
+        if seq is None:
+            return None
+        self.backend.seq_copy(src, seq, 0, n)
+        self.ledger.share_prefix(src, seq, n)
+        self._ref(snapshot)
+        return seq
+
     def release(self, seq: int, tokens: list[int], n_past: int, family: FamilyKey,
                 snapshot: CacheEntry | None, keep: bool) -> None:
         """A request is done with its sequence: keep it as an idle session (resumable
