@@ -10,9 +10,10 @@ accepts them without the ``+``.
 from __future__ import annotations
 
 import importlib.resources
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -35,6 +36,7 @@ class ServerSchema:
     default_max_tokens: Optional[int] = None
     cached_tokens: str = "block"
     cached_tokens_block: int = 32
+    cors_origins: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -168,6 +170,9 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append(f"server.cached_tokens must be 'block', 'exact' or 'off', not {s.server.cached_tokens!r}")
     if s.server.cached_tokens_block < 1:
         problems.append("server.cached_tokens_block must be >= 1")
+    for origin in s.server.cors_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s*]+", origin):
+            problems.append(f"server.cors_origins: {origin!r} is not an origin (scheme://host[:port], or \"*\")")
     keys = list(s.server.api_keys.values()) + ([s.server.api_key] if s.server.api_key else [])
     if any(not k for k in keys):
         problems.append("server.api_keys: every tenant needs a non-empty key")

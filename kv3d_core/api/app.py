@@ -2,7 +2,11 @@
 
 Bodies are parsed by hand (not by FastAPI's signature binding) so that every
 bad input is a 400 in OpenAI's error shape -- never FastAPI's 422 -- and the
-server keeps serving.
+server keeps serving. The features live in their own modules: ``schemas``
+(strict request models), ``structured`` (JSON schemas as grammars), ``tools``
+(tool formats, forced calls, parsing), ``logprobs`` and ``choices`` (response
+shapes). A request runs as one scheduler job per prompt; ``n`` > 1 choices fork
+from it after one prefill.
 """
 
 from __future__ import annotations
@@ -14,8 +18,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,8 +27,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kv3d_core import __version__
+from kv3d_core.api.choices import ChatChoice, CompletionChoice
+from kv3d_core.api.cors import Cors
 from kv3d_core.api.errors import APIError, from_validation_error
 from kv3d_core.api.schemas import ChatCompletionRequest, CompletionRequest
+from kv3d_core.api.structured import GrammarBuilder, SchemaError, response_format_rule
+from kv3d_core.api.tools import ToolError, ToolSupport
 from kv3d_core.contracts.backend import SamplingParams
 from kv3d_core.engine.engine import Engine, Prepared
 from kv3d_core.engine.prompt import TemplateError
@@ -43,31 +50,43 @@ def _now() -> int:
 
 
 class _Run:
-    """One submitted request seen from the event loop."""
+    """One submitted request seen from the event loop: a job per prompt, ``n_choices``
+    choices in all, their events tagged with the choice index."""
 
-    def __init__(self, handle: JobHandle, queue: asyncio.Queue) -> None:
-        self.handle = handle
+    def __init__(self, handles: list[JobHandle], queue: asyncio.Queue, n_choices: int) -> None:
+        self.handles = handles
         self.queue = queue
+        self.open = n_choices
         self.done = False
+        self.usages: dict[int, dict] = {}      # choice index -> its usage, as choices finish
         self._checked = time.monotonic()
 
-    async def next_event(self, request: Request) -> tuple | None:
-        """The next scheduler event; None when the client went away (the job is cancelled).
-        The connection is checked every DISCONNECT_POLL_S whether or not events keep coming."""
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+    async def next_event(self, request: Request) -> tuple[int, tuple] | None:
+        """The next scheduler event as (choice index, event); None when the client went
+        away (the jobs are cancelled). The connection is checked every DISCONNECT_POLL_S
+        whether or not events keep coming."""
         while True:
             now = time.monotonic()
             if now - self._checked >= DISCONNECT_POLL_S:
                 self._checked = now
                 if await request.is_disconnected():
-                    self.handle.cancel()
+                    self.cancel()
                     return None
             try:
-                ev = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                i, ev = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 continue
-            if ev[0] in ("done", "error"):
+            if ev[0] == "error":
                 self.done = True
-            return ev
+                self.cancel()                   # one choice failed: the response fails
+            elif ev[0] == "done":
+                self.open -= 1
+                self.done = self.open == 0
+            return i, ev
 
 
 def _error_from_event(ev: tuple) -> APIError:
@@ -87,11 +106,13 @@ def tenant_keys(api_key: str | None, api_keys: dict[str, str] | None) -> dict[st
 def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str, str] | None = None,
                max_body_mb: float = 16, default_max_tokens: int | None = None,
                cached_tokens: str = "block", cached_tokens_block: int = 32,
+               cors_origins: list[str] | None = None,
                close_engine_on_shutdown: bool = False) -> FastAPI:
     """The app. Each API key is a tenant (``api_key`` the tenant ``default``, ``api_keys``
     {name: key} more): a tenant's requests reuse only its own cached KV. ``cached_tokens``
     says how usage reports reuse: ``block`` (rounded down to ``cached_tokens_block``),
-    ``exact`` or ``off``."""
+    ``exact`` or ``off``. ``cors_origins``: origins browsers may call from (``["*"]``: any);
+    their preflight requests are answered before the API key is checked."""
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
@@ -129,6 +150,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
     #    and inside a streaming response that made is_disconnected() report a disconnect
     #    for a client that had only paused reading) ------------------------------------------
     app.add_middleware(_ObserveMiddleware, metrics=metrics, keys=tenant_keys(api_key, api_keys))
+    if cors_origins:
+        # added last, so outermost: a preflight never reaches the key check, and every answer
+        # (a 401 included) carries the CORS headers a browser needs to read it
+        app.add_middleware(Cors, origins=list(cors_origins))
+    tool_support = ToolSupport(engine.prompter, engine.info.chat_template)
+    grammar_checked: dict[str, str | None] = {}
 
     async def _body(request: Request, model_cls):
         raw = await request.body()
@@ -149,17 +176,42 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
                            param="model", code="model_not_found", etype="invalid_request_error")
         return req
 
-    def _sampling(req) -> SamplingParams:
+    def _sampling(req, choice: int = 0, grammar: str | None = None) -> SamplingParams:
+        """The sampling of choice ``choice``: each choice its own seed (``seed + choice``)."""
+        seed = None if req.seed is None else (req.seed + choice) & 0xFFFFFFFFFFFFFFFF
         return SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=req.top_k or 0,
             min_p=req.min_p or 0.0,
-            seed=req.seed,
+            seed=seed,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repeat_penalty=req.repeat_penalty or 1.0,
+            logit_bias=req.bias_pairs,
+            grammar=grammar,
         )
+
+    def _check_bias(req) -> None:
+        for tok, _ in req.bias_pairs:
+            if tok >= engine.info.n_vocab:
+                raise APIError(400, f"'logit_bias' token {tok} is outside the vocabulary (0..{engine.info.n_vocab - 1})",
+                               param="logit_bias", code="invalid_value")
+
+    async def _checked_grammar(grammar: str | None, param: str) -> str | None:
+        """``grammar`` once llama.cpp accepts it (checked once per grammar, off the loop)."""
+        if grammar is None:
+            return None
+        if grammar not in grammar_checked:
+            why = await asyncio.to_thread(engine.backend.check_grammar, grammar)
+            if len(grammar_checked) > 256:
+                grammar_checked.clear()
+            grammar_checked[grammar] = why
+        why = grammar_checked[grammar]
+        if why is not None:
+            raise APIError(400, f"'{param}' cannot be enforced: llama.cpp refused the grammar made from it ({why})",
+                           param=param, code="invalid_value")
+        return grammar
 
     def _max_tokens(req, prepared: Prepared, default: int | None) -> int:
         ctx = engine.info.n_ctx_seq
@@ -175,19 +227,30 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
                            code="context_length_exceeded")
         return limit if limit is not None else ctx - n
 
-    async def _start(request: Request, prepared: Prepared, req, default_max: int | None) -> tuple[_Run, int]:
-        max_tokens = _max_tokens(req, prepared, default_max)
+    async def _start(request: Request, prepared: list[Prepared], req, default_max: int | None,
+                     grammar: str | None, logprobs: int | None) -> _Run:
+        """Submit one job per prompt, its ``n`` choices forked from it after one prefill."""
+        limits = [_max_tokens(req, p, default_max) for p in prepared]
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
-        def sink(ev: tuple) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+        def sink_of(i: int):
+            def sink(ev: tuple) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+            return sink
 
+        handles: list[JobHandle] = []
+        n = req.n
         try:
-            handle = engine.submit(prepared, _sampling(req), max_tokens, req.stops, sink)
+            for k, (p, limit) in enumerate(zip(prepared, limits)):
+                forks = [(_sampling(req, j, grammar), sink_of(k * n + j)) for j in range(1, n)]
+                handles.append(engine.submit(p, _sampling(req, 0, grammar), limit, req.stops, sink_of(k * n),
+                                             logprobs=logprobs, forks=forks))
         except QueueFull as exc:
+            for h in handles:
+                h.cancel()
             raise APIError(503, str(exc), code="server_overloaded", headers={"Retry-After": str(exc.retry_after)}) from exc
-        return _Run(handle, queue), max_tokens
+        return _Run(handles, queue, len(prepared) * n)
 
     def _usage(u: dict) -> dict:
         cached = u["cached_tokens"]
@@ -198,81 +261,97 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
         return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
                 "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": cached}}
 
-    async def _collect(request: Request, run: _Run) -> tuple[str, str, dict] | None:
-        parts: list[str] = []
-        while True:
-            ev = await run.next_event(request)
-            if ev is None:
+    def _total_usage(usages: dict[int, dict], n: int) -> dict:
+        """As OpenAI counts: each prompt once (its first choice's figures), every choice's
+        completion tokens."""
+        prompt = sum(u["prompt_tokens"] for i, u in usages.items() if i % n == 0)
+        cached = sum(u["cached_tokens"] for i, u in usages.items() if i % n == 0)
+        completion = sum(u["completion_tokens"] for u in usages.values())
+        return _usage({"prompt_tokens": prompt, "completion_tokens": completion,
+                       "total_tokens": prompt + completion, "cached_tokens": cached})
+
+    async def _collect(request: Request, run: _Run, choices: list) -> list[dict] | None:
+        """Every choice, whole; None when the client went away."""
+        reasons: dict[int, str] = {}
+        while not run.done:
+            got = await run.next_event(request)
+            if got is None:
                 return None
+            i, ev = got
             if ev[0] == "token":
-                parts.append(ev[1])
+                choices[i].feed(ev[1], ev[2] if len(ev) > 2 else None)
             elif ev[0] == "done":
-                return "".join(parts), ev[1], _usage(ev[2])
+                reasons[i] = ev[1]
+                run.usages[i] = ev[2]
+                choices[i].end(ev[1])
             else:
                 raise _error_from_event(ev)
+        return [c.whole(reasons[c.index]) for c in choices]
 
-    async def _sse(request: Request, run: _Run, first: tuple, make_chunk, usage_chunk, include_usage: bool,
-                   prelude: list[dict]) -> AsyncIterator[bytes]:
+    async def _sse(request: Request, run: _Run, first: tuple[int, tuple], choices: list, head: dict,
+                   include_usage: bool, n: int) -> AsyncIterator[bytes]:
+        def data(choice_entries: list[dict]) -> bytes:
+            c: dict[str, Any] = {**head, "choices": choice_entries}
+            if include_usage:
+                c["usage"] = None
+            return b"data: " + json.dumps(c).encode() + b"\n\n"
+
+        usages: dict[int, dict] = {}
         try:
-            for c in prelude:
-                yield b"data: " + json.dumps(c).encode() + b"\n\n"
-            ev: tuple | None = first
-            while ev is not None:
+            for c in choices:
+                f = c.first()
+                if f is not None:
+                    yield data([f])
+            got: tuple[int, tuple] | None = first
+            while got is not None:
+                i, ev = got
                 if ev[0] == "token":
-                    yield b"data: " + json.dumps(make_chunk(ev[1], None)).encode() + b"\n\n"
+                    for entry in choices[i].feed(ev[1], ev[2] if len(ev) > 2 else None):
+                        yield data([entry])
                 elif ev[0] == "done":
-                    yield b"data: " + json.dumps(make_chunk(None, ev[1])).encode() + b"\n\n"
-                    if include_usage:
-                        yield b"data: " + json.dumps(usage_chunk(_usage(ev[2]))).encode() + b"\n\n"
-                    break
+                    usages[i] = ev[2]
+                    for entry in choices[i].end(ev[1]):
+                        yield data([entry])
                 else:  # an error after the stream started: report it in-band, as OpenAI does
                     yield b"data: " + json.dumps(_error_from_event(ev).body()).encode() + b"\n\n"
                     break
-                ev = await run.next_event(request)
-            if ev is not None:
+                if run.done:
+                    if include_usage:
+                        yield b"data: " + json.dumps({**head, "choices": [], "usage": _total_usage(usages, n)}).encode() \
+                            + b"\n\n"
+                    break
+                got = await run.next_event(request)
+            if got is not None:
                 yield b"data: [DONE]\n\n"
         finally:
             if not run.done:
-                run.handle.cancel()
+                run.cancel()
 
-    async def _first_or_error(request: Request, run: _Run) -> tuple | None:
-        ev = await run.next_event(request)
-        if ev is not None and ev[0] == "error":
-            raise _error_from_event(ev)
-        return ev
+    async def _first_or_error(request: Request, run: _Run) -> tuple[int, tuple] | None:
+        got = await run.next_event(request)
+        if got is not None and got[1][0] == "error":
+            raise _error_from_event(got[1])
+        return got
 
-    async def _serve(request: Request, req, prepared: Prepared, default_max: int | None, shape: "_Shape"):
-        """Run a prepared prompt; answer with one JSON body or a Server-Sent Events stream."""
-        run, _ = await _start(request, prepared, req, default_max)
-        rid, created, model = f"{shape.id_prefix}-{uuid.uuid4().hex}", _now(), engine.model_id
-        head = {"id": rid, "object": shape.object, "created": created, "model": model,
-                "system_fingerprint": f"kv3d-{__version__}"}
+    async def _serve(request: Request, req, prepared: list[Prepared], default_max: int | None, choices: list,
+                     *, chat: bool, grammar: str | None = None, logprobs: int | None = None):
+        """Run prepared prompts; answer with one JSON body or a Server-Sent Events stream."""
+        run = await _start(request, prepared, req, default_max, grammar, logprobs)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": _now(),
+                "model": engine.model_id, "system_fingerprint": f"kv3d-{__version__}"}
         if not req.stream:
-            result = await _collect(request, run)
+            result = await _collect(request, run, choices)
             if result is None:
                 return Response(status_code=499)       # the client went away; nobody reads this
-            text, reason, usage = result
-            return JSONResponse({**head, "choices": [shape.choice(text, reason)], "usage": usage})
+            return JSONResponse({**head, "choices": result, "usage": _total_usage(run.usages, req.n)})
         first = await _first_or_error(request, run)
         if first is None:
             return Response(status_code=499)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        head["object"] = shape.chunk_object
-
-        def chunk(text: str | None, reason: str | None) -> dict:
-            c: dict[str, Any] = {**head, "choices": [shape.delta(text, reason)]}
-            if include_usage:
-                c["usage"] = None
-            return c
-
-        def usage_chunk(usage: dict) -> dict:
-            return {**head, "choices": [], "usage": usage}
-
-        prelude = [{**head, "choices": [shape.first_delta]}] if shape.first_delta else []
-        if include_usage:
-            for c in prelude:
-                c["usage"] = None
-        return StreamingResponse(_sse(request, run, first, chunk, usage_chunk, include_usage, prelude),
+        if chat:
+            head["object"] = "chat.completion.chunk"
+        return StreamingResponse(_sse(request, run, first, choices, head, include_usage, req.n),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def _tenant(request: Request) -> str | None:
@@ -282,33 +361,79 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await _body(request, ChatCompletionRequest)
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported_parameter")
+        _check_bias(req)
+        mode = req.tool_mode
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         messages = [m.canonical() for m in req.messages]
         try:
-            prepared = await asyncio.to_thread(engine.prepare_chat, messages, req.tools, req.cache_salt,
+            messages, template_tools = await asyncio.to_thread(tool_support.prepare, messages, tools, mode,
+                                                               req.parallel_tool_calls)
+            grammar = _chat_grammar(req, tools, mode)
+        except ToolError as exc:
+            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from exc
+        except SchemaError as exc:
+            raise APIError(400, f"'{exc.path}': {exc.detail}", param=exc.path, code="unsupported_schema") from exc
+        except TemplateError as exc:
+            raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
+        grammar = await _checked_grammar(grammar, "tools" if mode in ("required",) or (mode or "").startswith("function:")
+                                         else "response_format")
+        try:
+            prepared = await asyncio.to_thread(engine.prepare_chat, messages, template_tools, req.cache_salt,
                                                _tenant(request))
         except (TemplateError, TokenizerMissing) as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
-        return await _serve(request, req, prepared, default_max_tokens, _CHAT)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        parse = tools is not None and mode != "none"
+        piece = engine.backend.token_piece
+        choices = [ChatChoice(i, piece, parser=tool_support.parser(tools, req.parallel_tool_calls) if parse else None,
+                              logprobs=bool(req.logprobs)) for i in range(req.n)]
+        return await _serve(request, req, [prepared], default_max_tokens, choices, chat=True, grammar=grammar,
+                            logprobs=top)
+
+    def _chat_grammar(req: ChatCompletionRequest, tools: list[dict] | None, mode: str | None) -> str | None:
+        """The grammar of a chat reply: forced tool calls, a response format, or either."""
+        builder = GrammarBuilder()
+        answer = response_format_rule(builder, req.response_format)
+        if tools and (mode == "required" or (mode or "").startswith("function:")):
+            return builder.grammar(tool_support.calls_rule(builder, tools, mode, req.parallel_tool_calls))
+        if answer is None:
+            return None
+        if tools and mode == "auto":         # a reply in the format, or tool calls
+            calls = tool_support.calls_rule(builder, tools, "required", req.parallel_tool_calls)
+            return builder.grammar(f"{calls} | {answer}")
+        return builder.grammar(answer)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await _body(request, CompletionRequest)
-        for name, bad in (("echo", req.echo), ("suffix", req.suffix is not None), ("logprobs", req.logprobs is not None)):
-            if bad:
-                raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-        p = req.prompt_value
-        if isinstance(p, list) and any((not isinstance(t, int)) or t < 0 or t >= engine.info.n_vocab for t in p):
-            raise APIError(400, f"'prompt' token ids must be within 0..{engine.info.n_vocab - 1}", param="prompt",
-                           code="invalid_value")
-        try:
-            prepared = await asyncio.to_thread(engine.prepare_completion, p, req.cache_salt, _tenant(request))
-        except TokenizerMissing as exc:
-            raise APIError(400, str(exc), param="prompt", code="invalid_prompt") from exc
-        if prepared.n_tokens == 0:
-            raise APIError(400, "'prompt' produced no tokens", param="prompt", code="invalid_value")
-        return await _serve(request, req, prepared, COMPLETIONS_DEFAULT_MAX_TOKENS, _COMPLETION)
+        _check_bias(req)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "'echo' together with 'logprobs' (log-probabilities of the prompt) is not supported "
+                                "by this server", param="echo", code="unsupported_parameter")
+        prompts = req.prompts
+        for k, p in enumerate(prompts):
+            if isinstance(p, list) and any((not isinstance(t, int)) or t < 0 or t >= engine.info.n_vocab for t in p):
+                raise APIError(400, f"'prompt' token ids must be within 0..{engine.info.n_vocab - 1}",
+                               param="prompt" if len(prompts) == 1 else f"prompt.{k}", code="invalid_value")
+        prepared = []
+        for p in prompts:
+            try:
+                pp = await asyncio.to_thread(engine.prepare_completion, p, req.cache_salt, _tenant(request))
+            except TokenizerMissing as exc:
+                raise APIError(400, str(exc), param="prompt", code="invalid_prompt") from exc
+            if pp.n_tokens == 0:
+                raise APIError(400, "'prompt' produced no tokens", param="prompt", code="invalid_value")
+            prepared.append(pp)
+        piece = engine.backend.token_piece
+        choices = []
+        for k, p in enumerate(prompts):
+            echo = ""
+            if req.echo:
+                echo = p if isinstance(p, str) else b"".join(piece(t) for t in p).decode("utf-8", "replace")
+            choices += [CompletionChoice(k * req.n + j, piece, echo=echo, logprobs=req.logprobs is not None)
+                        for j in range(req.n)]
+        return await _serve(request, req, prepared, COMPLETIONS_DEFAULT_MAX_TOKENS, choices, chat=False,
+                            logprobs=req.logprobs)
 
     def _model_card() -> dict:
         return {"id": engine.model_id, "object": "model", "created": _now(), "owned_by": "kv3d",
@@ -339,32 +464,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
 
     return app
 
-
-@dataclass(frozen=True)
-class _Shape:
-    """How one endpoint's responses look (OpenAI's chat vs legacy completions)."""
-
-    id_prefix: str
-    object: str
-    chunk_object: str
-    choice: Callable[[str, str], dict]
-    delta: Callable[[str | None, str | None], dict]
-    first_delta: dict | None = None
-
-
-_CHAT = _Shape(
-    "chatcmpl", "chat.completion", "chat.completion.chunk",
-    choice=lambda text, reason: {"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": None, "finish_reason": reason},
-    delta=lambda text, reason: {"index": 0, "delta": {"content": text} if text is not None else {},
-                                "logprobs": None, "finish_reason": reason},
-    first_delta={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
-)
-_COMPLETION = _Shape(
-    "cmpl", "text_completion", "text_completion",
-    choice=lambda text, reason: {"index": 0, "text": text, "logprobs": None, "finish_reason": reason},
-    delta=lambda text, reason: {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason},
-)
 
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
 _PROTECTED = ("/v1/", "/debug/")

@@ -29,22 +29,35 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+# pydantic error types that name a request field kv3d refuses
+_UNSUPPORTED = {"unsupported_parameter", "extra_forbidden"}
+
+
 def from_validation_error(exc: Exception) -> APIError:
-    """A pydantic ValidationError as one 400 naming the first bad field."""
+    """A pydantic ValidationError as one 400 naming the first bad field (a model-level
+    error names it in its context's ``field``)."""
     errors = getattr(exc, "errors", lambda: [])()
     if not errors:
         return APIError(400, str(exc), code="invalid_request")
     first = errors[0]
     loc = [str(x) for x in first.get("loc", ()) if not str(x).startswith("function-")]
     # drop pydantic's union-branch names ('str', 'list[...]') from the location
-    loc = [x for x in loc if not (x in ("str", "int", "float", "bool") or "[" in x or x.startswith("tagged-union"))]
+    loc = [x for x in loc if not (x in ("str", "int", "float", "bool", "dict") or "[" in x or x.startswith("tagged-union"))]
+    ctx = first.get("ctx") or {}
+    if isinstance(ctx.get("field"), str):
+        loc.append(ctx["field"])
     param = ".".join(loc) or None
-    msg = first.get("msg", "invalid value")
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     kind = first.get("type", "")
+    if kind in _UNSUPPORTED:
+        text = f"Unrecognized request argument supplied: {param}" if kind == "extra_forbidden" else msg
+        if kind != "extra_forbidden" and param and param.split(".")[0] != param:
+            text += f" (at '{param}')"
+        return APIError(400, text, param=param, code="unsupported_parameter")
     code = "missing_required_parameter" if kind == "missing" else "invalid_type" if "type" in kind or kind in (
         "int_parsing", "float_parsing", "string_type", "bool_parsing", "list_type", "dict_type",
         "model_type", "int_type", "float_type", "bool_type") else "invalid_value"
-    text = f"'{param}': {msg}" if param else msg
+    text = msg if ctx.get("field") or (param and msg.startswith(f"'{param}'")) else (f"'{param}': {msg}" if param else msg)
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return APIError(400, text, param=param, code=code)
