@@ -155,12 +155,13 @@ class ToolSupport:
         has_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
         if not tools and not has_turns:
             return messages, None
+        fmt = self.effective_format
+        if fmt == "generic":                 # the tools go into message content: data, whatever they hold
+            return self._prepare_generic(messages, tools, mode or "auto", parallel), None
+        # a native template may write definitions out as its own text (not through tojson)
         if tools and self.prompter.has_control_text(json.dumps(tools, ensure_ascii=False)):
             raise ToolError("tools", "tool definitions hold control-token text (such as the chat template's own "
                                      "markers); remove it")
-        fmt = self.effective_format
-        if fmt == "generic":
-            return self._prepare_generic(messages, tools, mode or "auto", parallel), None
         caps = self.caps()
         out = []
         ids = _mistral_ids(messages) if fmt == "mistral" else {}
