@@ -15,12 +15,13 @@ import pytest
 from conftest import MODEL_ID
 from kv3d_core.api.structured import GrammarBuilder, SchemaError, schema_rule, translate_pattern
 
-# bounded strings and arrays: even a 135M model that repeats itself ends within max_tokens
+# bounded strings, arrays and numbers: even a 135M model that repeats itself ends within
+# max_tokens (at most ~200 tokens of one character each)
 PERSON = {
     "type": "object",
     "properties": {
         "name": {"type": "string", "maxLength": 24},
-        "age": {"type": "integer"},
+        "age": {"type": "integer", "minimum": 1, "maximum": 120},
         "city": {"type": "string", "maxLength": 24},
         "email": {"anyOf": [{"type": "string", "pattern": "^[a-z]{1,12}@[a-z]{1,12}\\.com$"}, {"type": "null"}]},
         "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "maxItems": 3},
@@ -55,7 +56,7 @@ def _ask(client, prompt: str, strict: bool | None, **kw):
     if strict is not None:
         spec["strict"] = strict
     return client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": prompt}],
-                                          max_tokens=160, temperature=0, response_format={"type": "json_schema",
+                                          max_tokens=300, temperature=0, response_format={"type": "json_schema",
                                                                                            "json_schema": spec}, **kw)
 
 
@@ -83,7 +84,7 @@ def test_json_object_parses(client):
     for prompt in ("Return a JSON object with your favourite colour.",
                    "Output JSON with the keys name and age for a person called Tom."):
         r = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=120, temperature=0, response_format={"type": "json_object"})
+                                           max_tokens=200, temperature=0, response_format={"type": "json_object"})
         assert r.choices[0].finish_reason == "stop"
         assert isinstance(json.loads(r.choices[0].message.content), dict)
     # and without a response format the same prompt is free text, not JSON
@@ -100,7 +101,10 @@ def test_text_format_is_free_text(client):
 
 
 UNSUPPORTED = [
-    ("minimum", {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}, "properties.n.minimum"),
+    ("minimum of a number", {"type": "object", "properties": {"n": {"type": "number", "minimum": 1}}},
+     "properties.n.minimum"),
+    ("multipleOf", {"type": "integer", "multipleOf": 5}, "multipleOf"),
+    ("empty integer range", {"type": "integer", "minimum": 5, "exclusiveMaximum": 5}, ""),
     ("unknown type", {"type": "object", "properties": {"n": {"type": "strng"}}}, "properties.n.type"),
     ("unknown keyword", {"type": "object", "nullable": True}, "nullable"),
     ("not", {"not": {"type": "string"}}, "not"),
@@ -120,7 +124,7 @@ def test_unsupported_schema_is_400_naming_it(server, name, schema, where):
     r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["param"] == "response_format.json_schema.schema." + where, err
+    assert err["param"] == ("response_format.json_schema.schema." + where).rstrip("."), err
     assert where.split(".")[-1] in err["message"]
 
 
@@ -155,6 +159,14 @@ def test_schema_checks_and_pattern_translation():
         schema_rule(b, {"type": "object", "properties": {"a": {"type": "string", "pattern": "x", "maxLength": 3}}},
                     "answer", "root")
     assert e.value.path == "root.properties.a.pattern"
+    # integer bounds are written out digit by digit (no leading zeros, no -0)
+    from kv3d_core.api.structured import _gbnf, _int_range
+    import re
+    for lo, hi in ((1, 120), (-50, 7), (None, -12), (13, None), (0, 0)):
+        rx = re.compile(re.sub(r'"([^"]*)"', lambda m: re.escape(m.group(1)), _gbnf(_int_range(lo, hi))).replace(" ", ""))
+        for v in range(-200, 201):
+            assert bool(rx.fullmatch(str(v))) == ((lo is None or v >= lo) and (hi is None or v <= hi)), (lo, hi, v)
+        assert not rx.fullmatch("-0") and not rx.fullmatch("007")
     # a type list keeps each branch's keywords
     grammar = b.grammar(schema_rule(b, {"type": ["string", "null"], "maxLength": 2}, "answer2", "root"))
     assert "null" in grammar and "answer2" in grammar

@@ -385,7 +385,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
         top = (req.top_logprobs or 0) if req.logprobs else None
         parse = tools is not None and mode != "none"
         piece = engine.backend.token_piece
-        choices = [ChatChoice(i, piece, parser=tool_support.parser(tools, req.parallel_tool_calls) if parse else None,
+        choices = [ChatChoice(i, piece, parser=tool_support.parser(tools, req.parallel_tool_calls, mode) if parse else None,
                               logprobs=bool(req.logprobs)) for i in range(req.n)]
         return await _serve(request, req, [prepared], default_max_tokens, choices, chat=True, grammar=grammar,
                             logprobs=top)

@@ -8,7 +8,9 @@ less than the schema asks. What passes is converted by llama-cpp-python's JSON-s
 GBNF converter (``llama_cpp.llama_grammar.SchemaConverter``), with three changes so that
 every string the grammar allows is valid JSON: string characters exclude the control
 characters JSON forbids raw, a regex ``.`` and negated classes exclude ``"``, ``\\`` and
-control characters, and ``{}`` (any value) is any JSON value rather than any object.
+control characters, and ``{}`` (any value) is any JSON value rather than any object. Integer
+bounds (``minimum``, ``maximum``, exclusive ones), which the converter would drop, are written
+out as digit ranges.
 
 The grammar may enforce a *subset* of a schema (a ``pattern`` without anchors is generated
 as a full match; ``\\s`` as a space): every output still validates against the schema.
@@ -17,10 +19,11 @@ as a full match; ``\\s`` as a space): every output still validates against the s
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
-from llama_cpp.llama_grammar import PRIMITIVE_RULES, BuiltinRule, SchemaConverter
+from llama_cpp.llama_grammar import PRIMITIVE_RULES, RESERVED_NAMES, BuiltinRule, SchemaConverter
 
 MAX_SCHEMA_DEPTH = 48
 MAX_SCHEMA_NODES = 4096
@@ -34,7 +37,7 @@ BY_TYPE = {
     "array": {"items", "prefixItems", "minItems", "maxItems"},
     "string": {"pattern", "format", "minLength", "maxLength"},
     "number": set(),
-    "integer": set(),
+    "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
     "boolean": set(),
     "null": set(),
 }
@@ -46,6 +49,7 @@ KNOWN_UNSUPPORTED = {
     "maxContains", "uniqueItems", "contentEncoding", "contentMediaType", "contentSchema", "$dynamicRef",
     "$recursiveRef",
 }
+INT_BOUND = 10**15          # integer bounds a grammar writes out (the converter's integers have <= 16 digits)
 FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
 
 # JSON-safe pieces (see the module docstring)
@@ -188,6 +192,9 @@ class _Checker:
             return {}                            # any JSON value
         stray = sorted(present - BY_TYPE[kind])
         if stray:
+            if stray[0] in BY_TYPE["integer"]:
+                raise SchemaError(_join(path, stray[0]), f"'{stray[0]}' is supported for integers only (a grammar "
+                                                         f"cannot bound decimals)")
             raise SchemaError(_join(path, stray[0]), f"'{stray[0]}' does not apply to type '{kind}'")
         out["type"] = kind
         getattr(self, f"_{kind}", lambda s, o, p, d: None)(schema, out, path, depth)
@@ -252,6 +259,33 @@ class _Checker:
             out["minItems"] = lo
         if hi is not None:
             out["maxItems"] = hi
+
+    def _integer(self, schema: dict, out: dict, path: str, depth: int) -> None:
+        lo = hi = None
+        for name in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+            if name not in schema:
+                continue
+            v = schema[name]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) > INT_BOUND:
+                raise SchemaError(_join(path, name), f"'{name}' must be a number within +-{INT_BOUND:.0e}")
+            if name == "minimum":
+                b = math.ceil(v)
+            elif name == "exclusiveMinimum":
+                b = math.floor(v) + 1
+            elif name == "maximum":
+                b = math.floor(v)
+            else:
+                b = math.ceil(v) - 1
+            if name.endswith("inimum"):
+                lo = b if lo is None else max(lo, b)
+            else:
+                hi = b if hi is None else min(hi, b)
+        if lo is not None and hi is not None and lo > hi:
+            raise SchemaError(path, "no integer lies within its minimum and maximum")
+        if lo is not None:
+            out["minimum"] = lo
+        if hi is not None:
+            out["maximum"] = hi
 
     def _string(self, schema: dict, out: dict, path: str, depth: int) -> None:
         lo, hi = schema.get("minLength", 0), schema.get("maxLength")
@@ -427,7 +461,73 @@ class _Converter(SchemaConverter):
     def visit(self, schema, name):
         if schema == {}:
             return self._add_primitive("value", PRIMITIVE_RULES["value"])
+        if schema.get("type") == "integer" and ("minimum" in schema or "maximum" in schema):
+            rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+            body = _gbnf(_int_range(schema.get("minimum"), schema.get("maximum")))
+            return self._add_rule(rule_name, f"({body}) space")
         return super().visit(schema, name)
+
+
+# -- integers within bounds ------------------------------------------------------------------------
+# A range is a list of alternatives, each a list of atoms: ("lit", text), ("cls", lo, hi) a digit
+# class, ("rep", k) k digits, ("rep", k, m) k..m digits, ("alt", alternatives). Numbers are
+# written as JSON writes them: no leading zeros, no "-0".
+
+def _same_length(lo: str, hi: str) -> list:
+    """Digit strings of one length from ``lo`` to ``hi``."""
+    n = len(lo)
+    if n == 1:
+        return [[("cls", lo, hi)]]
+    if lo[0] == hi[0]:
+        return [[("lit", lo[0]), ("alt", _same_length(lo[1:], hi[1:]))]]
+    out = [[("lit", lo[0]), ("alt", _same_length(lo[1:], "9" * (n - 1)))]]
+    a, b = int(lo[0]) + 1, int(hi[0]) - 1
+    if a <= b:
+        out.append([("cls", str(a), str(b)), ("rep", n - 1)])
+    out.append([("lit", hi[0]), ("alt", _same_length("0" * (n - 1), hi[1:]))])
+    return out
+
+
+def _positive(lo: int, hi: int | None) -> list:
+    """Integers in [lo, hi] (lo >= 1; hi None: up to 16 digits)."""
+    lo_s = str(lo)
+    if hi is not None and len(str(hi)) == len(lo_s):
+        return _same_length(lo_s, str(hi))
+    out = _same_length(lo_s, "9" * len(lo_s))
+    if hi is None:
+        out.append([("cls", "1", "9"), ("rep", len(lo_s), 15)])
+        return out
+    hi_s = str(hi)
+    if len(hi_s) > len(lo_s) + 1:
+        out.append([("cls", "1", "9"), ("rep", len(lo_s), len(hi_s) - 2)])
+    return out + _same_length("1" + "0" * (len(hi_s) - 1), hi_s)
+
+
+def _int_range(lo: int | None, hi: int | None) -> list:
+    out = []
+    if lo is None or lo < 0:                                 # -m for m in [max(1, -hi), -lo]
+        m_lo = 1 if hi is None or hi >= 0 else -hi
+        out += [[("lit", "-")] + alt for alt in _positive(m_lo, None if lo is None else -lo)]
+    if hi is None or hi >= 0:
+        if lo is None or lo <= 0:
+            out.append([("lit", "0")])
+        p_lo = max(1, lo if lo is not None else 1)
+        if hi is None or hi >= p_lo:
+            out += _positive(p_lo, hi)
+    return out
+
+
+def _gbnf(alts: list) -> str:
+    def atom(a: tuple) -> str:
+        if a[0] == "lit":
+            return f'"{a[1]}"'
+        if a[0] == "cls":
+            return f"[{a[1]}]" if a[1] == a[2] else f"[{a[1]}-{a[2]}]"
+        if a[0] == "rep":
+            lo, hi = a[1], a[2] if len(a) > 2 else a[1]
+            return "" if hi == 0 else f"[0-9]{{{lo}}}" if lo == hi else f"[0-9]{{{lo},{hi}}}"
+        return "(" + _gbnf(a[1]) + ")"
+    return " | ".join(" ".join(x for x in (atom(a) for a in alt) if x) for alt in alts)
 
 
 def _rename_defs(schema: dict, prefix: str) -> dict:

@@ -23,10 +23,11 @@ arguments reach the tokenizer as data, never as control tokens (``engine/prompt.
 template that writes them out raw is covered by refusing definitions or arguments that hold
 control-token text.
 
-``tool_choice``: ``none`` -- tools are shown, replies are plain text; ``auto`` -- the model
-decides, its text is parsed; ``required`` and a named function -- a grammar admits only
-well-formed calls to the allowed tools, whose arguments match their JSON schemas, so even a
-135M model emits a valid call. ``parallel_tool_calls: false`` admits one call.
+``tool_choice``: ``none`` -- replies are plain text (the generic format then leaves the tools
+out of the prompt: it would only ask for calls nobody reads); ``auto`` -- the model decides, its
+text is parsed; ``required`` and a named function -- a grammar admits only well-formed calls to
+the allowed tools, whose arguments match their JSON schemas, so even a 135M model emits a valid
+call. A named function is called once; ``parallel_tool_calls: false`` admits one call.
 """
 
 from __future__ import annotations
@@ -253,7 +254,8 @@ class ToolSupport:
                 f'{builder.literal(json.dumps(name))} {space} "," {space} '
                 f'{builder.literal(json.dumps(args_key))} {space} ":" {space} {args} "}}" {space}'))
         call = builder.rule("tool-call", " | ".join(alts))
-        many = parallel is not False and fmt != "llama3"
+        # a named function is one call (as OpenAI and vLLM do); Llama 3's format has one call a reply
+        many = parallel is not False and not mode.startswith("function:") and fmt != "llama3"
         if fmt == "hermes":
             one = builder.rule("tool-call-block", f'"<tool_call>\\n" {call} "\\n</tool_call>"')
             return builder.rule("tool-calls", f'{one} ("\\n" {one})*' if many else one)
@@ -266,8 +268,10 @@ class ToolSupport:
                                           f'{space} {seq} {space} "}}" {space}')
 
     # -- replies ----------------------------------------------------------------------------------
-    def parser(self, tools: list[dict], parallel: bool | None) -> "ToolCallParser":
+    def parser(self, tools: list[dict], parallel: bool | None, mode: str = "auto") -> "ToolCallParser":
         fmt = self.effective_format
+        if mode.startswith("function:"):
+            parallel = False
         return ToolCallParser(fmt, {t["function"]["name"] for t in tools}, parallel,
                               new_call_id if fmt != "mistral" else new_mistral_id)
 
