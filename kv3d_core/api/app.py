@@ -365,10 +365,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
         mode = req.tool_mode
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         messages = [m.canonical() for m in req.messages]
+        def prepare() -> tuple[list[dict], list[dict] | None, str | None]:
+            msgs, template_tools = tool_support.prepare(messages, tools, mode, req.parallel_tool_calls)
+            return msgs, template_tools, _chat_grammar(req, tools, mode)
+
         try:
-            messages, template_tools = await asyncio.to_thread(tool_support.prepare, messages, tools, mode,
-                                                               req.parallel_tool_calls)
-            grammar = _chat_grammar(req, tools, mode)
+            messages, template_tools, grammar = await asyncio.to_thread(prepare)   # templates and schemas: off the loop
         except ToolError as exc:
             raise APIError(400, str(exc), param=exc.param, code="invalid_value") from exc
         except SchemaError as exc:
