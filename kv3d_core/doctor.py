@@ -50,8 +50,8 @@ MIN_PYTHON = (3, 10)
 MiB = 1024 * 1024
 SETUP_FIX = ("run scripts/setup.sh (it builds llama-cpp-python once and installs kv3d, its plugins and "
              "the default model)")
-CUDA_FIX = ("rebuild llama-cpp-python with CUDA into its own wheelhouse: "
-            "CMAKE_ARGS=-DGGML_CUDA=on KV3D_WHEELHOUSE=~/.cache/kv3d/wheelhouse-cuda scripts/setup.sh")
+CUDA_FIX = ("rebuild llama-cpp-python (and llama-server) with CUDA: KV3D_CUDA=1 scripts/setup.sh "
+            "(needs the CUDA toolkit's nvcc; a machine with nvcc and a GPU gets it without KV3D_CUDA)")
 
 
 @dataclass
@@ -242,6 +242,19 @@ def check_llama_cpp() -> tuple[Check, LlamaInfo | None]:
         return Check("llama-cpp-python", WARN, detail + f"; the llamacpp backend is built for {pinned}",
                      f"install llama-cpp-python=={pinned} ({SETUP_FIX})"), info
     return Check("llama-cpp-python", OK, detail), info
+
+
+def check_llama_server() -> Check:
+    """llama.cpp's llama-server, the benchmark's baseline (not needed to serve)."""
+    from kv3d_core.bench.llama_server import find_binary
+
+    path, why = find_binary()
+    if path is None:
+        return Check("llama-server", INFO, f"not built: {why}", "scripts/build_llama.sh (only `kv3d bench` needs it)")
+    info = Path(path).parent / "BUILD-INFO"
+    facts = dict(line.split("=", 1) for line in info.read_text().splitlines() if "=" in line) if info.is_file() else {}
+    version = next((line for line in (info.read_text().splitlines() if info.is_file() else []) if line.startswith("version:")), "")
+    return Check("llama-server", OK, f"{path} ({facts.get('variant', '?')} build{', ' + version if version else ''})")
 
 
 def check_gpu(cfg: DictConfig | None, llama: LlamaInfo | None) -> Check:
@@ -578,6 +591,7 @@ def run_checks(args: Sequence[str]) -> list[Check]:
     llama_row, llama = check_llama_cpp()
     checks.append(llama_row)
     checks.append(check_gpu(cfg, llama))
+    checks.append(check_llama_server())
     if cfg is not None:
         model_rows, model = check_model(cfg)
         checks += model_rows
