@@ -53,11 +53,16 @@ class CacheSchema:
     hot_idle_s: Optional[float] = None
     hot_idle_watermark: float = 0.5
     share_families: bool = False
+    layout: str = "streams"
+    stream_ctx: int = 2048
+    hot_sessions: Optional[int] = 2
+    free_streams: int = 1
+    prefix_host_mb: float = 512
 
 
 @dataclass
 class SchedulerSchema:
-    n_seq_max: int = 64
+    n_seq_max: int = 40
     max_running: int = 32
     max_waiting: int = 256
     queue_timeout_s: float = 60
@@ -150,6 +155,14 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("cache.gpu_hot_mb must be > 0")
     if s.cache.ram_warm_mb < 0 or s.cache.ssd_cold_mb < 0:
         problems.append("cache.ram_warm_mb and cache.ssd_cold_mb must be >= 0")
+    if s.cache.layout not in ("streams", "unified"):
+        problems.append(f"cache.layout must be 'streams' or 'unified', not {s.cache.layout!r}")
+    if s.cache.stream_ctx < 256:
+        problems.append("cache.stream_ctx must be >= 256 (cells of each sequence's KV stream)")
+    if s.cache.hot_sessions is not None and s.cache.hot_sessions < 0:
+        problems.append("cache.hot_sessions must be >= 0 (or null: idle sessions stay while streams are free)")
+    if s.cache.free_streams < 0 or s.cache.prefix_host_mb < 0:
+        problems.append("cache.free_streams and cache.prefix_host_mb must be >= 0")
     if s.cache.hot_idle_s is not None and s.cache.hot_idle_s < 0:
         problems.append("cache.hot_idle_s must be >= 0 (or null: idle entries stay hot until cells are needed)")
     if not 0 <= s.cache.hot_idle_watermark <= 1:

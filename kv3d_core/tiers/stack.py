@@ -12,8 +12,10 @@ as it must touch the context::
 Restore (a request resumes the entry), scheduler thread::
 
     warm.get or cold.get -> codec.decode_into the blob's K/V rows (state_format.allocate)
-      -> seq_state_set(seq) -> seq_cp(snapshot seq, seq, 0, n_prefix)
+      unified layout:    -> seq_state_set(seq) -> seq_cp(snapshot seq, seq, 0, n_prefix)
                                                      (the family prefix is shared, not stored)
+      a stream per seq:  the blob holds the family prefix's rows (copied from the snapshot's
+                         host copy) then the delta's -> one seq_state_set(seq)
 
 A session's stored state is a reference to its family snapshot plus its delta;
 the snapshot is stored once per family in every tier. A state whose layout the
@@ -203,13 +205,20 @@ class TierStack:
 
     # -- spill (scheduler thread, then writer thread) -------------------------------------
     def spill(self, e: "CacheEntry", seq: int) -> bool:
-        blob = self.cache.backend.seq_state_get(seq)
+        return self.spill_blob(e, self.cache.backend.seq_state_get(seq))
+
+    def spill_blob(self, e: "CacheEntry", blob) -> bool:
+        """Store ``e`` from its state blob (a sequence's, or a snapshot's host copy)."""
         with self._pending_lock:
             if self._pending_bytes + len(blob) > self.max_pending:
                 self._dropped("warm", "backlog")
                 return False
             self._pending_bytes += len(blob)
         n_prefix = len(e.snapshot.tokens) if (e.kind == "session" and e.snapshot is not None) else 0
+        if n_prefix and self.cache.streams and self.info.sliding_window:
+            # a sliding-window model's state has a second section holding only a window of
+            # cells, which a prefix + delta blob cannot rebuild: store such sessions whole
+            n_prefix = 0
         e.n_prefix = n_prefix
         meta_base = dict(key=e.key, kind=e.kind, namespace=e.namespace, family=e.family,
                          tokens=np.asarray(e.tokens, np.int32).copy(), model_fingerprint=self.info.fingerprint)
@@ -296,7 +305,7 @@ class TierStack:
         t0 = time.perf_counter()
         got, level = self._fetch(e)
         try:
-            blob, snap = self._decode(e, got)
+            blob, snap = self._decode(e, got, joined=cache.streams)
         except CacheFault:
             raise
         except Exception as exc:       # a codec plugin failing in a way its contract does not allow
@@ -309,7 +318,9 @@ class TierStack:
             raise StateRestoreError(f"set_data raised {type(exc).__name__}: {exc}") from exc
         n = len(e.tokens)
         n_prefix = got.meta.n_prefix if snap is not None else 0
-        if snap is not None:
+        if cache.streams:
+            cache.ledger.extend(seq, n)           # the blob held the prefix too
+        elif snap is not None:
             cache.backend.seq_copy(snap.seq, seq, 0, n_prefix)
             cache.ledger.share_prefix(snap.seq, seq, n_prefix)
             cache.ledger.extend(seq, n - n_prefix)
@@ -322,8 +333,30 @@ class TierStack:
         self.metrics.restore_seconds.labels(level).observe(dt)
         return snap
 
-    def _decode(self, e: "CacheEntry", got: TierEntry) -> tuple[bytes | memoryview, "CacheEntry | None"]:
-        """The blob to load for ``e`` and the snapshot whose prefix it needs."""
+    def load_blob(self, e: "CacheEntry") -> np.ndarray:
+        """The stored state of ``e`` (a family snapshot, kept whole) as a blob in memory the
+        backend loads fast from (a KV stream per sequence keeps snapshots in host memory)."""
+        got, level = self._fetch(e)
+        if got.meta.n_prefix:
+            raise CacheFault(f"{e.key[:8]} is a delta, not a whole state")
+        try:
+            blob, _ = self._decode(e, got)
+        except CacheFault:
+            raise
+        except Exception as exc:
+            raise CodecError(f"decoding {e.key[:8]} raised {type(exc).__name__}: {exc}") from exc
+        arr = np.frombuffer(blob, np.uint8)      # a view of the backend's buffer (kept alive by it)
+        if isinstance(blob, (bytes, bytearray)):  # an opaque entry: into the backend's memory
+            out = self.cache.backend.state_buffer(arr.size)
+            out[:] = arr
+            arr = out
+        self.metrics.restores.labels(level).inc()
+        return arr
+
+    def _decode(self, e: "CacheEntry", got: TierEntry,
+                joined: bool = False) -> tuple[bytes | memoryview, "CacheEntry | None"]:
+        """The blob to load for ``e`` and the snapshot whose prefix it needs. ``joined``: the
+        blob holds the prefix's rows too (a KV stream per sequence cannot share them)."""
         cache = self.cache
         meta = got.meta
         snap = None
@@ -339,32 +372,53 @@ class TierStack:
                                f"the active codec is {self.codec.codec_id} v{self.codec.version}")
             if framing.peek_codec(got.payload) != (meta.codec_id, meta.codec_version):
                 raise CodecError(f"{e.key[:8]}: payload header and index disagree on the codec")
-            writer = self._decode_to_blob(e, got)
+            head = None
             if meta.n_prefix:
                 snap = e.snapshot
                 if snap is None or len(snap.tokens) != meta.n_prefix:
                     raise TierMiss(f"{e.key[:8]}: its family snapshot is gone")
                 if not cache.ensure_hot_snapshot(snap, exclude=[e]):
                     raise TierMiss(f"{e.key[:8]}: no room to restore its family snapshot")
+                if joined:
+                    head = cache.snapshot_arrays(snap)
+            writer = self._decode_to_blob(e, got, head)
             blob = writer.finish()
         return blob, snap
 
-    def _decode_to_blob(self, e: "CacheEntry", got: TierEntry) -> state_format.BlobWriter:
+    def _decode_to_blob(self, e: "CacheEntry", got: TierEntry,
+                        head: KVArrays | None = None) -> state_format.BlobWriter:
         """The codec decodes the delta straight into the K/V rows of the blob for
-        ``seq_state_set`` (:func:`state_format.allocate`): no separate build copy."""
+        ``seq_state_set`` (:func:`state_format.allocate`): no separate build copy. With
+        ``head`` (the family prefix's cells), the blob holds the prefix's rows first, copied
+        in, and the codec decodes into the rows after them."""
         expected = len(e.tokens) - got.meta.n_prefix
         writers: list[state_format.BlobWriter] = []
+        given: list[KVArrays] = []
 
         def alloc(template: KVArrays) -> KVArrays:
             if writers:
                 raise CodecError(f"{e.key[:8]}: codec {self.codec.codec_id} asked for its output arrays twice")
             if template.n_cells != expected:
                 raise CodecError(f"{e.key[:8]} decodes to {template.n_cells} cells, expected {expected}")
-            writers.append(state_format.allocate(template, self.cache.backend.state_buffer))
-            return writers[0].arrays
+            if head is None:
+                writers.append(state_format.allocate(template, self.cache.backend.state_buffer))
+                given.append(writers[0].arrays)
+                return given[0]
+            try:
+                joined = state_format.concat_layout(head, template)
+            except StateFormatError as exc:
+                raise CodecError(f"{e.key[:8]}: its delta does not join its family prefix: {exc}") from exc
+            w = state_format.allocate(joined, self.cache.backend.state_buffer)
+            p = head.n_cells
+            for dst, src in zip([*w.arrays.k, *w.arrays.v], [*head.k, *head.v]):
+                dst[:p] = src
+            writers.append(w)
+            given.append(KVArrays(w.arrays.positions[p:], [a[p:] for a in w.arrays.k], [a[p:] for a in w.arrays.v],
+                                  template.head_dim_k, template.head_dim_v, w.arrays.extra))
+            return given[0]
 
         arrays = self.codec.decode_into(got.payload, alloc)
-        if not writers or arrays is not writers[0].arrays:
+        if not writers or arrays is not given[0]:
             raise CodecError(f"{e.key[:8]}: codec {self.codec.codec_id} did not decode into the arrays it was given")
         return writers[0]
 
