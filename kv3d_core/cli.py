@@ -40,6 +40,10 @@ def cmd_serve(args: Sequence[str]) -> int:
 
     cfg = compose(args)
     _setup_logging(cfg.server.log_level)
+    # The scheduler thread gives up the GIL during every llama_decode and must get it back at
+    # once when the GPU is done; with the default 5 ms switch interval it can wait behind the
+    # event loop's JSON work for that long, a whole decode step on a GPU.
+    sys.setswitchinterval(0.0005)
     log = logging.getLogger("kv3d")
     engine = Engine(cfg)
     try:

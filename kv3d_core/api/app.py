@@ -12,8 +12,10 @@ import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -51,6 +53,17 @@ class _Run:
         self.done = False
         self._checked = time.monotonic()
 
+    def more_text(self) -> str:
+        """Text of the plain token events already queued behind the current one (a client that
+        reads slower than tokens come gets them in one chunk instead of one chunk each)."""
+        parts = []
+        while not self.queue.empty():
+            ev = self.queue._queue[0]          # peek: only plain ("token", text) events are merged
+            if len(ev) != 2 or ev[0] != "token":
+                break
+            parts.append(self.queue.get_nowait()[1])
+        return "".join(parts)
+
     async def next_event(self, request: Request) -> tuple | None:
         """The next scheduler event; None when the client went away (the job is cancelled).
         The connection is checked every DISCONNECT_POLL_S whether or not events keep coming."""
@@ -61,10 +74,13 @@ class _Run:
                 if await request.is_disconnected():
                     self.handle.cancel()
                     return None
-            try:
-                ev = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                continue
+            if not self.queue.empty():           # the usual case while tokens flow: no timer, no task
+                ev = self.queue.get_nowait()
+            else:
+                try:
+                    ev = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    continue
             if ev[0] in ("done", "error"):
                 self.done = True
             return ev
@@ -159,6 +175,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repeat_penalty=req.repeat_penalty or 1.0,
+            ignore_eos=req.ignore_eos,
         )
 
     def _max_tokens(req, prepared: Prepared, default: int | None) -> int:
@@ -179,9 +196,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
         max_tokens = _max_tokens(req, prepared, default_max)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        outbox = _outbox_of(loop)
 
         def sink(ev: tuple) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            outbox.put(queue, ev)
 
         try:
             handle = engine.submit(prepared, _sampling(req), max_tokens, req.stops, sink)
@@ -217,8 +235,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
             for c in prelude:
                 yield b"data: " + json.dumps(c).encode() + b"\n\n"
             ev: tuple | None = first
+            text_chunk = _text_chunk_renderer(make_chunk)
             while ev is not None:
-                if ev[0] == "token":
+                if ev[0] == "token" and len(ev) == 2:
+                    yield text_chunk(ev[1] + run.more_text())
+                elif ev[0] == "token":
                     yield b"data: " + json.dumps(make_chunk(ev[1], None)).encode() + b"\n\n"
                 elif ev[0] == "done":
                     yield b"data: " + json.dumps(make_chunk(None, ev[1])).encode() + b"\n\n"
@@ -338,6 +359,58 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+_TEXT_MARK = "@@kv3d-text@@"
+
+
+def _text_chunk_renderer(make_chunk: Callable[[str | None, str | None], dict]) -> Callable[[str], bytes]:
+    """``make_chunk(text, None)`` as SSE bytes, the JSON rendered once around a marker: a
+    stream's chunks differ only in their text, and a ``json.dumps`` of the whole chunk per
+    token costs the event loop more than the token."""
+    whole = json.dumps(make_chunk(_TEXT_MARK, None))
+    mark = json.dumps(_TEXT_MARK)
+    if whole.count(mark) != 1:
+        return lambda text: b"data: " + json.dumps(make_chunk(text, None)).encode() + b"\n\n"
+    head, tail = whole.split(mark)
+    head_b, tail_b = b"data: " + head.encode(), tail.encode() + b"\n\n"
+    return lambda text: head_b + json.dumps(text).encode() + tail_b
+
+
+class _Outbox:
+    """Scheduler events to one event loop, one wake-up per burst: a step emits a token for
+    every running request, and a ``call_soon_threadsafe`` each (a self-pipe write and a loop
+    iteration) would cost the event loop more than the tokens themselves."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, tuple]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, ev: tuple) -> None:
+        with self._lock:
+            self._items.append((queue, ev))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
+
+_OUTBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox]" = weakref.WeakKeyDictionary()
+
+
+def _outbox_of(loop: asyncio.AbstractEventLoop) -> _Outbox:
+    box = _OUTBOXES.get(loop)
+    if box is None:
+        box = _OUTBOXES[loop] = _Outbox(loop)
+    return box
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ class _Sampling(_Strict):
     n: int = Field(default=1, ge=1, le=1)
     user: Optional[str] = None
     cache_salt: Optional[str] = Field(default=None, max_length=1024)
+    ignore_eos: bool = False     # vLLM's and llama-server's extension: generate to the limit (benchmarks)
 
     @model_validator(mode="after")
     def _check_stop(self) -> "_Sampling":

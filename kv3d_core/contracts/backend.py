@@ -64,6 +64,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
+    ignore_eos: bool = False
+    """Generate up to the token limit even past end-of-generation tokens (benchmarks; the
+    ``ignore_eos`` extension of vLLM and llama-server)."""
 
     @property
     def greedy(self) -> bool:
@@ -174,6 +177,13 @@ class ExecutionBackend(abc.ABC):
     @abc.abstractmethod
     def make_sampler(self, params: SamplingParams) -> Sampler:
         """A fresh sampler chain for one sequence."""
+
+    def sample_many(self, samplers: Sequence[Sampler], outputs: Sequence[int]) -> list[int]:
+        """The next token of several sequences at once: ``samplers[i]`` samples from output
+        row ``outputs[i]`` of the last decode, exactly as ``samplers[i].sample(outputs[i])``
+        would (same tokens, same chain state). A backend may batch what can be batched
+        (greedy rows as one argmax over the logits matrix); the default samples each in turn."""
+        return [s.sample(o) for s, o in zip(samplers, outputs)]
 
     # -- KV cells -------------------------------------------------------------
     @abc.abstractmethod

@@ -136,6 +136,11 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_batch_seqs_seen = 0
+        self.step_split = {"decode": 0.0, "sample": 0.0, "other": 0.0}   # seconds, since start
+        # per-step hot path: metric children and constants looked up once
+        self._generated = metrics.generated_tokens
+        self._split_metric = {p: metrics.step_seconds.labels(p) for p in self.step_split}
+        self._n_ctx_seq = backend.info.n_ctx_seq
         self._gauges_at = 0.0
 
     # -- public, any thread -------------------------------------------------------------
@@ -203,12 +208,19 @@ class Scheduler:
                         fut.set_result(fn())
                     except BaseException as exc:  # delivered to the caller
                         fut.set_exception(exc)
+            t_step = time.perf_counter()
+            before = self.step_split["decode"] + self.step_split["sample"]
+            steps_before = self.steps
             try:
                 self._step()
             except Exception:  # never let the thread die: fail what was running, go on
                 log.exception("scheduler step failed")
                 for job in list(self._running):
                     self._fail(job, 500, "internal error in the scheduler", "server_error", None)
+            if self.steps > steps_before:       # a step ran: what it spent outside decode and sampling
+                other = time.perf_counter() - t_step - (self.step_split["decode"] + self.step_split["sample"] - before)
+                self.step_split["other"] += other
+                self._split_metric["other"].inc(max(0.0, other))
             if self._waiting and not self._running:
                 with self._cond:   # nothing runnable (waiting for capacity): don't spin
                     if not self._intake and not self._calls:
@@ -370,6 +382,7 @@ class Scheduler:
                     continue
                 if len(plan) == 1 and len(plan[0][1].tokens) > 1:
                     pass  # a single prefill; let llama.cpp try (ledger is conservative)
+            t0 = time.perf_counter()
             try:
                 outputs = self.backend.decode([e for _, e in plan])
             except KVCacheFullError:
@@ -384,10 +397,14 @@ class Scheduler:
                     self._fail(job, 500, f"the model failed to decode: {exc}", "server_error", None)
                 return
             break
+        dt = time.perf_counter() - t0
+        self.step_split["decode"] += dt
+        self._split_metric["decode"].inc(dt)
         self.steps += 1
         self.metrics.batch_tokens.observe(n_tokens)
         self.metrics.batch_seqs.observe(len(plan))
         self.max_batch_seqs_seen = max(self.max_batch_seqs_seen, len(plan))
+        sampling: list[tuple[Job, int]] = []
         for (job, entry), out in zip(plan, outputs):
             k = len(entry.tokens)
             self.cache.note_decoded(job.seq, k)
@@ -398,16 +415,25 @@ class Scheduler:
                 continue
             if job.state is SessionState.PREFILL:
                 job.move(SessionState.DECODE)
-            self._on_logits(job, out)
+            sampling.append((job, out))
+        if not sampling:
+            return
+        # every sequence's next token in one call (greedy rows: one argmax over the logits matrix)
+        t0 = time.perf_counter()
+        tokens = self.backend.sample_many([j.sampler for j, _ in sampling], [o for _, o in sampling])
+        dt = time.perf_counter() - t0
+        self.step_split["sample"] += dt
+        self._split_metric["sample"].inc(dt)
+        self._generated.inc(len(tokens))
+        for (job, _), token in zip(sampling, tokens):
+            self._on_token(job, token)
 
-    def _on_logits(self, job: Job, out: int) -> None:
-        token = job.sampler.sample(out)
+    def _on_token(self, job: Job, token: int) -> None:
         job.generated += 1
-        self.metrics.generated_tokens.inc()
         if job.t_first is None:
             job.t_first = time.monotonic()
             self.metrics.ttft.labels("hit" if job.n_cached > 0 else "miss").observe(job.t_first - job.t_submit)
-        if self.backend.is_eog(token):
+        if self.backend.is_eog(token) and not job.params.ignore_eos:
             self._finish(job, "stop")
             return
         text = job.stream.push(self.backend.token_piece(token))
@@ -415,7 +441,7 @@ class Scheduler:
             self._emit(job, ("token", text))
         if job.stream.stopped:
             self._finish(job, "stop")
-        elif job.generated >= job.max_tokens or len(job.context) + 1 > self.backend.info.n_ctx_seq:
+        elif job.generated >= job.max_tokens or len(job.context) + 1 > self._n_ctx_seq:
             self._finish(job, "length")
         else:
             job.context.append(token)
