@@ -126,8 +126,15 @@ def llama_server_settings(cfg: DictConfig, spec: WorkloadSpec, unified: bool) ->
         n_batch=int(cfg.backend.n_batch), n_ubatch=int(cfg.backend.n_ubatch),
         cache_ram_mb=int(c.cache_ram_mb) if c.cache_ram_mb is not None else int(cfg.cache.ram_warm_mb),
         unified=unified,
-        n_gpu_layers=int(cfg.backend.n_gpu_layers), flash_attn=str(cfg.backend.flash_attn),
+        n_gpu_layers=_gpu_layers(cfg), flash_attn=str(cfg.backend.flash_attn),
         extra_args=tuple(str(a) for a in (c.extra_args or [])))
+
+
+def _gpu_layers(cfg: DictConfig) -> int:
+    """``backend.n_gpu_layers`` as kv3d's backend resolves it, for llama-server's ``--n-gpu-layers``."""
+    from kv3d_backend_llamacpp.backend import resolve_gpu_layers
+
+    return resolve_gpu_layers(cfg.backend.n_gpu_layers)
 
 
 def _kv_bytes_per_token(model_path: str, cfg: DictConfig) -> int:
