@@ -209,6 +209,8 @@ class Scheduler:
                 log.exception("scheduler step failed")
                 for job in list(self._running):
                     self._fail(job, 500, "internal error in the scheduler", "server_error", None)
+            self.metrics.running.set(len(self._running))    # also after the last request: the
+            self.metrics.waiting.set(len(self._waiting) + len(self._intake))   # gauges must not stay stale
             if self._waiting and not self._running:
                 with self._cond:   # nothing runnable (waiting for capacity): don't spin
                     if not self._intake and not self._calls:
@@ -295,7 +297,7 @@ class Scheduler:
 
     def _admit_one(self, job: Job) -> bool:
         view = dataclasses.replace(job.prompt, tokens=job.context)
-        lease = self.cache.acquire(view, job.family)
+        lease = self.cache.acquire(view, job.family, record=job.preemptions == 0)   # one lookup per request
         if lease is None:
             if not self._running:
                 # nothing runs and still no room: the cache cannot hold this prompt at all
