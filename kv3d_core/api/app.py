@@ -304,7 +304,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
             raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported_parameter")
         messages = [m.canonical() for m in req.messages]
         size = request.scope["kv3d.body_bytes"]
-        await preparer.check_bound([m["content"].strip() for m in messages if m["role"] == "user"], size, "messages")
+        # every message but the assistant's (a template may drop parts of earlier replies) reaches
+        # the prompt whole, up to the whitespace a template may trim
+        await preparer.check_bound([m["content"].strip() for m in messages if m["role"] != "assistant"], size,
+                                   "messages")
         try:
             prepared = await preparer.run(size, engine.prepare_chat, messages, req.tools, req.cache_salt,
                                           _tenant(request))

@@ -3,11 +3,13 @@
 Two things, both before the scheduler sees the request:
 
 - **A cheap bound.** No token stands for more text than the longest piece in the
-  model's vocabulary (81 bytes for SmolLM2), and user text is tokenized with
-  special-token parsing off, so it never becomes a control token. A prompt whose user
-  text has more than ``n_ctx * longest_piece`` bytes therefore needs more tokens than
-  the context holds: it is refused (400 ``context_length_exceeded``) in milliseconds
-  instead of after seconds of tokenizing (a 15 MB prompt took 11 s).
+  model's vocabulary (81 bytes for SmolLM2), and message content is tokenized with
+  special-token parsing off, so it never becomes a control token. A prompt whose
+  messages (system, user and tool ones: templates render them whole, but may drop parts
+  of earlier assistant replies) or completions prompt hold more than
+  ``n_ctx * longest_piece`` bytes therefore needs more tokens than the context holds: it
+  is refused (400 ``context_length_exceeded``) in milliseconds instead of after seconds
+  of tokenizing (a 15 MB prompt took 11 s).
 - **Pools by size.** Rendering and tokenizing run on worker threads: bodies of at least
   :data:`BIG_BODY_BYTES` on a pool of their own (:data:`BIG_WORKERS` thread), the
   rest on another. A request of a few tokens never waits for a free thread behind
