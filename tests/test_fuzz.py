@@ -29,7 +29,7 @@ def test_schemathesis_finds_no_server_error(tmp_path):
     with running_server(tmp_path, ["server.api_key=fuzz-key", "server.default_max_tokens=4"]) as srv:
         cmd = [sys.executable, "-m", "schemathesis.cli", "run", srv.url + "/openapi.json",
                "-H", "Authorization: Bearer fuzz-key", "--checks", CHECKS, "--max-examples", str(MAX_EXAMPLES),
-               "--seed", "17", "--request-timeout", "120", "--workers", "2", "--no-color",
+               "--seed", "17", "--request-timeout", "120", "--workers", "1", "--no-color",
                "--report", "junit", "--report-dir", str(tmp_path / "report")]
         env = dict(os.environ, SCHEMATHESIS_HOOKS=str(REPO / "tests" / "fuzz" / "hooks.py"))
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
