@@ -35,6 +35,8 @@ class ServerSchema:
     default_max_tokens: Optional[int] = None
     cached_tokens: str = "block"
     cached_tokens_block: int = 32
+    drain_s: float = 25
+    metrics_public: bool = False
 
 
 @dataclass
@@ -179,6 +181,8 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("scheduler.prefill_aging_s must be >= 0")
     if s.server.cached_tokens not in ("block", "exact", "off"):
         problems.append(f"server.cached_tokens must be 'block', 'exact' or 'off', not {s.server.cached_tokens!r}")
+    if s.server.drain_s < 0:
+        problems.append("server.drain_s must be >= 0")
     if s.server.cached_tokens_block < 1:
         problems.append("server.cached_tokens_block must be >= 1")
     keys = list(s.server.api_keys.values()) + ([s.server.api_key] if s.server.api_key else [])

@@ -26,7 +26,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kv3d_core import __version__
+from kv3d_core.api import limits, openapi
+from kv3d_core.api.drain import RETRY_AFTER_S, Drainer
 from kv3d_core.api.errors import APIError, from_validation_error
+from kv3d_core.api.prepare import PromptPreparer
 from kv3d_core.api.schemas import ChatCompletionRequest, CompletionRequest
 from kv3d_core.contracts.backend import SamplingParams
 from kv3d_core.engine.engine import Engine, Prepared
@@ -103,22 +106,30 @@ def tenant_keys(api_key: str | None, api_keys: dict[str, str] | None) -> dict[st
 def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str, str] | None = None,
                max_body_mb: float = 16, default_max_tokens: int | None = None,
                cached_tokens: str = "block", cached_tokens_block: int = 32,
-               close_engine_on_shutdown: bool = False) -> FastAPI:
+               close_engine_on_shutdown: bool = False, drain_s: float = 25, metrics_public: bool = False) -> FastAPI:
     """The app. Each API key is a tenant (``api_key`` the tenant ``default``, ``api_keys``
     {name: key} more): a tenant's requests reuse only its own cached KV. ``cached_tokens``
     says how usage reports reuse: ``block`` (rounded down to ``cached_tokens_block``),
-    ``exact`` or ``off``."""
+    ``exact`` or ``off``. ``drain_s``: how long a SIGTERM lets requests in flight
+    finish (:mod:`kv3d_core.api.drain`). ``/metrics`` needs a key (when keys are
+    configured) unless ``metrics_public``."""
+    drainer = Drainer(drain_s)
+    preparer = PromptPreparer(engine.backend)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
+        asyncio.get_running_loop().run_in_executor(None, preparer.longest_piece)   # the cheap bound's one scan
         yield
+        preparer.close()
         if close_engine_on_shutdown:
-            # Inside the server's graceful shutdown: uvicorn re-raises SIGTERM/SIGINT after it
-            # returns, so code after uvicorn.run() may never run. Persisting caches happens here.
+            # Inside the server's graceful shutdown, after the drain (api/drain.py); uvicorn.run()
+            # would re-raise SIGTERM/SIGINT after returning, so persisting caches happens here.
             await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="kv3d", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
                   lifespan=lifespan)
     app.state.engine = engine
+    app.state.drainer = drainer
     metrics = engine.metrics
     max_body = int(max_body_mb * 1024 * 1024)
 
@@ -134,26 +145,26 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         msg = {404: "Unknown endpoint", 405: "Method not allowed"}.get(exc.status_code, str(exc.detail))
-        return APIError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None).response()
+        return APIError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None,
+                        headers=getattr(exc, "headers", None)).response()   # 405 keeps its Allow header
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return APIError(500, "internal server error", code="internal_error").response()
+    # Any other exception is answered (once, logged once) by _ObserveMiddleware: an
+    # exception_handler(Exception) would log it, and Starlette re-raise it to uvicorn.
 
     # -- middleware: auth and request metrics (pure ASGI: BaseHTTPMiddleware wraps `receive`,
     #    and inside a streaming response that made is_disconnected() report a disconnect
     #    for a client that had only paused reading) ------------------------------------------
-    app.add_middleware(_ObserveMiddleware, metrics=metrics, keys=tenant_keys(api_key, api_keys))
+    keys = tenant_keys(api_key, api_keys)
+    protected = _PROTECTED + ("/openapi.json",) + (() if metrics_public else ("/metrics",))
+    app.add_middleware(_ObserveMiddleware, metrics=metrics, keys=keys, drainer=drainer, protected=protected)
+    openapi.install(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest},
+                    engine.model_id, bool(keys), protected)
 
     async def _body(request: Request, model_cls):
-        raw = await request.body()
-        if len(raw) > max_body:
-            raise APIError(413, f"request body larger than {max_body_mb:g} MB", code="request_too_large")
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from exc
+        limits.check_media_type(request)
+        raw = await limits.read_body(request, max_body)
+        request.scope["kv3d.body_bytes"] = len(raw)
+        data = limits.parse_json(raw)
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         try:
@@ -201,11 +212,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
         def sink(ev: tuple) -> None:
             outbox.put(queue, ev)
 
+        drainer.check_open()
         try:
             handle = engine.submit(prepared, _sampling(req), max_tokens, req.stops, sink)
         except QueueFull as exc:
             raise APIError(503, str(exc), code="server_overloaded", headers={"Retry-After": str(exc.retry_after)}) from exc
-        return _Run(handle, queue), max_tokens
+        run = _Run(handle, queue)
+        drainer.track(run)
+        return run, max_tokens
 
     def _usage(u: dict) -> dict:
         cached = u["cached_tokens"]
@@ -252,6 +266,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
                 ev = await run.next_event(request)
             if ev is not None:
                 yield b"data: [DONE]\n\n"
+        except Exception:   # the response has started: end the stream in-band, log once
+            log.exception("stream failed")
+            err = APIError(500, "internal server error", code="internal_error")
+            yield b"data: " + json.dumps(err.body()).encode() + b"\n\ndata: [DONE]\n\n"
         finally:
             if not run.done:
                 run.handle.cancel()
@@ -306,9 +324,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
         if req.logprobs:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported_parameter")
         messages = [m.canonical() for m in req.messages]
+        size = request.scope["kv3d.body_bytes"]
+        # every message but the assistant's (a template may drop parts of earlier replies) reaches
+        # the prompt whole, up to the whitespace a template may trim
+        await preparer.check_bound([m["content"].strip() for m in messages if m["role"] != "assistant"], size,
+                                   "messages")
         try:
-            prepared = await asyncio.to_thread(engine.prepare_chat, messages, req.tools, req.cache_salt,
-                                               _tenant(request))
+            prepared = await preparer.run(size, engine.prepare_chat, messages, req.tools, req.cache_salt,
+                                          _tenant(request))
         except (TemplateError, TokenizerMissing) as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
         return await _serve(request, req, prepared, default_max_tokens, _CHAT)
@@ -323,8 +346,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
         if isinstance(p, list) and any((not isinstance(t, int)) or t < 0 or t >= engine.info.n_vocab for t in p):
             raise APIError(400, f"'prompt' token ids must be within 0..{engine.info.n_vocab - 1}", param="prompt",
                            code="invalid_value")
+        size = request.scope["kv3d.body_bytes"]
+        if isinstance(p, str):
+            await preparer.check_bound([p], size, "prompt")
         try:
-            prepared = await asyncio.to_thread(engine.prepare_completion, p, req.cache_salt, _tenant(request))
+            prepared = await preparer.run(size, engine.prepare_completion, p, req.cache_salt, _tenant(request))
         except TokenizerMissing as exc:
             raise APIError(400, str(exc), param="prompt", code="invalid_prompt") from exc
         if prepared.n_tokens == 0:
@@ -444,13 +470,19 @@ _PROTECTED = ("/v1/", "/debug/")
 
 
 class _ObserveMiddleware:
-    """Bearer-key check for /v1/* and /debug/* (the key names the request's tenant, kept in
-    ``scope["kv3d.tenant"]``), and per-endpoint request metrics."""
+    """Bearer-key check for the ``protected`` paths (/v1/*, /debug/*, /openapi.json and,
+    unless public, /metrics; the key names the request's tenant, kept in
+    ``scope["kv3d.tenant"]``), admission while draining (:mod:`kv3d_core.api.drain`),
+    per-endpoint request metrics, and the one place an unexpected exception is logged
+    and answered (500, ``Connection: close``)."""
 
-    def __init__(self, app, metrics, keys: dict[str, str]) -> None:
+    def __init__(self, app, metrics, keys: dict[str, str], drainer: Drainer | None = None,
+                 protected: tuple[str, ...] = _PROTECTED) -> None:
         self.app = app
         self.metrics = metrics
         self.keys = [(tenant, key.encode()) for tenant, key in keys.items()]
+        self.drainer = drainer
+        self.protected = protected
 
     def _tenant_of(self, token: bytes) -> str | None:
         found = None
@@ -465,7 +497,17 @@ class _ObserveMiddleware:
             return
         path = scope.get("path", "")
         endpoint = path if path in _ENDPOINTS else "other"
-        if self.keys and path.startswith(_PROTECTED):
+        drainer = self.drainer
+        if drainer is not None and drainer.draining and path != "/metrics":
+            self.metrics.http_requests.labels(endpoint, "503").inc()
+            if path == "/health":
+                response = JSONResponse({"status": "draining", "service": "kv3d-engine"}, status_code=503,
+                                        headers={"Retry-After": str(RETRY_AFTER_S)})
+            else:
+                response = drainer.refusal().response()
+            await response(scope, receive, send)
+            return
+        if self.keys and path.startswith(self.protected):
             headers = dict(scope.get("headers") or [])
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = auth.partition(" ")
@@ -477,16 +519,29 @@ class _ObserveMiddleware:
                 return
             scope["kv3d.tenant"] = tenant
         status = 500
+        started = False
         t0 = time.monotonic()
 
         async def observed_send(message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
+                headers = list(message.get("headers") or [])
+                if drainer is not None and drainer.draining and not any(k.lower() == b"connection" for k, _ in headers):
+                    message = {**message, "headers": headers + [(b"connection", b"close")]}
             await send(message)
 
+        if drainer is not None:
+            drainer.enter()
         try:
             await self.app(scope, receive, observed_send)
+        except Exception:
+            log.exception("unhandled error on %s", path)
+            if not started:   # else the connection is closed by the server: nothing more can be sent
+                await APIError(500, "internal server error", code="internal_error",
+                               headers={"Connection": "close"}).response()(scope, receive, observed_send)
         finally:
+            if drainer is not None:
+                drainer.leave()
             self.metrics.http_requests.labels(endpoint, str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(time.monotonic() - t0)

@@ -221,6 +221,8 @@ class Scheduler:
                 other = time.perf_counter() - t_step - (self.step_split["decode"] + self.step_split["sample"] - before)
                 self.step_split["other"] += other
                 self._split_metric["other"].inc(max(0.0, other))
+            self.metrics.running.set(len(self._running))    # also after the last request: the
+            self.metrics.waiting.set(len(self._waiting) + len(self._intake))   # gauges must not stay stale
             if self._waiting and not self._running:
                 with self._cond:   # nothing runnable (waiting for capacity): don't spin
                     if not self._intake and not self._calls:
@@ -307,7 +309,7 @@ class Scheduler:
 
     def _admit_one(self, job: Job) -> bool:
         view = dataclasses.replace(job.prompt, tokens=job.context)
-        lease = self.cache.acquire(view, job.family)
+        lease = self.cache.acquire(view, job.family, record=job.preemptions == 0)   # one lookup per request
         if lease is None:
             if not self._running:
                 # nothing runs and still no room: the cache cannot hold this prompt at all

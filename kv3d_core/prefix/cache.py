@@ -383,9 +383,10 @@ class PrefixCache:
         return self.pool.alloc()
 
     # -- request life cycle ----------------------------------------------------------
-    def acquire(self, prompt: PromptView, family: FamilyKey) -> Lease | None:
+    def acquire(self, prompt: PromptView, family: FamilyKey, record: bool = True) -> Lease | None:
         """A sequence for a request, with as much of its prompt as can be reused
-        already in it. None when no sequence or cells can be freed now."""
+        already in it. None when no sequence or cells can be freed now. ``record``: count
+        the lookup in the prefix metrics (a preempted request resuming is not counted again)."""
         if self.tiers is not None:
             self.tiers.apply_disables()
             self._apply_restore_off()
@@ -406,10 +407,11 @@ class PrefixCache:
                 continue
             if lease is None:
                 return None
-            self.metrics.record_prefix(lease.n_cached > 0, lease.n_cached)
+            if record:
+                self.metrics.record_prefix(lease.n_cached > 0, lease.n_cached)
             return lease
         lease = self._acquire_from(None, 0, prompt)
-        if lease is not None:
+        if lease is not None and record:
             self.metrics.record_prefix(False, 0)
         return lease
 
