@@ -31,6 +31,9 @@ class Metrics:
         self.batch_tokens = Histogram("kv3d_batch_tokens", "Tokens per llama_decode batch", buckets=BATCH_BUCKETS, registry=r)
         self.batch_seqs = Histogram("kv3d_batch_sequences", "Sequences per llama_decode batch", buckets=BATCH_BUCKETS, registry=r)
         self.generated_tokens = Counter("kv3d_generated_tokens", "Completion tokens generated", registry=r)
+        self.derived_families = Counter("kv3d_prefix_derived_families", "Implicit families: prefixes that "
+                                        "prompts without a family of their own were found to share, snapshotted",
+                                        registry=r)
         self.step_seconds = Counter("kv3d_step_seconds", "Scheduler time by part of a step: llama_decode (decode), "
                                     "sampling every sequence (sample), the rest (admission, batching, text, "
                                     "events: other)", ["part"], registry=r)

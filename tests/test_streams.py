@@ -81,3 +81,46 @@ def test_when_every_stream_is_busy_the_next_request_waits(tmp_path, hot_sessions
         stats = srv.stats()
         assert stats["layout"] == "streams" and stats["scheduler"]["running"] == 0
         assert stats["hot"]["free_sequences"] + stats["hot"]["sessions"] == 2
+
+
+@pytest.mark.parametrize("layout", ["streams", "unified"])
+def test_raw_prompts_sharing_a_prefix_get_an_implicit_family(layout):
+    """Token-id completions have no system message to name a family. When one shares a long
+    prefix with a cached conversation it does not continue, that prefix becomes a family of its
+    own (snapshotted once): later prompts load it instead of restoring whole conversations, and
+    conversations store only their deltas past it."""
+    import queue
+
+    from kv3d_core.config import compose
+    from kv3d_core.contracts import SamplingParams
+    from kv3d_core.engine.engine import Engine
+
+    shared = list(range(1000, 1096))                 # a 96-token prefix, then 16 tokens of each request
+
+    def complete(eng, tail: list[int]) -> dict:
+        q: queue.Queue = queue.Queue()
+        eng.submit(eng.prepare_completion(shared + tail), SamplingParams(temperature=0), 4, [], q.put)
+        while True:
+            ev = q.get(timeout=300)
+            if ev[0] == "done":
+                return ev[2]
+            assert ev[0] == "token", ev
+
+    cfg = ["server.threads=2", f"cache.layout={layout}", "cache.stream_ctx=512", "scheduler.n_seq_max=4",
+           "cache.gpu_hot_mb=16", "cache.hot_sessions=0", "safety.quality_sample_every=0"]
+    with Engine(compose(cfg)) as eng:
+        first = complete(eng, list(range(2000, 2016)))
+        assert first["cached_tokens"] == 0
+        second = complete(eng, list(range(3000, 3016)))     # shares the prefix with the first
+        assert second["cached_tokens"] == 96
+        assert eng.metrics.derived_families._value.get() == 1
+        snaps = eng.scheduler.call(lambda: [len(s.tokens) for s in eng.cache.snapshots.values()]).result(60)
+        assert snaps == [96]
+        restores_before = eng.metrics.restores.labels("warm")._value.get()
+        third = complete(eng, list(range(4000, 4016)))      # loads the implicit family's snapshot
+        assert third["cached_tokens"] == 96
+        assert eng.metrics.restores.labels("warm")._value.get() == restores_before, "no conversation restored"
+        assert eng.metrics.derived_families._value.get() == 1
+        sessions = eng.scheduler.call(lambda: [e.n_prefix for e in eng.cache._by_key.values()
+                                               if e.kind == "session"]).result(60)
+        assert 96 in sessions, "conversations after it store only their delta past the prefix"

@@ -45,6 +45,7 @@ from kv3d_core.engine.session import SessionState
 from kv3d_core.contracts.backend import BatchEntry
 from kv3d_core.errors import BackendError, CacheFault, NoFreeCells, QualityGuardTripped, StateFormatError
 from kv3d_core.kv import state_format
+from kv3d_core.prefix.detectors import family_digest
 from kv3d_core.prefix.radix import RadixIndex
 from kv3d_core.tiers.hot import CellLedger, SeqPool, StreamLedger
 
@@ -407,6 +408,9 @@ class PrefixCache:
                 continue
             if lease is None:
                 return None
+            if (lease.snapshot is None and family.length == 0 and entry is not None and entry.kind == "session"
+                    and self.min_snapshot_tokens <= lease.n_cached < len(entry.tokens)):
+                lease.snapshot = self._derive_snapshot(lease.seq, prompt.tokens, lease.n_cached, family)
             if record:
                 self.metrics.record_prefix(lease.n_cached > 0, lease.n_cached)
             return lease
@@ -414,6 +418,18 @@ class PrefixCache:
         if lease is not None and record:
             self.metrics.record_prefix(False, 0)
         return lease
+
+    def _derive_snapshot(self, seq: int, tokens, n: int, family: FamilyKey) -> CacheEntry | None:
+        """A prompt without a family of its own (a raw completion, no system message) shared its
+        first ``n`` tokens with a cached conversation it does not continue: those tokens are a
+        prefix several requests share -- an implicit family. Its snapshot is made now from the
+        request's sequence (which holds them), so later requests sharing it load the prefix
+        instead of restoring whole conversations, and conversations store only their deltas."""
+        derived = FamilyKey(family.namespace, family_digest(family.scope, tokens[:n]), n, family.snapshot_namespace)
+        snap = self.maybe_snapshot(seq, n, list(tokens), derived, None)
+        if snap is not None:
+            self.metrics.derived_families.inc()
+        return snap
 
     def _acquire_from(self, entry: CacheEntry | None, n: int, prompt: PromptView) -> Lease | None:
         if self.streams:
