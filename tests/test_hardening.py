@@ -244,7 +244,8 @@ def test_small_request_does_not_wait_for_big_prompts_to_tokenize(hserver):
     before the last of them. (Each big prompt is under the cheap bound, so it really is
     tokenized, then refused for exceeding the context.)"""
     n_ctx = httpx.get(hserver.url + "/v1/models").json()["data"][0]["meta"]["n_ctx"]
-    text = "lorem ipsum dolor sit amet " * (n_ctx * 60 // 27)    # ~5 bytes a token: far past n_ctx
+    # ~5 bytes a token: far past n_ctx, at least 64 KiB, under the cheap bound (n_ctx * 81 bytes)
+    text = "lorem ipsum dolor sit amet " * (max(n_ctx * 60, 68 * 1024) // 27)
     big = json.dumps({"model": MODEL_ID, "prompt": text, "max_tokens": 1})
     assert len(big) >= 64 * 1024
     done: dict[str, float] = {}
@@ -347,7 +348,9 @@ def test_a_preempted_request_is_looked_up_once():
     from kv3d_core.contracts import SamplingParams
     from kv3d_core.engine.engine import Engine
 
-    cfg = compose(["server.threads=2", "cache.gpu_hot_mb=4", "scheduler.n_seq_max=8", "scheduler.queue_timeout_s=900"])
+    # (the unified layout: one cache of 256 cells that the five requests outgrow together)
+    cfg = compose(["server.threads=2", "cache.layout=unified", "cache.gpu_hot_mb=4", "scheduler.n_seq_max=8",
+                   "scheduler.queue_timeout_s=900"])
     with Engine(cfg) as eng:
         assert eng.info.n_ctx == 256
         q: queue_mod.Queue = queue_mod.Queue()

@@ -188,5 +188,8 @@ def test_a_short_prefill_goes_ahead_of_a_long_uncached_one(server, tmp_path):
         ahead_fifo = _first_done(fifo.url, _long_prompt(f"fifo {time.time_ns()}"))
     print(f"\n[scheduler] short reply ahead of the long one (share of the long request's time): "
           f"shortest-first {ahead:.2f}, fifo {ahead_fifo:.2f}")
-    assert ahead > 0.3, "the short prompt did not go ahead of the long prefill"
-    assert ahead_fifo < 0.1, "fifo served the short prompt before the long one's prefill ended"
+    # (the long prompt is 4 chunks of 256; the short one arrives during one of the first two and
+    # leaves with the next step: at best half the long request's time ahead, less the HTTP and
+    # tokenizing time both share -- measured 0.20 to 0.45 on 2 cores; fifo -0.01 to 0.02)
+    assert ahead > 0.12, "the short prompt did not go ahead of the long prefill"
+    assert ahead_fifo < 0.06, "fifo served the short prompt before the long one's prefill ended"

@@ -22,8 +22,9 @@ def _body(i: int, stream: bool, max_tokens: int) -> dict:
 
 
 def _counting(i: int, stream: bool) -> dict:
-    """A completion that never stops by itself (greedy counting) within its 4,000 tokens."""
-    return {"model": MODEL_ID, "stream": stream, "max_tokens": 4000, "temperature": 0,
+    """A completion that never stops by itself (greedy counting) within its 1,000 tokens (the
+    tests' sessions hold 1,024: a request that cannot fit is refused with a 400)."""
+    return {"model": MODEL_ID, "stream": stream, "max_tokens": 1000, "temperature": 0,
             "prompt": f"{i + 1}, {i + 2}, {i + 3}, {i + 4}, {i + 5},"}
 
 
