@@ -352,3 +352,73 @@ def test_full_disk(tmp_path):
     finally:
         subprocess.run(["umount", "-l", str(cold)], check=False)
     print(f"\n/health on a full disk: {h}")
+
+
+# -- the SSD tier's part, on its own (fast) ---------------------------------------------------------------
+def _tier(d: Path, capacity_mb: float = 64):
+    from kv3d_tier_ssd.tier import SsdTier
+
+    dropped: list[str] = []
+    t = SsdTier(path=str(d), capacity_mb=capacity_mb)
+    t.bind(model_fingerprint="f" * 32, on_dropped=dropped.append)
+    return t, dropped
+
+
+def _entry(i: int, size: int = 100_000, kind: str = "session"):
+    import hashlib
+
+    import numpy as np
+    from kv3d_core.contracts.tier import EntryMeta, TierEntry
+
+    k = hashlib.blake2b(str(i).encode(), digest_size=16).hexdigest()
+    meta = EntryMeta(key=k, kind=kind, namespace="a" * 32, family="b" * 32, tokens=np.arange(i, i + 20, dtype=np.int32),
+                     n_prefix=0, codec_id="int8", codec_version=1, model_fingerprint="f" * 32, f16_bytes=0)
+    return TierEntry(meta, os.urandom(size))
+
+
+def test_ssd_check_recreates_a_deleted_directory(tmp_path):
+    d = tmp_path / "cold"
+    t, dropped = _tier(d)
+    assert t.put(_entry(0)) and t.check() is None
+    shutil.rmtree(d)
+    assert not t.put(_entry(1)) and dropped == ["io_error"]               # the held directory is gone
+    d.parent.joinpath("cold").write_text("x")                             # a file in its place
+    problem = t.check()
+    assert problem and "not a directory" in problem
+    d.unlink()
+    assert t.check() is None and d.is_dir() and (d.stat().st_mode & 0o777) == 0o700
+    assert len(t) == 0 and t.used_bytes == 0, "entries of the deleted directory are forgotten"
+    assert t.put(_entry(2)) and t.get(_entry(2).meta.key).payload
+    assert not [p for p in d.iterdir() if ff.is_temp(p.name)], "the probe file is gone"
+    t.close()
+
+
+def test_ssd_check_reopens_a_replaced_directory(tmp_path):
+    d = tmp_path / "cold"
+    t, _ = _tier(d)
+    e = _entry(0)
+    assert t.put(e)
+    shutil.move(d, tmp_path / "moved")
+    d.mkdir(mode=0o700)
+    shutil.copy(tmp_path / "moved" / ff.file_name(e.meta.key), d)          # restored from a backup
+    assert t.check() is None
+    assert t.contains(e.meta.key) and t.get(e.meta.key).payload == e.payload
+    t.close()
+
+
+def test_touch_keeps_a_snapshot_ahead_of_its_sessions(tmp_path):
+    """The stack touches the family snapshot whenever a session of it is written: LRU
+    eviction then takes the sessions first, also after a restart (the order is the mtimes)."""
+    d = tmp_path / "cold"
+    t, _ = _tier(d, capacity_mb=0.45)                                        # four entries fit
+    snap = _entry(0, kind="snapshot")
+    assert t.put(snap)
+    for i in range(1, 4):
+        assert t.put(_entry(i)) and t.touch(snap.meta.key)
+    assert t.put(_entry(4))                                                 # over budget: evicts LRU
+    assert t.contains(snap.meta.key) and not t.contains(_entry(1).meta.key)
+    assert not t.touch("0" * 32)
+    t.close()
+    t, _ = _tier(d, capacity_mb=0.25)                                       # smaller budget after a restart
+    assert t.contains(snap.meta.key), "the snapshot is the most recently touched entry"
+    t.close()
