@@ -267,7 +267,7 @@ def _fault_window(srv, cold: Path, reason: str, expect: str) -> dict:
                  f"/health degraded with {expect!r} in the reason")
     m = srv.metrics()
     assert m.get(f'kv3d_tier_dropped_writes_total{{reason="{reason}",tier="cold"}}', 0) >= 1
-    assert m.get('kv3d_tier_up{tier="cold"}') == 0
+    assert m.get('kv3d_tier_up{tier="cold"}') == 0 and srv.stats()["cold"]["up"] is False
     _fill_hot(srv.url, 200, 3)                                              # while down: skipped, counted
     assert metric(srv, 'kv3d_tier_dropped_writes_total{reason="tier_down",tier="cold"}') >= 1
     return h

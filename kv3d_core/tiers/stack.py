@@ -624,6 +624,7 @@ class TierStack:
             return None
         entries = [e for e in self.cache._by_key.values() if e.state is state] if self.cache else []
         return {"name": tier.name, "bytes": tier.used_bytes, "capacity_bytes": tier.capacity_bytes,
+                "up": self.watch.up(tier.level),
                 "sessions": sum(1 for e in entries if e.kind == "session"),
                 "snapshots": sum(1 for e in entries if e.kind == "snapshot")}
 
@@ -633,6 +634,8 @@ class TierStack:
             s = self._tier_stats(tier, state)
             if s is not None:
                 out[key] = s
+        if self._orphans:
+            out["orphans"] = self._n_orphans()
         out["codec"] = {"name": self.codec.codec_id, "f16_bytes": self._f16, "stored_bytes": self._stored,
                         "ratio": (self._f16 / self._stored) if self._stored else None}
         return out

@@ -245,6 +245,9 @@ class SsdTier(StorageTier):
                 self._foreign(ff.file_name(key), "model fingerprint")
             victims = self._make_room(0, keep=None)
             problems, self._bound = (self.startup_problems if not self._bound else Counter()), True
+        if victims:
+            log.info("tier ssd: %s: %d least recently used entries evicted to fit the budget of %.1f MiB",
+                     self.path, len(victims), self._capacity / 2**20)
         self._hand_over(victims)
         if on_error is not None:
             for reason, n in problems.items():
