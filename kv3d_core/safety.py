@@ -17,9 +17,10 @@ seconds. Damaged stored entries are *not* component failures: each is a miss,
 removed and counted (``kv3d_tier_errors_total{tier,reason}``), and any number of
 them leaves the tier on. A tier's systemic faults (writes failing: read-only,
 deleted or full storage) take it down only until a check passes
-(:mod:`kv3d_core.tiers.health`); they show in ``/health`` too. Every failure is counted (``kv3d_fallbacks_total{reason}``) and logged;
-while anything is off, ``/health`` says ``degraded`` with the reason and the
-``kv3d_safe_mode`` gauge is 1 (also when ``safe_mode=true`` turned the cache off).
+(:mod:`kv3d_core.tiers.health`); they show in ``/health`` too. Every failure
+is counted (``kv3d_fallbacks_total{reason}``) and logged; while anything is off,
+``/health`` says ``degraded`` with the reason and the ``kv3d_safe_mode`` gauge is
+1 (also when ``safe_mode=true`` turned the cache off).
 """
 
 from __future__ import annotations
