@@ -60,6 +60,7 @@ class CacheSchema:
     hot_sessions: Optional[int] = 2
     free_streams: int = 1
     prefix_host_mb: float = 512
+    cold_write_through: bool = True
 
 
 @dataclass
@@ -80,6 +81,8 @@ class SafetySchema:
     window_s: float = 300
     quality_sample_every: int = 50
     quality_max_kl: float = 0.05
+    tier_retry_s: float = 1.0
+    tier_retry_max_s: float = 60.0
 
 
 @dataclass
@@ -169,6 +172,8 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("cache.hot_idle_s must be >= 0 (or null: idle entries stay hot until cells are needed)")
     if not 0 <= s.cache.hot_idle_watermark <= 1:
         problems.append("cache.hot_idle_watermark must be a fraction within 0..1")
+    if not 0 < s.safety.tier_retry_s <= s.safety.tier_retry_max_s:
+        problems.append("safety.tier_retry_s must be > 0 and <= safety.tier_retry_max_s")
     if not 1 <= s.scheduler.n_seq_max <= 256:
         problems.append(f"scheduler.n_seq_max={s.scheduler.n_seq_max} must be within 1..256 (llama.cpp's limit)")
     if s.scheduler.max_running < 1 or s.scheduler.max_waiting < 0 or s.scheduler.prefill_chunk < 1:

@@ -168,7 +168,8 @@ class Engine:
         """``/health``: ok, or why not."""
         if not self.scheduler.alive:
             return {"status": "error", "service": "kv3d-engine", "reason": "the scheduler thread is not running"}
-        out = self.monitor.health()
+        tiers = self.cache.tiers if self.cache.tiers is not None else self.tiers
+        out = self.monitor.health(tiers.health_reasons() if tiers is not None else [])
         if self.cfg.safe_mode:
             out["mode"] = "safe"               # chosen by configuration: no cache reuse at all
         return out
