@@ -130,9 +130,8 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: Sequence[str]) -> int:
-    import uvicorn
-
     from kv3d_core.api.app import create_app
+    from kv3d_core.api.server import serve
     from kv3d_core.config import compose
     from kv3d_core.engine.engine import Engine
 
@@ -142,6 +141,10 @@ def cmd_serve(args: Sequence[str]) -> int:
         return 0
     cfg = compose(overrides)
     _setup_logging(cfg.server.log_level)
+    # The scheduler thread gives up the GIL during every llama_decode and must get it back at
+    # once when the GPU is done; with the default 5 ms switch interval it can wait behind the
+    # event loop's JSON work for that long, a whole decode step on a GPU.
+    sys.setswitchinterval(0.0005)
     log = logging.getLogger("kv3d")
     engine = Engine(cfg)
     try:
@@ -149,14 +152,16 @@ def cmd_serve(args: Sequence[str]) -> int:
         app = create_app(engine, api_key=cfg.server.api_key, api_keys=dict(cfg.server.api_keys),
                          max_body_mb=cfg.server.max_body_mb, default_max_tokens=cfg.server.default_max_tokens,
                          cached_tokens=cfg.server.cached_tokens, cached_tokens_block=cfg.server.cached_tokens_block,
-                         cors_origins=list(cfg.server.cors_origins), close_engine_on_shutdown=True)
+                         cors_origins=list(cfg.server.cors_origins), close_engine_on_shutdown=True,
+                         drain_s=cfg.server.drain_s, metrics_public=cfg.server.metrics_public)
         info = engine.info
         log.info("kv3d serving %s (%s, %d cells = %.0f MiB hot KV, %d sequences, codec=%s, tier=%s, detector=%s%s) "
                  "on http://%s:%d", info.model_id, info.architecture, info.n_ctx,
                  info.n_ctx * info.kv_bytes_per_token / 2**20, info.n_seq_max, cfg.codec.name, cfg.tier.name,
                  cfg.detector.name, ", SAFE MODE" if cfg.safe_mode else "", cfg.server.host, cfg.server.port)
-        uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
-                    access_log=False, timeout_graceful_shutdown=5)
+        # SIGTERM drains: 503 to new requests, those in flight finish (server.drain_s), the rest
+        # end with an error event; then the lifespan closes the engine (persisting idle sessions)
+        serve(app, app.state.drainer, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level)
     finally:
         engine.close()
     return 0

@@ -37,6 +37,8 @@ class ServerSchema:
     cached_tokens: str = "block"
     cached_tokens_block: int = 32
     cors_origins: List[str] = field(default_factory=list)
+    drain_s: float = 25
+    metrics_public: bool = False
 
 
 @dataclass
@@ -55,11 +57,17 @@ class CacheSchema:
     hot_idle_s: Optional[float] = None
     hot_idle_watermark: float = 0.5
     share_families: bool = False
+    layout: str = "streams"
+    stream_ctx: int = 2048
+    hot_sessions: Optional[int] = 2
+    free_streams: int = 1
+    prefix_host_mb: float = 512
+    cold_write_through: bool = True
 
 
 @dataclass
 class SchedulerSchema:
-    n_seq_max: int = 64
+    n_seq_max: int = 40
     max_running: int = 32
     max_waiting: int = 256
     queue_timeout_s: float = 60
@@ -75,6 +83,8 @@ class SafetySchema:
     window_s: float = 300
     quality_sample_every: int = 50
     quality_max_kl: float = 0.05
+    tier_retry_s: float = 1.0
+    tier_retry_max_s: float = 60.0
 
 
 @dataclass
@@ -152,10 +162,20 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("cache.gpu_hot_mb must be > 0")
     if s.cache.ram_warm_mb < 0 or s.cache.ssd_cold_mb < 0:
         problems.append("cache.ram_warm_mb and cache.ssd_cold_mb must be >= 0")
+    if s.cache.layout not in ("streams", "unified"):
+        problems.append(f"cache.layout must be 'streams' or 'unified', not {s.cache.layout!r}")
+    if s.cache.stream_ctx < 256:
+        problems.append("cache.stream_ctx must be >= 256 (cells of each sequence's KV stream)")
+    if s.cache.hot_sessions is not None and s.cache.hot_sessions < 0:
+        problems.append("cache.hot_sessions must be >= 0 (or null: idle sessions stay while streams are free)")
+    if s.cache.free_streams < 0 or s.cache.prefix_host_mb < 0:
+        problems.append("cache.free_streams and cache.prefix_host_mb must be >= 0")
     if s.cache.hot_idle_s is not None and s.cache.hot_idle_s < 0:
         problems.append("cache.hot_idle_s must be >= 0 (or null: idle entries stay hot until cells are needed)")
     if not 0 <= s.cache.hot_idle_watermark <= 1:
         problems.append("cache.hot_idle_watermark must be a fraction within 0..1")
+    if not 0 < s.safety.tier_retry_s <= s.safety.tier_retry_max_s:
+        problems.append("safety.tier_retry_s must be > 0 and <= safety.tier_retry_max_s")
     if not 1 <= s.scheduler.n_seq_max <= 256:
         problems.append(f"scheduler.n_seq_max={s.scheduler.n_seq_max} must be within 1..256 (llama.cpp's limit)")
     if s.scheduler.max_running < 1 or s.scheduler.max_waiting < 0 or s.scheduler.prefill_chunk < 1:
@@ -168,6 +188,8 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("scheduler.prefill_aging_s must be >= 0")
     if s.server.cached_tokens not in ("block", "exact", "off"):
         problems.append(f"server.cached_tokens must be 'block', 'exact' or 'off', not {s.server.cached_tokens!r}")
+    if s.server.drain_s < 0:
+        problems.append("server.drain_s must be >= 0")
     if s.server.cached_tokens_block < 1:
         problems.append("server.cached_tokens_block must be >= 1")
     for origin in s.server.cors_origins:

@@ -50,8 +50,8 @@ MIN_PYTHON = (3, 10)
 MiB = 1024 * 1024
 SETUP_FIX = ("run scripts/setup.sh (it builds llama-cpp-python once and installs kv3d, its plugins and "
              "the default model)")
-CUDA_FIX = ("rebuild llama-cpp-python with CUDA into its own wheelhouse: "
-            "CMAKE_ARGS=-DGGML_CUDA=on KV3D_WHEELHOUSE=~/.cache/kv3d/wheelhouse-cuda scripts/setup.sh")
+CUDA_FIX = ("rebuild llama-cpp-python (and llama-server) with CUDA: KV3D_CUDA=1 scripts/setup.sh "
+            "(needs the CUDA toolkit's nvcc; a machine with nvcc and a GPU gets it without KV3D_CUDA)")
 
 
 @dataclass
@@ -244,9 +244,31 @@ def check_llama_cpp() -> tuple[Check, LlamaInfo | None]:
     return Check("llama-cpp-python", OK, detail), info
 
 
+def check_llama_server() -> Check:
+    """llama.cpp's llama-server, the benchmark's baseline (not needed to serve)."""
+    from kv3d_core.bench.llama_server import find_binary
+
+    path, why = find_binary()
+    if path is None:
+        return Check("llama-server", INFO, f"not built: {why}", "scripts/build_llama.sh (only `kv3d bench` needs it)")
+    info = Path(path).parent / "BUILD-INFO"
+    facts = dict(line.split("=", 1) for line in info.read_text().splitlines() if "=" in line) if info.is_file() else {}
+    version = next((line for line in (info.read_text().splitlines() if info.is_file() else []) if line.startswith("version:")), "")
+    return Check("llama-server", OK, f"{path} ({facts.get('variant', '?')} build{', ' + version if version else ''})")
+
+
+def _gpu_layers(cfg: DictConfig | None, llama: LlamaInfo | None) -> int:
+    """``backend.n_gpu_layers`` as the backend resolves it (``auto``: all when a GPU build sees a GPU)."""
+    value = cfg.backend.get("n_gpu_layers", 0) if cfg is not None else 0
+    if value == "auto":
+        gpus = [d for d in (llama.devices if llama else []) if d.kind in ("GPU", "IGPU")]
+        return -1 if llama is not None and llama.gpu_build and gpus else 0
+    return int(value or 0)
+
+
 def check_gpu(cfg: DictConfig | None, llama: LlamaInfo | None) -> Check:
     smi = nvidia_smi_gpus()
-    layers = int(cfg.backend.get("n_gpu_layers", 0) or 0) if cfg is not None else 0
+    layers = _gpu_layers(cfg, llama)
     ggml_gpus = [d for d in (llama.devices if llama else []) if d.kind in ("GPU", "IGPU")]
     seen = []
     if smi:
@@ -337,7 +359,16 @@ def check_model(cfg: DictConfig) -> tuple[list[Check], ModelFacts | None]:
             ModelFacts(path, size, None, header.block_count)
     rows = [Check("model", OK, f"{base}, KV {kv_bytes:,} bytes/token ({type_k}/{type_v})")]
     facts = ModelFacts(path, size, kv_bytes, header.block_count)
-    if kv_bytes > 0:
+    if kv_bytes > 0 and cfg.cache.get("layout", "unified") == "streams":
+        n, per = int(cfg.scheduler.n_seq_max), max(256, int(cfg.cache.stream_ctx) // 256 * 256)
+        detail = (f"streams layout: {n} KV streams (scheduler.n_seq_max) x {per:,} cells (cache.stream_ctx) = "
+                  f"{_mib(n * per * kv_bytes)}; a request (prompt + completion) may use {per:,} tokens")
+        if ctx and per > ctx:
+            rows.append(Check("hot KV cache", INFO, detail + f"; more than the model's context length {ctx:,}",
+                              f"cache.stream_ctx={ctx} is enough"))
+        else:
+            rows.append(Check("hot KV cache", OK, detail))
+    elif kv_bytes > 0:
         if "n_ctx" in cfg.backend and cfg.backend.n_ctx:
             cells, how = max(256, int(cfg.backend.n_ctx) // 256 * 256), f"backend.n_ctx={cfg.backend.n_ctx}"
         else:
@@ -361,15 +392,20 @@ def check_memory(cfg: DictConfig, model: ModelFacts | None, llama: LlamaInfo | N
     vm = psutil.virtual_memory()
     avail = int(vm.available)
     warm = int(float(cfg.cache.ram_warm_mb) * MiB)
-    layers = int(cfg.backend.get("n_gpu_layers", 0) or 0)
+    layers = _gpu_layers(cfg, llama)
     offloaded = bool(llama and llama.gpu_build) and layers != 0
     full_offload = offloaded and (layers < 0 or (model is not None and model.n_layer is not None
                                                  and layers > model.n_layer))
-    hot = 0 if offloaded else int(float(cfg.cache.gpu_hot_mb) * MiB)
+    if cfg.cache.get("layout", "unified") == "streams" and model is not None and model.kv_bytes:
+        hot_bytes, hot_key = int(cfg.scheduler.n_seq_max) * int(cfg.cache.stream_ctx) * model.kv_bytes, \
+            "scheduler.n_seq_max x cache.stream_ctx"
+    else:
+        hot_bytes, hot_key = int(float(cfg.cache.gpu_hot_mb) * MiB), "cache.gpu_hot_mb"
+    hot = 0 if offloaded else hot_bytes
     weights = 0 if full_offload or model is None else model.size
     need = warm + hot + weights
     parts = [f"warm {_mib(warm)} (cache.ram_warm_mb)"]
-    parts.append("hot KV on the GPU" if offloaded else f"hot KV {_mib(hot)} (cache.gpu_hot_mb)")
+    parts.append("hot KV on the GPU" if offloaded else f"hot KV {_mib(hot)} ({hot_key})")
     parts.append("weights on the GPU" if full_offload else
                  f"model {_mib(weights)}" if model is not None else "model ? (not found)")
     detail = f"{_mib(avail)} available of {_mib(vm.total)}; kv3d needs up to {_mib(need)}: {', '.join(parts)}"
@@ -378,7 +414,7 @@ def check_memory(cfg: DictConfig, model: ModelFacts | None, llama: LlamaInfo | N
                      f"lower the warm tier budget, e.g. cache.ram_warm_mb={max(0, avail // MiB // 2)}")
     if need > 0.9 * avail:
         return Check("memory", WARN, detail + "; tight: the machine may swap or kill the server under load",
-                     "lower cache.ram_warm_mb or cache.gpu_hot_mb, or free memory")
+                     f"lower cache.ram_warm_mb or {hot_key}, or free memory")
     return Check("memory", OK, detail)
 
 
@@ -578,6 +614,7 @@ def run_checks(args: Sequence[str]) -> list[Check]:
     llama_row, llama = check_llama_cpp()
     checks.append(llama_row)
     checks.append(check_gpu(cfg, llama))
+    checks.append(check_llama_server())
     if cfg is not None:
         model_rows, model = check_model(cfg)
         checks += model_rows

@@ -31,6 +31,12 @@ class Metrics:
         self.batch_tokens = Histogram("kv3d_batch_tokens", "Tokens per llama_decode batch", buckets=BATCH_BUCKETS, registry=r)
         self.batch_seqs = Histogram("kv3d_batch_sequences", "Sequences per llama_decode batch", buckets=BATCH_BUCKETS, registry=r)
         self.generated_tokens = Counter("kv3d_generated_tokens", "Completion tokens generated", registry=r)
+        self.derived_families = Counter("kv3d_prefix_derived_families", "Implicit families: prefixes that "
+                                        "prompts without a family of their own were found to share, snapshotted",
+                                        registry=r)
+        self.step_seconds = Counter("kv3d_step_seconds", "Scheduler time by part of a step: llama_decode (decode), "
+                                    "sampling every sequence (sample), the rest (admission, batching, text, "
+                                    "events: other)", ["part"], registry=r)
         self.prompt_tokens = Counter("kv3d_prompt_tokens", "Prompt tokens received", registry=r)
         self.rejected = Counter("kv3d_rejected", "Requests refused by the scheduler", ["reason"], registry=r)
         self.preemptions = Counter("kv3d_preemptions", "Running requests preempted (recomputed later) for lack of KV cells", registry=r)
@@ -53,7 +59,14 @@ class Metrics:
         self.codec_ratio = Gauge("kv3d_codec_ratio", "f16 bytes / stored bytes of encoded KV", ["codec"], registry=r)
         self.codec_fallback = Counter("kv3d_codec_fallback", "Sequences stored as opaque zstd blobs (unknown state layout)", registry=r)
         self.tier_errors = Counter("kv3d_tier_errors", "Tier entries found damaged or unreadable", ["tier", "reason"], registry=r)
-        self.tier_dropped_writes = Counter("kv3d_tier_dropped_writes", "Tier writes dropped (disk full, I/O error, too large)", ["tier", "reason"], registry=r)
+        self.tier_dropped_writes = Counter("kv3d_tier_dropped_writes", "Tier writes dropped (disk full, I/O error, too large, tier down)", ["tier", "reason"], registry=r)
+        self.tier_up = Gauge("kv3d_tier_up", "1 while the tier takes writes, 0 while it is down for a systemic fault (see /health)", ["tier"], registry=r)
+        self.tier_faults = Counter("kv3d_tier_faults", "Systemic tier faults (a write failed for an I/O error or a full disk): the tier went down", ["tier", "reason"], registry=r)
+        self.tier_recoveries = Counter("kv3d_tier_recoveries", "Tiers back up after a systemic fault (a check passed)", ["tier"], registry=r)
+        self.tier_reindexed = Counter("kv3d_tier_reindexed", "Stored entries re-indexed at start-up (orphan: a session waiting for its family snapshot to be recomputed)", ["tier", "kind"], registry=r)
+        self.tier_entries_dropped = Counter("kv3d_tier_entries_dropped", "Intact stored entries dropped as unusable, by reason (damaged ones are kv3d_tier_errors)", ["tier", "reason"], registry=r)
+        self.tier_orphans = Gauge("kv3d_tier_orphans", "Stored sessions waiting for their family snapshot (lost or damaged) to be recomputed", registry=r)
+        self.tier_orphans_adopted = Counter("kv3d_tier_orphans_adopted", "Orphaned sessions resumable again: a request recomputed their family snapshot", registry=r)
         # safety
         self.safe_mode = Gauge("kv3d_safe_mode", "1 while the cache path is off or degraded", registry=r)
         self.fallbacks = Counter("kv3d_fallbacks", "Requests served by recompute after a cache fault", ["reason"], registry=r)

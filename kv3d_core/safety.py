@@ -7,14 +7,20 @@ a restart:
 
 - ``codec``   (decode errors, a tripped quality guard) -> new spills use the
   lossless ``none`` codec; entries of the disabled codec become misses;
-- ``warm`` / ``cold`` (tier I/O errors)  -> that tier is skipped;
+- ``warm`` / ``cold`` (a tier plugin breaking its contract: raising from ``get``)
+  -> that tier is skipped;
 - ``restore`` (``set_data`` refusing blobs, restored positions that do not add up)
   -> nothing is spilled or restored any more (hot-tier reuse only).
 
 A component is switched off after ``max_failures`` failures within ``window_s``
-seconds. Every failure is counted (``kv3d_fallbacks_total{reason}``) and logged;
-while anything is off, ``/health`` says ``degraded`` with the reason and the
-``kv3d_safe_mode`` gauge is 1 (also when ``safe_mode=true`` turned the cache off).
+seconds. Damaged stored entries are *not* component failures: each is a miss,
+removed and counted (``kv3d_tier_errors_total{tier,reason}``), and any number of
+them leaves the tier on. A tier's systemic faults (writes failing: read-only,
+deleted or full storage) take it down only until a check passes
+(:mod:`kv3d_core.tiers.health`); they show in ``/health`` too. Every failure
+is counted (``kv3d_fallbacks_total{reason}``) and logged; while anything is off,
+``/health`` says ``degraded`` with the reason and the ``kv3d_safe_mode`` gauge is
+1 (also when ``safe_mode=true`` turned the cache off).
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class SafetyConfig:
     window_s: float = 300.0
     quality_sample_every: int = 50      # 1 in N restores is checked against a recompute; 0 = never
     quality_max_kl: float = 0.05        # KL(recomputed || restored) of the next token above this is a failure
+    tier_retry_s: float = 1.0           # a tier down for a systemic fault is checked again after this ...
+    tier_retry_max_s: float = 60.0      # ... doubling up to this
 
 
 class FailureMonitor:
@@ -88,7 +96,10 @@ class FailureMonitor:
     def degraded(self) -> bool:
         return bool(self.disabled)
 
-    def health(self) -> dict:
-        if self.disabled:
-            return {"status": "degraded", "service": "kv3d-engine", "reason": "; ".join(self.disabled.values())}
+    def health(self, more: list[str] = ()) -> dict:
+        """``/health``: ``degraded`` with every reason (components switched off, and
+        ``more``: e.g. tiers down), else ok."""
+        reasons = list(self.disabled.values()) + list(more)
+        if reasons:
+            return {"status": "degraded", "service": "kv3d-engine", "reason": "; ".join(reasons)}
         return {"status": "ok", "service": "kv3d-engine"}

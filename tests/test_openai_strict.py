@@ -53,6 +53,7 @@ INVALID = [
     ({**COMPL, "prompt": ["a"] * 33}, "prompt"),
     ({**COMPL, "prompt": [[1, 2], [10**9]]}, "prompt.1"),
     ({**COMPL, "echo": True, "logprobs": 1}, "echo"),
+    ({**CHAT, "ignore_eos": True, "response_format": {"type": "json_object"}}, "ignore_eos"),
     # fields kv3d does not know, or cannot honour
     ({**CHAT, "frobnicate": True}, "frobnicate"),
     ({**CHAT, "messages": [{"role": "user", "content": "hi", "mood": "happy"}]}, "messages.0.mood"),

@@ -116,7 +116,7 @@ def test_raising_codec_plugin_falls_back_then_is_switched_off(reference):
 
 
 def test_set_data_failure_falls_back_then_restores_are_switched_off(reference, monkeypatch):
-    with engine(["safety.max_failures=2", "safety.quality_sample_every=0"]) as eng:
+    with engine(["cache.layout=unified", "safety.max_failures=2", "safety.quality_sample_every=0"]) as eng:
         def refuse(seq, blob):
             raise StateRestoreError("injected: llama_state_seq_set_data returned 0")
 
@@ -130,6 +130,30 @@ def test_set_data_failure_falls_back_then_restores_are_switched_off(reference, m
         # hot-tier reuse keeps working: a family hit still shares the snapshot
         _, usage = run(eng, first(20))
         assert eng.cache.tiers is None and usage["cached_tokens"] > 0
+
+
+def test_streams_set_data_failure_falls_back_then_prefix_loads_stop(reference, monkeypatch):
+    """Streams: family prefixes and resumed sessions both reach a stream through set_data. When
+    it keeps failing, requests are served by recompute, restoring is switched off, and no
+    prefix is loaded any more (no fault per request); a session still in its stream keeps
+    being continued in place."""
+    with engine(["cache.layout=streams", "cache.hot_sessions=1", "safety.max_failures=2",
+                 "safety.quality_sample_every=0"]) as eng:
+        def refuse(seq, blob):
+            raise StateRestoreError("injected: llama_state_seq_set_data returned 0")
+
+        monkeypatch.setattr(eng.backend, "seq_state_set", refuse)
+        results = conversations(eng, range(0, 6))
+        for i, r1, r2, usage in results:
+            assert same_first_word(r2, reference(second(i, r1)))
+        assert "restore" in eng.monitor.disabled and eng.health()["status"] == "degraded"
+        faults = eng.metrics.fallbacks.labels("set_data")._value.get()
+        assert faults >= 2
+        r1, usage = run(eng, first(20))
+        assert usage["cached_tokens"] == 0, "no prefix is loaded into a stream any more"
+        _, usage = run(eng, second(20, r1))
+        assert usage["cached_tokens"] > 0, "the session still in its stream is continued in place"
+        assert eng.metrics.fallbacks.labels("set_data")._value.get() == faults
 
 
 def test_tripped_quality_guard_falls_back_and_switches_the_codec_off(reference):
@@ -163,8 +187,9 @@ def test_safe_mode_serves_without_any_reuse(tmp_path):
 
 def test_a_refused_restore_is_retried_after_making_room(reference, monkeypatch):
     # when llama.cpp finds too few free cells for a state (the ledger thought there were
-    # enough), the prefix cache makes room and retries: not a fault
-    with engine(["safety.max_failures=2", "safety.quality_sample_every=0"]) as eng:
+    # enough), the prefix cache makes room and retries: not a fault (the unified pool: a KV
+    # stream of its own always has room for what fits a request)
+    with engine(["cache.layout=unified", "safety.max_failures=2", "safety.quality_sample_every=0"]) as eng:
         real = eng.backend.seq_state_set
         calls = [0]
 

@@ -567,26 +567,30 @@ def test_state_staging_pool_round_trips_and_reuses_its_buffers(smol, chat, blob)
         b.close()
 
 
-def test_kv_unified_false_gives_each_sequence_its_own_stream_and_the_engine_refuses_it():
-    """``backend.kv_unified=false`` (benchmarks): every sequence gets a KV stream of its own,
-    sized n_ctx / n_seq_max, so a sequence can no longer take cells beyond its share; the
-    engine refuses it unless the cache is off, since prefix sharing needs one cell pool."""
+def test_kv_unified_false_gives_each_sequence_its_own_stream():
+    """``kv_unified=False`` (``cache.layout=streams``): every sequence gets a KV stream of its own,
+    n_ctx / n_seq_max cells, so a sequence can no longer take cells beyond its share; a blob from
+    one stream restores into another; the engine's layout setting chooses it, and the request
+    context is a stream's size."""
     from kv3d_core.config import compose
     from kv3d_core.engine.engine import Engine
-    from kv3d_core.errors import ConfigError, KVCacheFullError
+    from kv3d_core.errors import KVCacheFullError
 
     b = make_backend(kv_unified=False)                       # 2048 cells, 4 streams of 512
     try:
-        assert b.info.build["kv_unified"] is False
+        assert b.info.build["kv_unified"] is False and b.info.n_ctx_seq == 512
         decode(b, 0, list(range(100, 600)))                  # fits its own stream
         decode(b, 1, list(range(100, 400)))
         assert b.seq_pos_max(0) == 499 and b.seq_pos_max(1) == 299
         with pytest.raises(KVCacheFullError):
             decode(b, 2, list(range(100, 700)))              # more than a stream holds
+        b.seq_state_set(3, bytes(b.seq_state_get(1)))        # a stream's state into another stream
+        assert b.seq_pos_max(3) == 299
     finally:
         b.close()
-    with pytest.raises(ConfigError, match="safe_mode"):
-        Engine(compose(["backend.kv_unified=false", "server.threads=1", "cache.gpu_hot_mb=16"]))
-    with Engine(compose(["backend.kv_unified=false", "safe_mode=true", "server.threads=1",
-                         "cache.gpu_hot_mb=16", "scheduler.n_seq_max=4"])) as eng:
-        assert eng.info.build["kv_unified"] is False
+    with Engine(compose(["cache.layout=streams", "cache.stream_ctx=768", "server.threads=1",
+                         "scheduler.n_seq_max=4"])) as eng:
+        assert eng.info.build["kv_unified"] is False and eng.info.n_ctx_seq == 768
+        assert eng.cache.streams and eng.cache.ledger.stream_cells == 768
+    with Engine(compose(["cache.layout=unified", "cache.gpu_hot_mb=16", "server.threads=1"])) as eng:
+        assert eng.info.build["kv_unified"] is True and not eng.cache.streams

@@ -159,7 +159,7 @@ def test_a_spilled_family_snapshot_comes_back_with_room_made_for_it():
                 {"role": "user", "content": "First ferry?"}]
 
     # 512 cells, sequences to spare: cells are what runs out (and only that: no idle spills)
-    with Engine(compose(["server.threads=2", "scheduler.n_seq_max=16", "scheduler.max_running=1",
+    with Engine(compose(["cache.layout=unified", "server.threads=2", "scheduler.n_seq_max=16", "scheduler.max_running=1",
                          "cache.gpu_hot_mb=12", "safety.quality_sample_every=0", "cache.hot_idle_s=null"])) as eng:
         reply, _ = run(eng, family_a + question)          # family A: snapshot + session
         for i in range(3):                                # other families push A's session and snapshot out
@@ -186,7 +186,7 @@ def test_idle_sessions_leave_the_hot_tier_while_others_run(hot_idle_s, watermark
     from kv3d_core.config import compose
     from kv3d_core.engine.engine import Engine
 
-    cfg = ["server.threads=2", "+codec=int8", "safety.quality_sample_every=0",
+    cfg = ["cache.layout=unified", "server.threads=2", "+codec=int8", "safety.quality_sample_every=0",
            f"cache.hot_idle_watermark={watermark}", f"cache.hot_idle_s={'null' if hot_idle_s is None else hot_idle_s}"]
     with Engine(compose(cfg)) as eng:
         reply, _ = engine_chat(eng, first_turn(1))
@@ -205,3 +205,61 @@ def test_idle_sessions_leave_the_hot_tier_while_others_run(hot_idle_s, watermark
         text, usage = engine_chat(eng, second_turn(1, reply))
         assert text and usage["cached_tokens"] >= len(session.tokens) - 1
         assert m.restores.labels("warm")._value.get() == 2, "the snapshot and the session came back"
+
+
+# -- a KV stream per sequence (cache.layout=streams, the default) ---------------------------------
+
+STREAMS = ["server.threads=2", "cache.stream_ctx=1024", "scheduler.n_seq_max=4", "+codec=int8",
+           "safety.quality_sample_every=0"]
+
+
+@pytest.mark.parametrize("hot_sessions", [0, 2])
+def test_an_ended_request_leaves_its_stream_for_the_warm_tier(hot_sessions):
+    """Streams: when a request ends its session leaves its stream for the warm tier (only its
+    delta past the family prefix, whose KV is kept once in host memory), unless
+    ``cache.hot_sessions`` lets it stay; the next turn is restored into a stream as one blob
+    (prefix + delta) and decodes only its new tokens."""
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+
+    with Engine(compose([*STREAMS, f"cache.hot_sessions={hot_sessions}"])) as eng:
+        reply, first = engine_chat(eng, first_turn(1))
+        on_scheduler = lambda fn: eng.scheduler.call(fn).result(timeout=60)   # noqa: E731
+        session = on_scheduler(lambda: next(e for e in eng.cache._by_key.values() if e.kind == "session"))
+        snap = on_scheduler(lambda: next(iter(eng.cache.snapshots.values())))
+        stats = eng.stats()
+        assert snap.blob is not None and stats["host"]["snapshots"] == 1 and stats["host"]["bytes"] > 0
+        if hot_sessions:
+            assert session.hot and stats["hot"]["free_sequences"] == 3 and stats["hot"]["cells_used"] > 0
+        else:
+            assert not session.hot and session.state.value == "warm" and session.n_prefix == len(snap.tokens)
+            assert stats["hot"]["free_sequences"] == 4 and stats["hot"]["cells_used"] == 0
+            assert eng.metrics.idle_spills.labels("session")._value.get() == 1
+        text, usage = engine_chat(eng, second_turn(1, reply))
+        assert text and usage["cached_tokens"] >= len(session.tokens) - 1
+        restored = eng.metrics.restores.labels("warm")._value.get()
+        assert restored == (0 if hot_sessions else 1)
+
+
+def test_streams_family_prefix_comes_back_from_the_warm_tier():
+    """Streams: a family prefix's host copy beyond ``cache.prefix_host_mb`` is dropped (it is
+    stored once in the warm tier); a session of that family still resumes: the prefix comes
+    back from the warm tier first, then prefix + delta go into a stream as one blob."""
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+
+    other = [{"role": "system", "content": "You are a ferry timetable desk. Answer with departure times only, "
+                                           "and never guess a time you do not know. Ferries leave pier 1 at "
+                                           "6 am, 9 am and noon, pier 2 at 7 am and 3 pm, every day but Sunday."},
+             {"role": "user", "content": "First ferry?"}]
+    with Engine(compose([*STREAMS, "cache.hot_sessions=0", "cache.prefix_host_mb=0.001"])) as eng:
+        reply, _ = engine_chat(eng, first_turn(2))
+        engine_chat(eng, other)                      # another family's prefix pushes A's out of host memory
+        eng.tiers.flush()
+        snaps = eng.scheduler.call(lambda: {s.family: (s.blob is not None, s.state.value)
+                                            for s in eng.cache.snapshots.values()}).result(60)
+        assert sorted(snaps.values()) == [(False, "warm"), (True, "idle")], snaps
+        text, usage = engine_chat(eng, second_turn(2, reply))
+        assert text and usage["cached_tokens"] > 60
+        assert eng.metrics.restores.labels("warm")._value.get() >= 2, "the prefix, then the session"
+        assert not eng.monitor.disabled

@@ -16,9 +16,11 @@ import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
-from typing import Any, AsyncIterator
+import weakref
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,9 +29,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kv3d_core import __version__
+from kv3d_core.api import limits, openapi
 from kv3d_core.api.choices import ChatChoice, CompletionChoice
 from kv3d_core.api.cors import Cors
+from kv3d_core.api.drain import RETRY_AFTER_S, Drainer
 from kv3d_core.api.errors import APIError, from_validation_error
+from kv3d_core.api.prepare import PromptPreparer
 from kv3d_core.api.schemas import ChatCompletionRequest, CompletionRequest
 from kv3d_core.api.structured import GrammarBuilder, SchemaError, response_format_rule
 from kv3d_core.api.tools import ToolError, ToolSupport
@@ -65,6 +70,22 @@ class _Run:
         for h in self.handles:
             h.cancel()
 
+    def interrupt(self, ev: tuple) -> None:
+        """End the request with ``ev`` (an error event), its jobs cancelled: at shutdown."""
+        self.queue.put_nowait((0, ev))
+        self.cancel()
+
+    def more_text(self, i: int) -> str:
+        """Text of choice ``i``'s plain token events already queued behind the current one (a
+        client that reads slower than tokens come gets them in one chunk instead of one each)."""
+        parts = []
+        while not self.queue.empty():
+            j, ev = self.queue._queue[0]     # peek: only plain ("token", text) events are merged
+            if j != i or len(ev) != 2 or ev[0] != "token":
+                break
+            parts.append(self.queue.get_nowait()[1][1])
+        return "".join(parts)
+
     async def next_event(self, request: Request) -> tuple[int, tuple] | None:
         """The next scheduler event as (choice index, event); None when the client went
         away (the jobs are cancelled). The connection is checked every DISCONNECT_POLL_S
@@ -76,10 +97,13 @@ class _Run:
                 if await request.is_disconnected():
                     self.cancel()
                     return None
-            try:
-                i, ev = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                continue
+            if not self.queue.empty():           # the usual case while tokens flow: no timer, no task
+                i, ev = self.queue.get_nowait()
+            else:
+                try:
+                    i, ev = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    continue
             if ev[0] == "error":
                 self.done = True
                 self.cancel()                   # one choice failed: the response fails
@@ -107,23 +131,31 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
                max_body_mb: float = 16, default_max_tokens: int | None = None,
                cached_tokens: str = "block", cached_tokens_block: int = 32,
                cors_origins: list[str] | None = None,
-               close_engine_on_shutdown: bool = False) -> FastAPI:
+               close_engine_on_shutdown: bool = False, drain_s: float = 25, metrics_public: bool = False) -> FastAPI:
     """The app. Each API key is a tenant (``api_key`` the tenant ``default``, ``api_keys``
     {name: key} more): a tenant's requests reuse only its own cached KV. ``cached_tokens``
     says how usage reports reuse: ``block`` (rounded down to ``cached_tokens_block``),
     ``exact`` or ``off``. ``cors_origins``: origins browsers may call from (``["*"]``: any);
-    their preflight requests are answered before the API key is checked."""
+    their preflight requests are answered before the API key is checked. ``drain_s``: how
+    long a SIGTERM lets requests in flight finish (:mod:`kv3d_core.api.drain`).
+    ``/metrics`` needs a key (when keys are configured) unless ``metrics_public``."""
+    drainer = Drainer(drain_s)
+    preparer = PromptPreparer(engine.backend)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
+        asyncio.get_running_loop().run_in_executor(None, preparer.longest_piece)   # the cheap bound's one scan
         yield
+        preparer.close()
         if close_engine_on_shutdown:
-            # Inside the server's graceful shutdown: uvicorn re-raises SIGTERM/SIGINT after it
-            # returns, so code after uvicorn.run() may never run. Persisting caches happens here.
+            # Inside the server's graceful shutdown, after the drain (api/drain.py); uvicorn.run()
+            # would re-raise SIGTERM/SIGINT after returning, so persisting caches happens here.
             await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="kv3d", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
                   lifespan=lifespan)
     app.state.engine = engine
+    app.state.drainer = drainer
     metrics = engine.metrics
     max_body = int(max_body_mb * 1024 * 1024)
 
@@ -139,32 +171,32 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         msg = {404: "Unknown endpoint", 405: "Method not allowed"}.get(exc.status_code, str(exc.detail))
-        return APIError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None).response()
+        return APIError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None,
+                        headers=getattr(exc, "headers", None)).response()   # 405 keeps its Allow header
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return APIError(500, "internal server error", code="internal_error").response()
+    # Any other exception is answered (once, logged once) by _ObserveMiddleware: an
+    # exception_handler(Exception) would log it, and Starlette re-raise it to uvicorn.
 
     # -- middleware: auth and request metrics (pure ASGI: BaseHTTPMiddleware wraps `receive`,
     #    and inside a streaming response that made is_disconnected() report a disconnect
     #    for a client that had only paused reading) ------------------------------------------
-    app.add_middleware(_ObserveMiddleware, metrics=metrics, keys=tenant_keys(api_key, api_keys))
+    keys = tenant_keys(api_key, api_keys)
+    protected = _PROTECTED + ("/openapi.json",) + (() if metrics_public else ("/metrics",))
+    app.add_middleware(_ObserveMiddleware, metrics=metrics, keys=keys, drainer=drainer, protected=protected)
     if cors_origins:
         # added last, so outermost: a preflight never reaches the key check, and every answer
         # (a 401 included) carries the CORS headers a browser needs to read it
         app.add_middleware(Cors, origins=list(cors_origins))
+    openapi.install(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest},
+                    engine.model_id, bool(keys), protected)
     tool_support = ToolSupport(engine.prompter, engine.info.chat_template)
     grammar_checked: dict[str, str | None] = {}
 
     async def _body(request: Request, model_cls):
-        raw = await request.body()
-        if len(raw) > max_body:
-            raise APIError(413, f"request body larger than {max_body_mb:g} MB", code="request_too_large")
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from exc
+        limits.check_media_type(request)
+        raw = await limits.read_body(request, max_body)
+        request.scope["kv3d.body_bytes"] = len(raw)
+        data = limits.parse_json(raw)
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         try:
@@ -190,6 +222,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
             repeat_penalty=req.repeat_penalty or 1.0,
             logit_bias=req.bias_pairs,
             grammar=grammar,
+            ignore_eos=req.ignore_eos,
         )
 
     def _check_bias(req) -> None:
@@ -233,12 +266,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
         limits = [_max_tokens(req, p, default_max) for p in prepared]
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        outbox = _outbox_of(loop)
 
         def sink_of(i: int):
             def sink(ev: tuple) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+                outbox.put(queue, (i, ev))
             return sink
 
+        drainer.check_open()
         handles: list[JobHandle] = []
         n = req.n
         try:
@@ -250,7 +285,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
             for h in handles:
                 h.cancel()
             raise APIError(503, str(exc), code="server_overloaded", headers={"Retry-After": str(exc.retry_after)}) from exc
-        return _Run(handles, queue, len(prepared) * n)
+        run = _Run(handles, queue, len(prepared) * n)
+        drainer.track(run)
+        return run
 
     def _usage(u: dict) -> dict:
         cached = u["cached_tokens"]
@@ -303,9 +340,20 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
                 if f is not None:
                     yield data([f])
             got: tuple[int, tuple] | None = first
+            fast: dict[int, Callable[[str], bytes]] = {}     # per plain choice: its text chunks' renderer
             while got is not None:
                 i, ev = got
-                if ev[0] == "token":
+                if ev[0] == "token" and len(ev) == 2 and choices[i].plain:
+                    text = ev[1] + run.more_text(i)
+                    choices[i].feed(text)
+                    if text:
+                        render = fast.get(i)
+                        if render is None:
+                            render = fast[i] = _text_chunk_renderer(
+                                lambda t, c=choices[i]: {**head, "choices": [c.text_entry(t)],
+                                                         **({"usage": None} if include_usage else {})})
+                        yield render(text)
+                elif ev[0] == "token":
                     for entry in choices[i].feed(ev[1], ev[2] if len(ev) > 2 else None):
                         yield data([entry])
                 elif ev[0] == "done":
@@ -323,6 +371,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
                 got = await run.next_event(request)
             if got is not None:
                 yield b"data: [DONE]\n\n"
+        except Exception:   # the response has started: end the stream in-band, log once
+            log.exception("stream failed")
+            err = APIError(500, "internal server error", code="internal_error")
+            yield b"data: " + json.dumps(err.body()).encode() + b"\n\ndata: [DONE]\n\n"
         finally:
             if not run.done:
                 run.cancel()
@@ -336,6 +388,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
     async def _serve(request: Request, req, prepared: list[Prepared], default_max: int | None, choices: list,
                      *, chat: bool, grammar: str | None = None, logprobs: int | None = None):
         """Run prepared prompts; answer with one JSON body or a Server-Sent Events stream."""
+        if grammar is not None and req.ignore_eos:
+            raise APIError(400, "'ignore_eos' cannot be combined with 'response_format' or a forced 'tool_choice': "
+                                "once their grammar is complete, only end-of-generation tokens may follow",
+                           param="ignore_eos", code="unsupported_parameter")
         run = await _start(request, prepared, req, default_max, grammar, logprobs)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": _now(),
@@ -369,8 +425,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
             msgs, template_tools = tool_support.prepare(messages, tools, mode, req.parallel_tool_calls)
             return msgs, template_tools, _chat_grammar(req, tools, mode)
 
+        size = request.scope["kv3d.body_bytes"]
+        # every message but the assistant's (a template may drop parts of earlier replies) reaches
+        # the prompt whole, up to the whitespace a template may trim
+        await preparer.check_bound([(m.get("content") or "").strip() for m in messages if m["role"] != "assistant"],
+                                   size, "messages")
         try:
-            messages, template_tools, grammar = await asyncio.to_thread(prepare)   # templates and schemas: off the loop
+            messages, template_tools, grammar = await preparer.run(size, prepare)   # templates and schemas: off the loop
         except ToolError as exc:
             raise APIError(400, str(exc), param=exc.param, code="invalid_value") from exc
         except SchemaError as exc:
@@ -380,8 +441,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
         grammar = await _checked_grammar(grammar, "tools" if mode in ("required",) or (mode or "").startswith("function:")
                                          else "response_format")
         try:
-            prepared = await asyncio.to_thread(engine.prepare_chat, messages, template_tools, req.cache_salt,
-                                               _tenant(request))
+            prepared = await preparer.run(size, engine.prepare_chat, messages, template_tools, req.cache_salt,
+                                          _tenant(request))
         except (TemplateError, TokenizerMissing) as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -417,10 +478,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
             if isinstance(p, list) and any((not isinstance(t, int)) or t < 0 or t >= engine.info.n_vocab for t in p):
                 raise APIError(400, f"'prompt' token ids must be within 0..{engine.info.n_vocab - 1}",
                                param="prompt" if len(prompts) == 1 else f"prompt.{k}", code="invalid_value")
+        size = request.scope["kv3d.body_bytes"]
+        for k, p in enumerate(prompts):
+            if isinstance(p, str):
+                await preparer.check_bound([p], size, "prompt" if len(prompts) == 1 else f"prompt.{k}")
         prepared = []
         for p in prompts:
             try:
-                pp = await asyncio.to_thread(engine.prepare_completion, p, req.cache_salt, _tenant(request))
+                pp = await preparer.run(size, engine.prepare_completion, p, req.cache_salt, _tenant(request))
             except TokenizerMissing as exc:
                 raise APIError(400, str(exc), param="prompt", code="invalid_prompt") from exc
             if pp.n_tokens == 0:
@@ -467,18 +532,76 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
     return app
 
 
+_TEXT_MARK = "@@kv3d-text@@"
+
+
+def _text_chunk_renderer(make_chunk: Callable[[str], dict]) -> Callable[[str], bytes]:
+    """``make_chunk(text)`` as SSE bytes, the JSON rendered once around a marker: a stream's
+    chunks differ only in their text, and a ``json.dumps`` of the whole chunk per token
+    costs the event loop more than the token."""
+    whole = json.dumps(make_chunk(_TEXT_MARK))
+    mark = json.dumps(_TEXT_MARK)
+    if whole.count(mark) != 1:
+        return lambda text: b"data: " + json.dumps(make_chunk(text)).encode() + b"\n\n"
+    head, tail = whole.split(mark)
+    head_b, tail_b = b"data: " + head.encode(), tail.encode() + b"\n\n"
+    return lambda text: head_b + json.dumps(text).encode() + tail_b
+
+
+class _Outbox:
+    """Scheduler events to one event loop, one wake-up per burst: a step emits a token for
+    every running request, and a ``call_soon_threadsafe`` each (a self-pipe write and a loop
+    iteration) would cost the event loop more than the tokens themselves."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, tuple]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, ev: tuple) -> None:
+        with self._lock:
+            self._items.append((queue, ev))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
+
+_OUTBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox]" = weakref.WeakKeyDictionary()
+
+
+def _outbox_of(loop: asyncio.AbstractEventLoop) -> _Outbox:
+    box = _OUTBOXES.get(loop)
+    if box is None:
+        box = _OUTBOXES[loop] = _Outbox(loop)
+    return box
+
+
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
 _PROTECTED = ("/v1/", "/debug/")
 
 
 class _ObserveMiddleware:
-    """Bearer-key check for /v1/* and /debug/* (the key names the request's tenant, kept in
-    ``scope["kv3d.tenant"]``), and per-endpoint request metrics."""
+    """Bearer-key check for the ``protected`` paths (/v1/*, /debug/*, /openapi.json and,
+    unless public, /metrics; the key names the request's tenant, kept in
+    ``scope["kv3d.tenant"]``), admission while draining (:mod:`kv3d_core.api.drain`),
+    per-endpoint request metrics, and the one place an unexpected exception is logged
+    and answered (500, ``Connection: close``)."""
 
-    def __init__(self, app, metrics, keys: dict[str, str]) -> None:
+    def __init__(self, app, metrics, keys: dict[str, str], drainer: Drainer | None = None,
+                 protected: tuple[str, ...] = _PROTECTED) -> None:
         self.app = app
         self.metrics = metrics
         self.keys = [(tenant, key.encode()) for tenant, key in keys.items()]
+        self.drainer = drainer
+        self.protected = protected
 
     def _tenant_of(self, token: bytes) -> str | None:
         found = None
@@ -493,7 +616,17 @@ class _ObserveMiddleware:
             return
         path = scope.get("path", "")
         endpoint = path if path in _ENDPOINTS else "other"
-        if self.keys and path.startswith(_PROTECTED):
+        drainer = self.drainer
+        if drainer is not None and drainer.draining and path != "/metrics":
+            self.metrics.http_requests.labels(endpoint, "503").inc()
+            if path == "/health":
+                response = JSONResponse({"status": "draining", "service": "kv3d-engine"}, status_code=503,
+                                        headers={"Retry-After": str(RETRY_AFTER_S)})
+            else:
+                response = drainer.refusal().response()
+            await response(scope, receive, send)
+            return
+        if self.keys and path.startswith(self.protected):
             headers = dict(scope.get("headers") or [])
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = auth.partition(" ")
@@ -505,16 +638,29 @@ class _ObserveMiddleware:
                 return
             scope["kv3d.tenant"] = tenant
         status = 500
+        started = False
         t0 = time.monotonic()
 
         async def observed_send(message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
+                headers = list(message.get("headers") or [])
+                if drainer is not None and drainer.draining and not any(k.lower() == b"connection" for k, _ in headers):
+                    message = {**message, "headers": headers + [(b"connection", b"close")]}
             await send(message)
 
+        if drainer is not None:
+            drainer.enter()
         try:
             await self.app(scope, receive, observed_send)
+        except Exception:
+            log.exception("unhandled error on %s", path)
+            if not started:   # else the connection is closed by the server: nothing more can be sent
+                await APIError(500, "internal server error", code="internal_error",
+                               headers={"Connection": "close"}).response()(scope, receive, observed_send)
         finally:
+            if drainer is not None:
+                drainer.leave()
             self.metrics.http_requests.labels(endpoint, str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(time.monotonic() - t0)

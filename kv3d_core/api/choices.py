@@ -29,6 +29,15 @@ class ChatChoice:
         self._lp_unsent: list[dict] = []
         self.calls: list[dict] = []
 
+    @property
+    def plain(self) -> bool:
+        """Text only (no tool parsing, no logprobs): each chunk is :meth:`text_entry`."""
+        return self.parser is None and not self.logprobs
+
+    def text_entry(self, text: str) -> dict:
+        """The stream entry of a plain choice for ``text``."""
+        return {"index": self.index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+
     def first(self) -> dict:
         return {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
@@ -95,6 +104,14 @@ class CompletionChoice:
         self.lp = CompletionLogprobs(piece, offset=len(echo)) if logprobs else None
         self.lp_parts: list[dict] = []
         self._lp_unsent: list[dict] = []
+
+    @property
+    def plain(self) -> bool:
+        """Text only (no logprobs): each chunk is :meth:`text_entry`."""
+        return self.lp is None
+
+    def text_entry(self, text: str) -> dict:
+        return {"index": self.index, "text": text, "logprobs": None, "finish_reason": None}
 
     def first(self) -> dict | None:
         if not self.echo:

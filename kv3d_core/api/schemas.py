@@ -196,6 +196,7 @@ class _Sampling(_Strict):
                 raise PydanticCustomError("invalid_value", "biases must be within -100..100 (token {k}: {b})",
                                           {"k": k, "b": b})
         return v
+    ignore_eos: bool = False     # vLLM's and llama-server's extension: generate to the limit (benchmarks)
 
     @model_validator(mode="after")
     def _check_stop(self) -> "_Sampling":

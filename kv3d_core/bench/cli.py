@@ -23,7 +23,6 @@ import signal
 import sys
 from pathlib import Path
 
-from kv3d_core.bench.systems import BenchError
 from kv3d_core.config import config_dir, normalize_overrides
 from kv3d_core.errors import Kv3dError
 
@@ -37,6 +36,7 @@ def _task(cfg) -> None:
     from hydra.types import RunMode
 
     from kv3d_core.bench.run import run_bench
+    from kv3d_core.bench.systems import BenchError
 
     for noisy in ("httpx", "httpx2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -61,8 +61,24 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+#: what `kv3d bench` imports beyond the server's own dependencies (the `bench` extra)
+BENCH_MODULES = ("httpx", "openai", "matplotlib")
+
+
+def missing_extras() -> list[str]:
+    from importlib.util import find_spec
+
+    return [m for m in BENCH_MODULES if find_spec(m) is None]
+
+
 def main(args: list[str]) -> int:
     import hydra
+
+    missing = missing_extras()
+    if missing:
+        print(f"kv3d bench: error: it needs {', '.join(missing)}, from kv3d's `bench` extra: "
+              "pip install 'kv3d[bench]' (or: scripts/setup.sh test)", file=sys.stderr)
+        return 2
 
     argv = [a if a.startswith("-") else normalize_overrides([a])[0] for a in args]
     app = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base=None)(_task)

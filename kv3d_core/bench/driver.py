@@ -58,8 +58,11 @@ class DriveResult:
 
 
 async def _one(client, model: str, req: PlannedRequest, messages: list[dict], res: RequestResult, *,
-               max_tokens: int, temperature: float, seed: int, usage_in_stream: bool, t0: float) -> None:
-    extra = {"stream_options": {"include_usage": True}} if usage_in_stream else {}
+               max_tokens: int, temperature: float, seed: int, usage_in_stream: bool, t0: float,
+               sampling: dict | None = None) -> None:
+    extra: dict = {"stream_options": {"include_usage": True}} if usage_in_stream else {}
+    if sampling:
+        extra["extra_body"] = dict(sampling)
     start = time.perf_counter()
     res.start_s = start - t0
     parts: list[str] = []
@@ -93,14 +96,50 @@ async def _one(client, model: str, req: PlannedRequest, messages: list[dict], re
         res.completion_tokens = res.chunks
 
 
+async def _one_tokens(client, model: str, req: PlannedRequest, prompt: list[int], res: RequestResult, *,
+                      max_tokens: int, temperature: float, seed: int, t0: float, sampling: dict | None) -> None:
+    """A token-id prompt on ``/v1/completions`` (models without a real tokenizer). TTFT is the
+    first streamed chunk of the completion; usage comes in the last chunk."""
+    start = time.perf_counter()
+    res.start_s = start - t0
+    stream = await client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature, seed=seed + req.index,
+        stream=True, stream_options={"include_usage": True}, extra_body=dict(sampling or {}))
+    async for chunk in stream:
+        if chunk.usage is not None:
+            u = chunk.usage
+            res.prompt_tokens, res.completion_tokens = u.prompt_tokens, u.completion_tokens
+            details = getattr(u, "prompt_tokens_details", None)
+            res.cached_tokens = int(getattr(details, "cached_tokens", 0) or 0) if details is not None else 0
+            res.hit = res.cached_tokens > 0
+        for choice in chunk.choices:
+            if res.ttft_s is None:
+                res.ttft_s = time.perf_counter() - start
+            res.chunks += 1
+            if choice.finish_reason is not None:
+                res.finish_reason = choice.finish_reason
+    res.latency_s = time.perf_counter() - start
+    if res.finish_reason is None:
+        raise RuntimeError("the stream ended without a finish_reason (the server cut it short)")
+    if res.ttft_s is None:
+        res.ttft_s = res.latency_s
+
+
 async def _drive(base_url: str, model: str, workload: Workload, *, concurrency: int, max_tokens: int,
                  temperature: float, seed: int, usage_in_stream: bool, api_key: str, timeout_s: float,
-                 progress_desc: str | None) -> DriveResult:
+                 progress_desc: str | None, sampling: dict | None = None,
+                 token_ids_vocab: int | None = None) -> DriveResult:
     import openai
     from tqdm import tqdm
 
+    import httpx
+
+    # a connection per request: llama-server (cpp-httplib) closes a keep-alive connection after a few
+    # requests, and a request sent on it as it closes fails; no keep-alive treats every server alike
     client = openai.AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key=api_key, max_retries=0,
-                                timeout=timeout_s)
+                                timeout=timeout_s,
+                                http_client=httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0),
+                                                              timeout=timeout_s))
     reqs = workload.requests
     results = [RequestResult(r.index, r.session, r.turn, r.family, r.reusable) for r in reqs]
     done = [asyncio.Event() for _ in reqs]
@@ -124,11 +163,16 @@ async def _drive(base_url: str, model: str, workload: Workload, *, concurrency: 
                     await done[req.parent].wait()
                     if not results[req.parent].ok:
                         raise RuntimeError(f"its previous turn (request {req.parent}) failed")
-                messages = workload.messages(req, replies)
-                sent[req.index] = messages
-                await _one(client, model, req, messages, res, max_tokens=max_tokens, temperature=temperature,
-                           seed=seed, usage_in_stream=usage_in_stream, t0=t0)
-                replies[req.index] = res.reply
+                if token_ids_vocab:
+                    await _one_tokens(client, model, req, workload.token_prompt(req, token_ids_vocab), res,
+                                      max_tokens=max_tokens, temperature=temperature, seed=seed, t0=t0,
+                                      sampling=sampling)
+                else:
+                    messages = workload.messages(req, replies)
+                    sent[req.index] = messages
+                    await _one(client, model, req, messages, res, max_tokens=max_tokens, temperature=temperature,
+                               seed=seed, usage_in_stream=usage_in_stream, t0=t0, sampling=sampling)
+                    replies[req.index] = res.reply
             except Exception as exc:  # recorded per request; the run goes on
                 res.error = f"{type(exc).__name__}: {exc}"[:500]
             finally:
@@ -146,8 +190,13 @@ async def _drive(base_url: str, model: str, workload: Workload, *, concurrency: 
 
 def drive(base_url: str, model: str, workload: Workload, *, concurrency: int, max_tokens: int,
           temperature: float = 0.7, seed: int = 0, usage_in_stream: bool = True, api_key: str = "unused",
-          timeout_s: float = 600.0, progress_desc: str | None = None) -> DriveResult:
-    """Run every request of ``workload`` against ``base_url``; blocking."""
+          timeout_s: float = 600.0, progress_desc: str | None = None, sampling: dict | None = None,
+          token_ids_vocab: int | None = None) -> DriveResult:
+    """Run every request of ``workload`` against ``base_url``; blocking. ``sampling`` (e.g.
+    ``{"top_k": 0, "top_p": 1.0, "min_p": 0.0}``) goes into every request's body, so servers
+    whose default samplers differ sample alike. ``token_ids_vocab`` sends token-id prompts on
+    ``/v1/completions`` instead of chat messages (:meth:`Workload.token_prompt`)."""
     return asyncio.run(_drive(base_url, model, workload, concurrency=concurrency, max_tokens=max_tokens,
                               temperature=temperature, seed=seed, usage_in_stream=usage_in_stream,
-                              api_key=api_key, timeout_s=timeout_s, progress_desc=progress_desc))
+                              api_key=api_key, timeout_s=timeout_s, progress_desc=progress_desc,
+                              sampling=sampling, token_ids_vocab=token_ids_vocab))

@@ -58,6 +58,16 @@ def request_figures(run: DriveResult) -> dict[str, Any]:
         tokens_per_s=sum(r.completion_tokens for r in ok) / run.wall_s if run.wall_s > 0 else None,
         tokens_source="usage.completion_tokens" if run.usage_reported else "streamed content chunks",
     )
+    # by what the workload made each request, whatever the server reported: a new session of a
+    # shared family after its first one, a new session with a prefix of its own, a later turn
+    kinds = {"shared": [r for r in ok if r.turn == 0 and r.family is not None and r.reusable],
+             "own": [r for r in ok if r.turn == 0 and (r.family is None or not r.reusable)],
+             "resume": [r for r in ok if r.turn > 0]}
+    for kind, rs in kinds.items():
+        t = [r.ttft_s for r in rs if r.ttft_s is not None]
+        out[f"ttft_p50_{kind}_s"], out[f"ttft_p95_{kind}_s"], out[f"n_{kind}"] = _pct(t, 50), _pct(t, 95), len(t)
+    first = [r.ttft_s for r in ok if r.turn == 0 and r.ttft_s is not None]
+    out["ttft_p95_turn1_s"] = _pct(first, 95)
     with_usage = [r for r in ok if r.prompt_tokens is not None]
     if with_usage:
         out["prompt_tokens_mean"] = statistics.fmean(r.prompt_tokens for r in with_usage)

@@ -2,7 +2,8 @@
 
 Per run: ``ttft.png`` (TTFT p50/p95 of hits and misses per system),
 ``memory_per_session.png`` (KV bytes per session by tier, codec in the label,
-against the peer's per-conversation state), ``sessions_per_gb.png``.
+against the peers: llama-server's slot KV and RAM cache, llama-cpp-python's cached
+state), ``sessions_per_gb.png``.
 Per sweep: the same memory and sessions-per-GiB plots with one group per run.
 """
 
@@ -61,10 +62,21 @@ def ttft(systems: list[dict], path: Path) -> str:
 
 def _memory_rows(systems: list[dict], prefixes: list[str] | None) -> tuple[list[str], dict[str, list[float | None]]]:
     labels: list[str] = []
-    series: dict[str, list[float | None]] = {"hot": [], "warm": [], "cold": [], "peer state": [], "peer held": []}
+    series: dict[str, list[float | None]] = {"hot": [], "warm": [], "cold": [], "peer state": [], "peer held": [],
+                                             "llama-server slot KV": [], "llama-server RAM cache": []}
     for i, s in enumerate(systems):
         tiers = s.get("kv_by_tier") or {}
         is_peer = "held_bytes_per_session" in s
+        lsm = s.get("llama_server_memory")
+        if lsm is not None:
+            n = s.get("resident_sessions") or 0
+            labels.append(f"{prefixes[i]}\n{s['name']}" if prefixes else s["name"])
+            for k in series:
+                series[k].append(None)
+            if n:
+                series["llama-server slot KV"][-1] = lsm["slot_kv_bytes"] / n / MIB
+                series["llama-server RAM cache"][-1] = (lsm["ram_cache_bytes"] / n / MIB) or None
+            continue
         if not tiers and not is_peer:
             continue
         vals = {t: (tiers.get(t) or {}).get("bytes_per_session") for t in ("hot", "warm", "cold")}
@@ -77,6 +89,8 @@ def _memory_rows(systems: list[dict], prefixes: list[str] | None) -> tuple[list[
             series[t].append(v / MIB if v else None)
         series["peer state"].append(s["kv_bytes_per_session"] / MIB if is_peer and s.get("kv_bytes_per_session") else None)
         series["peer held"].append(s["held_bytes_per_session"] / MIB if is_peer and s.get("held_bytes_per_session") else None)
+        series["llama-server slot KV"].append(None)
+        series["llama-server RAM cache"].append(None)
     series = {k: v for k, v in series.items() if any(x is not None for x in v)}
     return labels, series
 
@@ -85,7 +99,7 @@ def memory_per_session(systems: list[dict], path: Path, labels_prefix: list[str]
     fig, ax = plt.subplots(figsize=(8, 4))
     labels, series = _memory_rows(systems, labels_prefix)
     _bars(ax, labels, series or {"none": [None] * len(labels)}, "KV MiB per resumable session", log=bool(series))
-    ax.set_title("KV memory per session by tier (codec in label) vs llama-cpp-python's cache")
+    ax.set_title("KV memory per resumable session: kv3d by tier (codec in label) vs the peers")
     return _save(fig, path)
 
 
@@ -111,15 +125,16 @@ def sweep_plots(runs: list[dict], out: Path) -> list[str]:
     """``runs``: [{"label", "report"}] of every job of a multirun."""
     labels = [r["label"] for r in runs]
     series: dict[str, list[float | None]] = {}
-    for name in ("kv3d", "llamacpp_peer"):
+    for name in ("kv3d", "llama_server", "llamacpp_peer"):
         vals = [next((s.get("sessions_per_gb") for s in r["report"]["systems"] if s["name"] == name), None) for r in runs]
         if any(v is not None for v in vals):
             series[name] = vals
     kv = [(r["label"], next((s for s in r["report"]["systems"] if s["name"] == "kv3d"), None)) for r in runs]
     kv = [(lbl, s) for lbl, s in kv if s is not None]
-    peer = next((s for r in runs for s in r["report"]["systems"] if s["name"] == "llamacpp_peer"), None)
-    mem_systems = [s for _, s in kv] + ([peer] if peer else [])
-    mem_labels = [lbl for lbl, _ in kv] + (["peer"] if peer else [])
+    peers = [next((s for r in runs for s in r["report"]["systems"] if s["name"] == n), None)
+             for n in ("llama_server", "llamacpp_peer")]
+    mem_systems = [s for _, s in kv] + [p for p in peers if p]
+    mem_labels = [lbl for lbl, _ in kv] + [p["name"] for p in peers if p]
     return [
         sessions_per_gb(labels, series or {"kv3d": [None] * len(labels)}, out / "sessions_per_gb.png"),
         memory_per_session(mem_systems, out / "memory_per_session.png", mem_labels),

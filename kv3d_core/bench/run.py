@@ -28,7 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from kv3d_core.bench import metrics as figures
 from kv3d_core.bench import plots, report
 from kv3d_core.bench.driver import DriveResult, drive
-from kv3d_core.bench.systems import KV3D, KV3D_SAFE, PEER, SYSTEMS, BenchError, kv3d_server, peer_available, peer_server
+from kv3d_core.bench import llama_server as ls_peer
+from kv3d_core.bench.systems import (KV3D, KV3D_SAFE, LLAMA_SERVER_UNIFIED, LLAMA_SERVERS, PEER, SYSTEMS, BenchError,
+                                     kv3d_server, llama_server_process, peer_available, peer_server)
 from kv3d_core.bench.workload import Workload, WorkloadSpec, context_tokens_needed, generate
 
 log = logging.getLogger("kv3d.bench")
@@ -50,7 +52,7 @@ def workload_spec(cfg: DictConfig) -> WorkloadSpec:
     return WorkloadSpec(requests=int(cfg.requests), shared_ratio=float(cfg.shared_ratio), families=int(cfg.families),
                         system_prompt_tokens=int(cfg.system_prompt_tokens), unique_tokens=int(cfg.unique_tokens),
                         turns=float(cfg.turns), seed=int(cfg.seed), max_turns=int(cfg.max_turns),
-                        followup_gap=int(cfg.followup_gap))
+                        followup_gap=int(cfg.followup_gap), followups_last=bool(cfg.followups_last))
 
 
 @contextlib.contextmanager
@@ -74,6 +76,14 @@ def token_counter(model_path: str) -> Callable[[str], int]:
     with _quiet_stderr():   # llama.cpp prints context warnings even with verbose=False
         vocab = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
     return lambda text: len(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+
+def vocab_size(model_path: str) -> int:
+    import llama_cpp
+
+    with _quiet_stderr():
+        vocab = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
+    return int(vocab.n_vocab())
 
 
 def resolve_model(cfg: DictConfig) -> tuple[str, str]:
@@ -101,6 +111,36 @@ def peer_settings(cfg: DictConfig, spec: WorkloadSpec) -> dict[str, Any]:
     cache_mb = float(p.cache_mb) if p.cache_mb else float(cfg.cache.gpu_hot_mb) + float(cfg.cache.ram_warm_mb)
     return {"n_ctx": n_ctx, "n_threads": _threads(cfg), "n_batch": int(p.n_batch), "logits_all": bool(p.logits_all),
             "cache_bytes": int(cache_mb * (1 << 20)), "cache_type": "ram"}
+
+
+def llama_server_settings(cfg: DictConfig, spec: WorkloadSpec, unified: bool) -> "ls_peer.LlamaServerSettings":
+    """llama-server's best settings for this workload: a slot per client, a per-slot context that
+    fits the longest conversation, its RAM prompt cache sized to kv3d's warm budget, kv3d's
+    threads and batch sizes, the same GPU offload."""
+    c = cfg.llama_server
+    per_slot = int(c.ctx_per_slot) if c.ctx_per_slot else context_tokens_needed(spec, int(cfg.max_tokens))
+    return ls_peer.LlamaServerSettings(
+        parallel=int(c.parallel) if c.parallel else int(cfg.concurrency),
+        ctx_per_slot=max(512, -(-per_slot // 256) * 256),
+        threads=_threads(cfg),
+        n_batch=int(cfg.backend.n_batch), n_ubatch=int(cfg.backend.n_ubatch),
+        cache_ram_mb=int(c.cache_ram_mb) if c.cache_ram_mb is not None else int(cfg.cache.ram_warm_mb),
+        unified=unified,
+        n_gpu_layers=_gpu_layers(cfg), flash_attn=str(cfg.backend.flash_attn),
+        extra_args=tuple(str(a) for a in (c.extra_args or [])))
+
+
+def _gpu_layers(cfg: DictConfig) -> int:
+    """``backend.n_gpu_layers`` as kv3d's backend resolves it, for llama-server's ``--n-gpu-layers``."""
+    from kv3d_backend_llamacpp.backend import resolve_gpu_layers
+
+    return resolve_gpu_layers(cfg.backend.n_gpu_layers)
+
+
+def _kv_bytes_per_token(model_path: str, cfg: DictConfig) -> int:
+    from kv3d_core.gguf_meta import kv_bytes_per_token, read_gguf
+
+    return kv_bytes_per_token(read_gguf(model_path, tensors=False), str(cfg.backend.type_k), str(cfg.backend.type_v))
 
 
 def _write_requests(path: Path, name: str, run: DriveResult, round_: int = 0) -> None:
@@ -185,11 +225,18 @@ def _loadavg() -> float | None:
 
 
 def _run_system(name: str, cfg: DictConfig, wl: Workload, out: Path, overrides: list[str], model_path: str,
-                model_id: str, peer: dict) -> tuple[dict, DriveResult]:
+                model_id: str, peer: dict, spec: WorkloadSpec, n_vocab: int) -> tuple[dict, DriveResult]:
+    ls_settings = None
     if name == PEER:
         srv = peer_server(model_path, model_id, n_ctx=peer["n_ctx"], n_threads=peer["n_threads"],
                           n_batch=peer["n_batch"], cache_bytes=peer["cache_bytes"], logits_all=peer["logits_all"],
                           log_path=out / f"{name}.log")
+    elif name in LLAMA_SERVERS:
+        binary, why = ls_peer.find_binary(cfg.llama_server.binary)
+        if binary is None:
+            raise BenchError(f"{name} cannot run: {why}")
+        ls_settings = llama_server_settings(cfg, spec, unified=name == LLAMA_SERVER_UNIFIED)
+        srv = llama_server_process(name, binary, ls_settings, model_path, model_id, out / f"{name}.log")
     else:
         srv = kv3d_server(name, serve_overrides(overrides), out / f"{name}.log")
     log.info("starting %s: %s", name, " ".join(srv.argv))
@@ -198,12 +245,22 @@ def _run_system(name: str, cfg: DictConfig, wl: Workload, out: Path, overrides: 
         load_start = _loadavg()
         run = drive(srv.url, served, wl, concurrency=int(cfg.concurrency), max_tokens=int(cfg.max_tokens),
                     temperature=float(cfg.temperature), seed=int(cfg.seed), usage_in_stream=name != PEER,
-                    timeout_s=float(cfg.request_timeout_s), progress_desc=name if cfg.progress else None)
+                    timeout_s=float(cfg.request_timeout_s), progress_desc=name if cfg.progress else None,
+                    sampling=OmegaConf.to_container(cfg.sampling) if cfg.get("sampling") else None,
+                    token_ids_vocab=n_vocab if cfg.prompts == "token_ids" else None)
         sys_report: dict[str, Any] = {"name": name, **figures.request_figures(run)}
         # the machine may be shared: its load while this system ran puts the timings in context
         sys_report["loadavg_1m_start_end"] = [load_start, _loadavg()]
         sys_report["rss_bytes"] = srv.rss()
-        if name != PEER:
+        if name in LLAMA_SERVERS:
+            text = srv.log_path.read_text(errors="replace")
+            refused = ls_peer.refused_requests(text)
+            if refused:
+                raise BenchError(f"{name} refused {refused} request(s) for its context size (see {srv.log_path}): a "
+                                 "refused request is a failed run; raise llama_server.ctx_per_slot")
+            sys_report.update(ls_peer.memory_figures(srv.get_json("/slots"), text, _kv_bytes_per_token(model_path, cfg),
+                                                     ls_settings))
+        elif name != PEER:
             stats = srv.get_json("/debug/stats")
             sys_report.update(figures.kv3d_memory(stats))
             sys_report.update(figures.kv3d_counters(srv.get_text("/metrics")))
@@ -211,6 +268,8 @@ def _run_system(name: str, cfg: DictConfig, wl: Workload, out: Path, overrides: 
         sys_report["rss_peak_bytes"] = srv.rss_peak
     if srv.proc is not None and srv.proc.returncode not in (0, -15, None):
         log.warning("%s exited with %s; see %s", name, srv.proc.returncode, srv.log_path)
+    if ls_settings is not None:
+        sys_report["ls_settings"] = ls_settings.as_dict()
     return sys_report, run
 
 
@@ -225,12 +284,18 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
         raise BenchError(f"systems={systems}: each must be one of {list(SYSTEMS)}")
     if PEER in systems and (why := peer_available()) is not None:
         raise BenchError(f"{PEER} cannot run: {why} (or leave it out: systems=[kv3d,kv3d_safe])")
+    for name in LLAMA_SERVERS:
+        if name in systems and (why := ls_peer.find_binary(cfg.llama_server.binary)[1]) is not None:
+            raise BenchError(f"{name} cannot run: {why}")
     out.mkdir(parents=True, exist_ok=True)
     model_path, model_id = resolve_model(cfg)
     machine = report.machine_info(model_path, model_id)
     spec = workload_spec(cfg)
+    if cfg.prompts not in ("chat", "token_ids"):
+        raise BenchError(f"prompts={cfg.prompts!r}: use chat or token_ids")
     t = time.perf_counter()
-    wl = generate(spec, token_counter(model_path))
+    n_vocab = vocab_size(model_path)
+    wl = generate(spec, token_counter(model_path)) if cfg.prompts == "chat" else generate(spec, texts=False)
     log.info("workload: %s (generated in %.1fs)", wl.summary(), time.perf_counter() - t)
     peer = peer_settings(cfg, spec)
     (out / "requests.jsonl").unlink(missing_ok=True)
@@ -243,21 +308,28 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
     for r in range(rounds):
         this: dict[str, tuple[dict, DriveResult]] = {}
         for name in systems:
-            sys_report, run = _run_system(name, cfg, wl, out, overrides, model_path, model_id, peer)
+            sys_report, run = _run_system(name, cfg, wl, out, overrides, model_path, model_id, peer, spec, n_vocab)
             _write_requests(out / "requests.jsonl", name, run, r)
             sys_report["round"] = r
-            sys_report["config"] = dict(peer) if name == PEER else kv3d_config(cfg, safe=name == KV3D_SAFE)
+            if name == PEER:
+                sys_report["config"] = dict(peer)
+            elif name in LLAMA_SERVERS:
+                sys_report["config"] = sys_report.pop("ls_settings")
+            else:
+                sys_report["config"] = kv3d_config(cfg, safe=name == KV3D_SAFE)
             this[name] = (sys_report, run)
             log.info("%s%s: %d requests in %.1fs, hit rate %s, %s tok/s", name,
                      f" (round {r + 1}/{rounds})" if rounds > 1 else "", sys_report["requests"], run.wall_s,
                      sys_report.get("hit_rate"), sys_report.get("tokens_per_s"))
         by_round.append(this)
-    # the figures reported: those of the median round, by kv3d's tokens/s over the peer's of the
+    # the figures reported: those of the median round, by kv3d's tokens/s over the baseline's of the
     # same round (else by the first system's tokens/s), so the report's ratios are one round's
+    base = report.baseline_of({n: {} for n in systems})
+
     def rank(i: int) -> float:
         this = by_round[i]
-        if KV3D in this and PEER in this:
-            return (this[KV3D][0].get("tokens_per_s") or 0.0) / (this[PEER][0].get("tokens_per_s") or float("inf"))
+        if KV3D in this and base in this:
+            return (this[KV3D][0].get("tokens_per_s") or 0.0) / (this[base][0].get("tokens_per_s") or float("inf"))
         return this[systems[0]][0].get("tokens_per_s") or 0.0
 
     median_round = sorted(range(rounds), key=rank)[(rounds - 1) // 2]
@@ -291,7 +363,10 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
         pass
     rep = {
         "systems": [results[n] for n in systems],
+        "baseline": report.baseline_of(results),
         "ratios": ratios,
+        "ratios_by_system": {n: report.ratios_against(results.get(KV3D), results[n]) for n in systems
+                             if n != KV3D and KV3D in results},
         "rounds": report.rounds_summary([{n: rep_ for n, (rep_, _) in this.items()} for this in by_round],
                                         round_ratios, median_round),
         "workload": workload,

@@ -2,8 +2,14 @@
 
 * ``kv3d``          -- ``python -m kv3d_core.cli serve`` with the bench's serve overrides;
 * ``kv3d_safe``     -- the same with ``safe_mode=true`` (no cache reuse);
+* ``llama_server``  -- llama.cpp's C++ ``llama-server`` (the server a user would pick instead),
+  built from the same llama.cpp source and flags as kv3d's backend, with its best settings for
+  the workload: a slot per client, a KV stream per slot, host-RAM prompt cache, idle-slot export
+  (``bench/llama_server.py``); the baseline of every ratio;
+* ``llama_server_unified`` -- the same with one unified KV cache for all slots (``--kv-unified``);
 * ``llamacpp_peer`` -- llama-cpp-python's own OpenAI server (``python -m llama_cpp.server``)
-  on the same GGUF with its RAM prompt cache on (``--cache true --cache_type ram``).
+  on the same GGUF with its RAM prompt cache on (``--cache true --cache_type ram``); it serves
+  one request at a time.
 
 A :class:`ServerProcess` starts its command, waits until the health URL answers
 200, samples the process's RSS (psutil) in a background thread while it runs,
@@ -27,8 +33,13 @@ import httpx
 
 KV3D = "kv3d"
 KV3D_SAFE = "kv3d_safe"
+LLAMA_SERVER = "llama_server"
+LLAMA_SERVER_UNIFIED = "llama_server_unified"
 PEER = "llamacpp_peer"
-SYSTEMS = (KV3D, KV3D_SAFE, PEER)
+SYSTEMS = (KV3D, KV3D_SAFE, LLAMA_SERVER, LLAMA_SERVER_UNIFIED, PEER)
+LLAMA_SERVERS = (LLAMA_SERVER, LLAMA_SERVER_UNIFIED)
+#: what kv3d's ratios are measured against, first present wins
+BASELINES = (LLAMA_SERVER, LLAMA_SERVER_UNIFIED, PEER)
 
 
 class BenchError(RuntimeError):
@@ -169,6 +180,13 @@ def peer_server(model_path: str, model_id: str, *, n_ctx: int, n_threads: int, n
             # its default (true) cancels the running request when another arrives; false queues them
             "--interrupt_requests", "false"]
     return ServerProcess(PEER, argv, port, "/v1/models", log_path)
+
+
+def llama_server_process(name: str, binary: str, settings, model_path: str, model_id: str,
+                         log_path: Path) -> ServerProcess:
+    """llama.cpp's ``llama-server`` with ``settings`` (a ``LlamaServerSettings``)."""
+    port = free_port()
+    return ServerProcess(name, settings.argv(binary, model_path, model_id, port), port, "/health", log_path)
 
 
 def peer_available() -> str | None:

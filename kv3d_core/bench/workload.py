@@ -41,6 +41,7 @@ class WorkloadSpec:
     seed: int = 0
     max_turns: int = 4
     followup_gap: int = 8
+    followups_last: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -100,6 +101,30 @@ class Workload:
         msgs.append({"role": "user", "content": req.user})
         return msgs
 
+    def token_prompt(self, req: PlannedRequest, n_vocab: int) -> list[int]:
+        """``req`` as token ids, for models without a real tokenizer: the session's prefix (its
+        family's, or its own) and each turn's new ids, seeded like the texts. A later turn resends
+        the session's earlier prompt and its new ids (no reply: token-id prompts carry no text to
+        resend), so it resumes the cached prompt."""
+        lo = min(100, max(0, n_vocab // 4))
+
+        def ids(key: str, n: int) -> list[int]:
+            g = random.Random(key)
+            return [g.randrange(lo, n_vocab) for _ in range(n)]
+
+        chain: list[PlannedRequest] = []
+        r: PlannedRequest | None = req
+        while r is not None:
+            chain.append(r)
+            r = self.requests[r.parent] if r.parent is not None else None
+        f = self.session_family.get(req.session)
+        seed = self.spec.seed
+        prefix_key = f"kv3d-bench:{seed}:family-ids:{f}" if f is not None else f"kv3d-bench:{seed}:system-ids:{req.session}"
+        out = ids(prefix_key, self.spec.system_prompt_tokens)
+        for turn in reversed(chain):
+            out += ids(f"kv3d-bench:{seed}:user-ids:{turn.index}", self.spec.unique_tokens)
+        return out
+
     def summary(self) -> dict:
         reqs = self.requests
         n = len(reqs)
@@ -117,6 +142,17 @@ class Workload:
 def _plan_sessions(spec: WorkloadSpec, rng: random.Random) -> list[tuple[int, int, int | None]]:
     """(session, turn, parent index) per request."""
     n_follow = round(spec.turns * spec.requests)
+    if spec.followups_last:
+        # every new session first, then the follow-ups, each resuming a session not resumed yet
+        n_new = spec.requests - n_follow
+        out: list[tuple[int, int, int | None]] = [(s, 0, None) for s in range(n_new)]
+        order = list(range(n_new))
+        rng.shuffle(order)
+        for k in range(n_follow):
+            s = order[k % n_new]
+            parent = max(i for i, (ss, _, _) in enumerate(out) if ss == s)
+            out.append((s, out[parent][1] + 1, parent))
+        return out
     follow_at = set(rng.sample(range(1, spec.requests), min(n_follow, spec.requests - 1)))
     out: list[tuple[int, int, int | None]] = []
     last: dict[int, int] = {}      # session -> index of its latest turn
@@ -135,10 +171,11 @@ def _plan_sessions(spec: WorkloadSpec, rng: random.Random) -> list[tuple[int, in
     return out
 
 
-def generate(spec: WorkloadSpec, count_tokens: TokenCounter | None = None) -> Workload:
+def generate(spec: WorkloadSpec, count_tokens: TokenCounter | None = None, texts: bool = True) -> Workload:
     """The workload of ``spec``. ``count_tokens`` (the model's tokenizer) fits
     every text to its token target; without it a calibrated words-per-token
-    ratio is used."""
+    ratio is used. ``texts=False`` plans the requests only (token-id prompts:
+    :meth:`Workload.token_prompt`)."""
     rng = random.Random(f"kv3d-bench:{spec.seed}:plan")
     plan = _plan_sessions(spec, rng)
     sessions = sorted({s for s, _, _ in plan})
@@ -148,6 +185,8 @@ def generate(spec: WorkloadSpec, count_tokens: TokenCounter | None = None) -> Wo
         s: (rng.randrange(spec.families) if s in shared else None) for s in sessions}
 
     def doc(key: str) -> str:
+        if not texts:
+            return key
         return textgen.fit_tokens(lambda w: textgen.policy_document(random.Random(key), w),
                                   spec.system_prompt_tokens, count_tokens)
 
@@ -160,7 +199,8 @@ def generate(spec: WorkloadSpec, count_tokens: TokenCounter | None = None) -> Wo
     for i, (s, turn, parent) in enumerate(plan):
         key = f"kv3d-bench:{spec.seed}:user:{i}"
         make = textgen.user_question if turn == 0 else textgen.follow_up
-        user = textgen.fit_tokens(lambda w, k=key, m=make: m(random.Random(k), w), spec.unique_tokens, count_tokens)
+        user = (textgen.fit_tokens(lambda w, k=key, m=make: m(random.Random(k), w), spec.unique_tokens, count_tokens)
+                if texts else key)
         f = session_family[s]
         reusable = turn > 0 or (f is not None and f in seen_family)
         if f is not None:

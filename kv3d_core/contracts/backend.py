@@ -72,6 +72,9 @@ class SamplingParams:
     keep the output inside; once the grammar is complete only end-of-generation tokens
     remain. Applied after ``logit_bias`` and before every truncating sampler, so top-k/top-p
     never remove every allowed token."""
+    ignore_eos: bool = False
+    """Generate up to the token limit even past end-of-generation tokens (benchmarks; the
+    ``ignore_eos`` extension of vLLM and llama-server)."""
 
     @property
     def greedy(self) -> bool:
@@ -218,6 +221,13 @@ class ExecutionBackend(abc.ABC):
         queued, so a bad one is a 400 rather than a failed request. The default accepts
         every grammar (its :meth:`make_sampler` must then raise on a bad one)."""
         return None
+
+    def sample_many(self, samplers: Sequence[Sampler], outputs: Sequence[int]) -> list[int]:
+        """The next token of several sequences at once: ``samplers[i]`` samples from output
+        row ``outputs[i]`` of the last decode, exactly as ``samplers[i].sample(outputs[i])``
+        would (same tokens, same chain state). A backend may batch what can be batched
+        (greedy rows as one argmax over the logits matrix); the default samples each in turn."""
+        return [s.sample(o) for s, o in zip(samplers, outputs)]
 
     # -- KV cells -------------------------------------------------------------
     @abc.abstractmethod

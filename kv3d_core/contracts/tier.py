@@ -67,6 +67,10 @@ class StorageTier(abc.ABC):
       it never raises and never returns altered bytes.
     - A write that cannot be done (disk full, I/O error) is dropped: :meth:`put`
       returns False, calls ``on_dropped(reason)``, and the tier keeps serving.
+      ``"io_error"`` and ``"disk_full"`` name *systemic* faults (the store itself
+      fails: a read-only or vanished directory, a full disk): the core then stops
+      writing to the tier and calls :meth:`check`, with backoff, until it passes.
+      Every other reason, and every ``on_error`` reason, concerns one entry only.
     - :meth:`put` and :meth:`get` may be called from several threads.
     - :meth:`entries` lists what the tier holds (after a restart, what survived),
       so the core can rebuild its index.
@@ -115,6 +119,20 @@ class StorageTier(abc.ABC):
 
     def __len__(self) -> int:
         return sum(1 for _ in self.entries())
+
+    def touch(self, key: str) -> bool:
+        """Mark ``key`` as just used without reading it (the core keeps a family
+        snapshot at least as recent as the sessions that need it, so LRU eviction takes
+        the sessions first). False when the tier does not hold it. Default: no recency
+        change."""
+        return self.contains(key)
+
+    def check(self) -> str | None:
+        """Whether the tier can take writes now: None when it can, else why not (for
+        ``/health``). Called after a write was dropped for a systemic fault, and again with
+        backoff until it passes; it may repair what it can (the SSD tier re-creates a
+        deleted directory). Must not raise. Default: None."""
+        return None
 
     def close(self) -> None:
         """Flush and release resources."""

@@ -48,12 +48,15 @@ class Engine:
         self.metrics = Metrics()
         self.monitor = FailureMonitor(self.metrics, SafetyConfig(**dict(cfg.safety)), safe_mode=bool(cfg.safe_mode))
         backend_name, backend_settings = plugin_settings(cfg.backend)
+        streams = cfg.cache.layout == "streams"
         backend_settings.update(
             model_path=cfg.model.path,
             model_id=cfg.model.id,
             hot_mb=cfg.cache.gpu_hot_mb,
             n_seq_max=cfg.scheduler.n_seq_max,
             n_threads=cfg.server.threads,
+            kv_unified=not streams,
+            n_ctx_seq=cfg.cache.stream_ctx if streams else None,
         )
         det_name, det_settings = plugin_settings(cfg.detector)
         # Resolve every configured plugin before loading the model: a missing one fails fast.
@@ -67,9 +70,6 @@ class Engine:
         self.backend: ExecutionBackend = self.plugins.create("backend", backend_name, **backend_settings)
         try:
             self.info = self.backend.info
-            if not cfg.safe_mode and not self.info.build.get("kv_unified", True):
-                raise ConfigError("backend.kv_unified=false gives every sequence its own KV stream, so prefixes "
-                                  "cannot be shared; it needs safe_mode=true (no cache reuse)")
             self.tiers = self._make_tiers(cfg)
             self.cache = PrefixCache(
                 self.backend, self.detector, self.metrics,
@@ -79,6 +79,9 @@ class Engine:
                 hot_idle_watermark=cfg.cache.hot_idle_watermark,
                 tiers=self.tiers,
                 monitor=self.monitor,
+                hot_sessions=cfg.cache.hot_sessions,
+                free_streams=cfg.cache.free_streams,
+                prefix_host_mb=cfg.cache.prefix_host_mb,
             )
             self.prompter = ChatPrompter.for_backend(self.backend)
             self.scheduler = Scheduler(self.backend, self.cache, self.metrics, SchedulerConfig(
@@ -171,7 +174,8 @@ class Engine:
         """``/health``: ok, or why not."""
         if not self.scheduler.alive:
             return {"status": "error", "service": "kv3d-engine", "reason": "the scheduler thread is not running"}
-        out = self.monitor.health()
+        tiers = self.cache.tiers if self.cache.tiers is not None else self.tiers
+        out = self.monitor.health(tiers.health_reasons() if tiers is not None else [])
         if self.cfg.safe_mode:
             out["mode"] = "safe"               # chosen by configuration: no cache reuse at all
         return out
@@ -181,6 +185,7 @@ class Engine:
         def read() -> dict:
             out = self.cache.stats()
             out["scheduler"] = dict(self.scheduler.load, steps=self.scheduler.steps,
-                                    max_batch_sequences=self.scheduler.max_batch_seqs_seen)
+                                    max_batch_sequences=self.scheduler.max_batch_seqs_seen,
+                                    step_seconds=dict(self.scheduler.step_split))
             return out
         return self.scheduler.call(read).result(timeout)

@@ -158,6 +158,11 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_batch_seqs_seen = 0
+        self.step_split = {"decode": 0.0, "sample": 0.0, "other": 0.0}   # seconds, since start
+        # per-step hot path: metric children and constants looked up once
+        self._generated = metrics.generated_tokens
+        self._split_metric = {p: metrics.step_seconds.labels(p) for p in self.step_split}
+        self._n_ctx_seq = backend.info.n_ctx_seq
         self._gauges_at = 0.0
 
     # -- public, any thread -------------------------------------------------------------
@@ -225,12 +230,21 @@ class Scheduler:
                         fut.set_result(fn())
                     except BaseException as exc:  # delivered to the caller
                         fut.set_exception(exc)
+            t_step = time.perf_counter()
+            before = self.step_split["decode"] + self.step_split["sample"]
+            steps_before = self.steps
             try:
                 self._step()
             except Exception:  # never let the thread die: fail what was running, go on
                 log.exception("scheduler step failed")
                 for job in list(self._running):
                     self._fail(job, 500, "internal error in the scheduler", "server_error", None)
+            if self.steps > steps_before:       # a step ran: what it spent outside decode and sampling
+                other = time.perf_counter() - t_step - (self.step_split["decode"] + self.step_split["sample"] - before)
+                self.step_split["other"] += other
+                self._split_metric["other"].inc(max(0.0, other))
+            self.metrics.running.set(len(self._running))    # also after the last request: the
+            self.metrics.waiting.set(len(self._waiting) + len(self._intake))   # gauges must not stay stale
             if self._waiting and not self._running:
                 with self._cond:   # nothing runnable (waiting for capacity): don't spin
                     if not self._intake and not self._calls:
@@ -324,7 +338,7 @@ class Scheduler:
 
     def _admit_one(self, job: Job) -> bool:
         view = dataclasses.replace(job.prompt, tokens=job.context)
-        lease = self.cache.acquire(view, job.family)
+        lease = self.cache.acquire(view, job.family, record=job.preemptions == 0)   # one lookup per request
         if lease is None:
             if not self._running:
                 # nothing runs and still no room: the cache cannot hold this prompt at all
@@ -399,6 +413,7 @@ class Scheduler:
                     continue
                 if len(plan) == 1 and len(plan[0][1].tokens) > 1:
                     pass  # a single prefill; let llama.cpp try (ledger is conservative)
+            t0 = time.perf_counter()
             try:
                 outputs = self.backend.decode([e for _, e in plan])
             except KVCacheFullError:
@@ -413,10 +428,14 @@ class Scheduler:
                     self._fail(job, 500, f"the model failed to decode: {exc}", "server_error", None)
                 return
             break
+        dt = time.perf_counter() - t0
+        self.step_split["decode"] += dt
+        self._split_metric["decode"].inc(dt)
         self.steps += 1
         self.metrics.batch_tokens.observe(n_tokens)
         self.metrics.batch_seqs.observe(len(plan))
         self.max_batch_seqs_seen = max(self.max_batch_seqs_seen, len(plan))
+        sampling: list[tuple[Job, int]] = []
         for (job, entry), out in zip(plan, outputs):
             k = len(entry.tokens)
             self.cache.note_decoded(job.seq, k)
@@ -428,15 +447,28 @@ class Scheduler:
             if job.state is SessionState.PREFILL:
                 job.move(SessionState.DECODE)
                 if job.forks:
-                    self._fork(job, out)
-            self._on_logits(job, out)
+                    sampling.extend((child, out) for child in self._fork(job))
+            sampling.append((job, out))
+        if not sampling:
+            return
+        # every sequence's next token in one call (greedy rows: one argmax over the logits matrix)
+        t0 = time.perf_counter()
+        tokens = self.backend.sample_many([j.sampler for j, _ in sampling], [o for _, o in sampling])
+        dt = time.perf_counter() - t0
+        self.step_split["sample"] += dt
+        self._split_metric["sample"].inc(dt)
+        self._generated.inc(len(tokens))
+        for (job, out), token in zip(sampling, tokens):
+            self._on_token(job, token, out)
 
-    def _fork(self, job: Job, out: int) -> None:
+    def _fork(self, job: Job) -> list[Job]:
         """The prompt of ``job`` is done: start its other choices from the same cells and
-        logits. A fork that gets no sequence now is queued as a request of its own (it
-        prefills its prompt itself)."""
+        logits (returned: they sample from the parent's output row this step). A fork that
+        gets no sequence now is queued as a request of its own (it prefills its prompt
+        itself)."""
         forks, job.forks = job.forks, []
         now = time.monotonic()
+        started: list[Job] = []
         for i, (params, sink) in enumerate(forks, 1):
             # t_first set: a choice is not a request of its own in the time-to-first-token figures
             child = Job(f"{job.id}/{i}", job.prompt, job.family, params, job.max_tokens, job.stop, sink,
@@ -457,7 +489,8 @@ class Scheduler:
             child.move(SessionState.PREFILL)
             child.move(SessionState.DECODE)
             self._running.append(child)
-            self._on_logits(child, out)
+            started.append(child)
+        return started
 
     def _emit_text(self, job: Job, text: str) -> None:
         if job.logprobs is None:
@@ -474,14 +507,12 @@ class Scheduler:
         if text or lps:
             self._emit(job, ("token", text, lps))
 
-    def _on_logits(self, job: Job, out: int) -> None:
-        token = job.sampler.sample(out)
+    def _on_token(self, job: Job, token: int, out: int) -> None:
         job.generated += 1
-        self.metrics.generated_tokens.inc()
         if job.t_first is None:
             job.t_first = time.monotonic()
             self.metrics.ttft.labels("hit" if job.n_cached > 0 else "miss").observe(job.t_first - job.t_submit)
-        if self.backend.is_eog(token):
+        if self.backend.is_eog(token) and not job.params.ignore_eos:
             self._finish(job, "stop")
             return
         piece = self.backend.token_piece(token)
@@ -493,7 +524,7 @@ class Scheduler:
             self._emit_text(job, text)
         if job.stream.stopped:
             self._finish(job, "stop")
-        elif job.generated >= job.max_tokens or len(job.context) + 1 > self.backend.info.n_ctx_seq:
+        elif job.generated >= job.max_tokens or len(job.context) + 1 > self._n_ctx_seq:
             self._finish(job, "length")
         else:
             job.context.append(token)

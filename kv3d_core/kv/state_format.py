@@ -451,6 +451,36 @@ class BlobWriter:
         return memoryview(self._buf)
 
 
+def concat_layout(head: KVArrays, tail: KVArrays) -> KVArrays:
+    """The layout of ``head``'s cells followed by ``tail``'s (one sequence: a family prefix
+    and a session's delta past it), as a template for :func:`allocate`: positions and
+    ``extra`` are real, K/V are zero-stride placeholders. Both must have the same layout of
+    one section (a KV stream per sequence restores a session as one blob; sliding-window
+    models, whose second section keeps only a window of cells, are not joined here).
+    Raises :class:`StateFormatError`."""
+    _, n_stream_h, sec_h = _layout(head)
+    _, n_stream_t, sec_t = _layout(tail)
+    _check_arrays(head, sec_h)
+    _check_arrays(tail, sec_t)
+    if len(sec_h) != 1 or len(sec_t) != 1:
+        raise StateFormatError("only single-section layouts can be joined")
+    if n_stream_h != n_stream_t or sec_h[0]["v_trans"] != sec_t[0]["v_trans"] or \
+            sec_h[0]["n_layer"] != sec_t[0]["n_layer"]:
+        raise StateFormatError("head and tail have different layouts")
+    if (head.head_dim_k, head.head_dim_v) != (tail.head_dim_k, tail.head_dim_v) or \
+            [a.shape[1] for a in head.k + head.v] != [a.shape[1] for a in tail.k + tail.v]:
+        raise StateFormatError("head and tail have different K/V widths")
+    if head.n_cells and tail.n_cells and int(np.max(head.positions)) >= int(np.min(tail.positions)):
+        raise StateFormatError("the tail's positions do not follow the head's")
+    n = head.n_cells + tail.n_cells
+    zero = np.broadcast_to(np.float16(0), (n, max(a.shape[1] for a in head.k + head.v)))
+    extra = copy.deepcopy(tail.extra)
+    extra["sections"][0]["rows"] = None
+    return KVArrays(np.concatenate([np.asarray(head.positions, np.int32), np.asarray(tail.positions, np.int32)]),
+                    [zero[:, :a.shape[1]] for a in tail.k], [zero[:, :a.shape[1]] for a in tail.v],
+                    tail.head_dim_k, tail.head_dim_v, extra)
+
+
 def allocate(template: KVArrays, alloc: Callable[[int], np.ndarray] | None = None) -> BlobWriter:
     """The blob :func:`build` would make for ``template``'s layout (positions, K/V
     shapes, head dims, ``extra``; the K/V values are not read -- zero-stride
@@ -516,12 +546,16 @@ def allocate(template: KVArrays, alloc: Callable[[int], np.ndarray] | None = Non
     return BlobWriter(buf, arrays, deferred, direct)
 
 
-def select(arrays: KVArrays, min_pos: int) -> KVArrays:
-    """Only the cells at positions ``>= min_pos`` (order kept; arrays are views when
-    the kept cells are one contiguous run of rows)."""
+def select(arrays: KVArrays, min_pos: int, max_pos: int | None = None) -> KVArrays:
+    """Only the cells at positions ``>= min_pos`` (and ``< max_pos`` when given; order
+    kept; arrays are views when the kept cells are one contiguous run of rows)."""
     seq_id, n_stream, sections = _layout(arrays)
     n = _check_arrays(arrays, sections)
-    keep = np.flatnonzero(np.asarray(arrays.positions) >= int(min_pos))
+    pos = np.asarray(arrays.positions)
+    mask = pos >= int(min_pos)
+    if max_pos is not None:
+        mask &= pos < int(max_pos)
+    keep = np.flatnonzero(mask)
     if keep.size == n:
         return KVArrays(arrays.positions, list(arrays.k), list(arrays.v), arrays.head_dim_k,
                         arrays.head_dim_v, copy.deepcopy(arrays.extra))

@@ -10,6 +10,20 @@ It owns, for one backend:
 - the hot tier's sequence ids and cell ledger, and the LRU of idle entries,
 - the storage tiers below (warm/cold), through a :class:`~kv3d_core.tiers.stack.TierStack`.
 
+Two KV layouts (the backend's ``info.build["kv_unified"]``):
+
+- **a KV stream per sequence** (``cache.layout=streams``, the default): every running
+  request decodes in a stream of its own, so a step attends only to each sequence's own
+  cells. A family snapshot is a host copy of its prefix's state (built once, stored once
+  in the tiers below) that is loaded into a request's stream on admission
+  (``seq_state_set``); a resumed session's stream gets one blob with the prefix's rows and
+  its decoded delta. When a request ends its session stays in its stream only while
+  streams are plentiful (``cache.hot_sessions``, ``cache.free_streams``); the rest leave
+  for the warm tier (their delta past the family prefix, through the codec).
+- **unified** (``cache.layout=unified``): one cell pool; a family snapshot is a sequence
+  whose cells every family member shares (``seq_cp``); idle sessions stay in the pool
+  until their cells are needed, and every step attends over every used cell.
+
 Only the scheduler thread calls it.
 """
 
@@ -29,9 +43,11 @@ import numpy as np
 from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView
 from kv3d_core.engine.session import SessionState
 from kv3d_core.contracts.backend import BatchEntry
-from kv3d_core.errors import BackendError, CacheFault, NoFreeCells, QualityGuardTripped
+from kv3d_core.errors import BackendError, CacheFault, NoFreeCells, QualityGuardTripped, StateFormatError
+from kv3d_core.kv import state_format
+from kv3d_core.prefix.detectors import family_digest
 from kv3d_core.prefix.radix import RadixIndex
-from kv3d_core.tiers.hot import CellLedger, SeqPool
+from kv3d_core.tiers.hot import CellLedger, SeqPool, StreamLedger
 
 if TYPE_CHECKING:  # pragma: no cover
     from kv3d_core.contracts.backend import ExecutionBackend
@@ -70,10 +86,11 @@ class CacheEntry:
     last_used: float = field(default_factory=time.monotonic)
     idle_since: float = field(default_factory=time.monotonic)  # when it last became evictable
     pending: object | None = None  # the spill in flight (a Future), if any
+    blob: np.ndarray | None = None  # snapshots, KV stream per sequence: the prefix's state in host memory
 
     @property
     def hot(self) -> bool:
-        return self.state is SessionState.IDLE and self.seq is not None
+        return self.state is SessionState.IDLE and (self.seq is not None or self.blob is not None)
 
     def __hash__(self) -> int:
         return id(self)
@@ -102,6 +119,9 @@ class PrefixCache:
         hot_idle_watermark: float = 0.5,
         tiers: "TierStack | None" = None,
         monitor: "FailureMonitor | None" = None,
+        hot_sessions: int | None = None,
+        free_streams: int = 1,
+        prefix_host_mb: float = 512,
     ) -> None:
         self.backend = backend
         self.info = backend.info
@@ -117,7 +137,20 @@ class PrefixCache:
         self.hot_idle_watermark = float(hot_idle_watermark)
         self.tiers = tiers
         self.pool = SeqPool(self.info.n_seq_max)
-        self.ledger = CellLedger(self.info.n_ctx)
+        self.streams = not self.info.build.get("kv_unified", True)
+        if self.streams:
+            self.ledger: CellLedger | StreamLedger = StreamLedger(self.info.n_seq_max,
+                                                                  self.info.n_ctx // self.info.n_seq_max)
+        else:
+            self.ledger = CellLedger(self.info.n_ctx)
+        if hot_sessions is not None and int(hot_sessions) < 0:
+            raise ValueError(f"cache.hot_sessions={hot_sessions!r}: use a count >= 0, or null (no limit)")
+        self.hot_sessions = None if hot_sessions is None else int(hot_sessions)
+        self.free_streams = max(0, int(free_streams))
+        self.prefix_host_bytes = int(float(prefix_host_mb) * 2**20)
+        self._host: OrderedDict[CacheEntry, None] = OrderedDict()   # snapshots' host copies, LRU first
+        self._host_used = 0
+        self._prefix_loads = True       # streams: copies into a stream (set_data) allowed
         self.index: RadixIndex[CacheEntry] = RadixIndex()
         self.snapshots: dict[tuple[str, str], CacheEntry] = {}
         self._idle: OrderedDict[CacheEntry, None] = OrderedDict()   # hot, evictable candidates, LRU first
@@ -141,7 +174,15 @@ class PrefixCache:
         self._restore_off = True                 # applied on the scheduler thread
 
     def _apply_restore_off(self) -> None:
-        if not self._restore_off or self.tiers is None:
+        if not self._restore_off:
+            return
+        if self.streams and self._prefix_loads:
+            # prefixes reach a stream through set_data too: stop loading them (recompute)
+            self._prefix_loads = False
+            for e in [e for e in self._by_key.values() if e.kind == "snapshot"]:
+                self._drop_entry(e)
+            log.error("loading family prefixes into KV streams switched off: family members recompute them")
+        if self.tiers is None:
             return
         for e in [e for e in self._by_key.values() if e.state in (SessionState.WARM, SessionState.COLD)]:
             self._drop_entry(e)
@@ -179,7 +220,7 @@ class PrefixCache:
         self._idle.move_to_end(e)
 
     def _unref(self, snap: CacheEntry | None) -> None:
-        if snap is None:
+        if snap is None or self.streams:         # streams: snapshots hold no cells of a sequence
             return
         snap.refs -= 1
         if snap.refs <= 0 and snap.hot:
@@ -187,7 +228,7 @@ class PrefixCache:
             self._make_idle(snap)
 
     def _ref(self, snap: CacheEntry | None) -> None:
-        if snap is None:
+        if snap is None or self.streams:
             return
         snap.refs += 1
         self._idle.pop(snap, None)
@@ -196,6 +237,8 @@ class PrefixCache:
         m = self.metrics
         m.prefix_families.set(len(self.snapshots))
         m.kv_bytes.labels("hot").set(self.ledger.used * self.info.kv_bytes_per_token)
+        if self.streams:
+            m.kv_bytes.labels("host").set(self._host_used)
         m.sessions.labels("hot").set(sum(1 for e in self._by_key.values() if e.hot and e.kind == "session"))
         if self.tiers is not None:
             self.tiers.update_gauges()
@@ -285,6 +328,10 @@ class PrefixCache:
         self.metrics.evictions.labels("hot").inc()
 
     def ensure_cells(self, n: int, exclude: Iterable[CacheEntry] = ()) -> bool:
+        if self.streams:
+            # every sequence decodes in its own stream, and requests are limited to a stream's
+            # size: a batch always has its cells; what a request waits for is a free stream
+            return n <= self.ledger.stream_cells
         ex = set(exclude)
         while self.ledger.free < n:
             if not self._evict_one(ex):
@@ -308,7 +355,7 @@ class PrefixCache:
         one, idle entries stay until their cells are needed). Off unless configured: on
         the 2-core CPU bench it cost tokens/s, on the H200 it cut hits' TTFT (measured both
         ways in docs/BENCHMARKS.md). Returns the entries spilled."""
-        if self.hot_idle_s is None or self.tiers is None or not self.enabled or not self._idle:
+        if self.hot_idle_s is None or self.tiers is None or not self.enabled or not self._idle or self.streams:
             return 0
         limit = self.hot_idle_watermark * self.ledger.n_cells
         if self.ledger.used <= limit:
@@ -337,11 +384,14 @@ class PrefixCache:
         return self.pool.alloc()
 
     # -- request life cycle ----------------------------------------------------------
-    def acquire(self, prompt: PromptView, family: FamilyKey) -> Lease | None:
+    def acquire(self, prompt: PromptView, family: FamilyKey, record: bool = True) -> Lease | None:
         """A sequence for a request, with as much of its prompt as can be reused
-        already in it. None when no sequence or cells can be freed now."""
+        already in it. None when no sequence or cells can be freed now. ``record``: count
+        the lookup in the prefix metrics (a preempted request resuming is not counted again)."""
         if self.tiers is not None:
             self.tiers.apply_disables()
+            self._apply_restore_off()
+        elif self._restore_off:
             self._apply_restore_off()
         if self.tiers is not None:
             self.tiers.drain_gone()
@@ -358,14 +408,32 @@ class PrefixCache:
                 continue
             if lease is None:
                 return None
-            self.metrics.record_prefix(lease.n_cached > 0, lease.n_cached)
+            if (lease.snapshot is None and family.length == 0 and entry is not None and entry.kind == "session"
+                    and self.min_snapshot_tokens <= lease.n_cached < len(entry.tokens)):
+                lease.snapshot = self._derive_snapshot(lease.seq, prompt.tokens, lease.n_cached, family)
+            if record:
+                self.metrics.record_prefix(lease.n_cached > 0, lease.n_cached)
             return lease
         lease = self._acquire_from(None, 0, prompt)
-        if lease is not None:
+        if lease is not None and record:
             self.metrics.record_prefix(False, 0)
         return lease
 
+    def _derive_snapshot(self, seq: int, tokens, n: int, family: FamilyKey) -> CacheEntry | None:
+        """A prompt without a family of its own (a raw completion, no system message) shared its
+        first ``n`` tokens with a cached conversation it does not continue: those tokens are a
+        prefix several requests share -- an implicit family. Its snapshot is made now from the
+        request's sequence (which holds them), so later requests sharing it load the prefix
+        instead of restoring whole conversations, and conversations store only their deltas."""
+        derived = FamilyKey(family.namespace, family_digest(family.scope, tokens[:n]), n, family.snapshot_namespace)
+        snap = self.maybe_snapshot(seq, n, list(tokens), derived, None)
+        if snap is not None:
+            self.metrics.derived_families.inc()
+        return snap
+
     def _acquire_from(self, entry: CacheEntry | None, n: int, prompt: PromptView) -> Lease | None:
+        if self.streams:
+            return self._acquire_stream(entry, n)
         uncached = len(prompt.tokens) - n
         protect = {entry} if entry is not None else set()
         if entry is not None and entry.snapshot is not None:
@@ -436,6 +504,148 @@ class PrefixCache:
             snap = None
         return Lease(seq, n, tier, snap)
 
+    def _acquire_stream(self, entry: CacheEntry | None, n: int) -> Lease | None:
+        """:meth:`_acquire_from` with a KV stream per sequence: the request gets a stream of its
+        own, filled with what it reuses (a hot session's stream is taken over as it is)."""
+        if entry is not None and not self._prefix_loads and not (
+                entry.kind == "session" and entry.seq is not None and n == len(entry.tokens)):
+            entry, n = None, 0                   # only a session still in its stream can be used now
+        if entry is None:
+            seq = self.alloc_seq()
+            return Lease(seq, 0, "miss", None) if seq is not None else None
+        self._touch(entry)
+        snap = entry if entry.kind == "snapshot" else entry.snapshot
+        if snap is not None and n < len(snap.tokens):
+            snap = None                          # the request does not cover the whole family prefix
+        if entry.kind == "session" and entry.seq is not None:
+            if n == len(entry.tokens):           # the request continues this session: its stream is
+                seq = entry.seq                  # taken over as it is
+                self._forget(entry)
+                entry.seq = None
+                entry.state = SessionState.PREFILL
+                return Lease(seq, n, "hot", snap)
+            seq = self.alloc_seq({entry})        # a branch of it: its first n positions, copied
+            if seq is None:
+                return None
+            try:
+                self._copy_positions(entry.seq, seq, n)
+            except CacheFault:
+                self._free_seq(seq)
+                raise
+            return Lease(seq, n, "hot", snap)
+        if entry.kind == "snapshot":
+            source = "hot" if entry.blob is not None else entry.state.value
+            if not self.ensure_hot_snapshot(entry):
+                return None
+            seq = self.alloc_seq()
+            if seq is None:
+                return None
+            try:
+                self._load_prefix(entry, seq, n)
+            except CacheFault:
+                self._free_seq(seq)
+                raise
+            return Lease(seq, n, source, snap)
+        # a spilled session: one blob of its family prefix and its delta, into a fresh stream
+        assert self.tiers is not None
+        protect = {entry} | ({entry.snapshot} if entry.snapshot is not None else set())
+        seq = self.alloc_seq(protect)
+        if seq is None:
+            return None
+        tier = entry.state.value
+        try:
+            restored_snap = self._restore_with_room(entry, seq, protect)
+            if entry.kind == "session" and self.tiers.should_check_quality():
+                self._quality_check(entry, seq, restored_snap, protect)
+        except CacheFault:
+            self._free_seq(seq)
+            self._drop_entry(entry)
+            raise
+        entry.pending = None
+        if n < len(entry.tokens):
+            self.backend.seq_remove(seq, n, -1)
+            self.ledger.truncate(seq, n)
+        else:
+            self.tiers.discard(entry)            # the session continues; its stored copy is stale
+            self._forget(entry)
+            entry.state = SessionState.PREFILL
+        snap = restored_snap if restored_snap is not None and n >= len(restored_snap.tokens) else None
+        return Lease(seq, n, tier, snap)
+
+    # -- KV stream per sequence: moving cells through host memory -------------------------
+    def _load_prefix(self, snap: CacheEntry, seq: int, n: int) -> None:
+        """Fill the empty sequence ``seq`` with the snapshot's positions ``[0, n)``."""
+        if not self.streams:
+            self.backend.seq_copy(snap.seq, seq, 0, n)
+            self.ledger.share_prefix(snap.seq, seq, n)
+            return
+        assert snap.blob is not None
+        try:
+            self.backend.seq_state_set(seq, snap.blob)
+        except NoFreeCells:
+            raise
+        n_snap = len(snap.tokens)
+        if n < n_snap:
+            self.backend.seq_remove(seq, n, -1)
+        self.ledger.extend(seq, min(n, n_snap))
+
+    def _copy_positions(self, src: int, dst: int, n: int) -> None:
+        """Streams: ``dst`` (empty) gets ``src``'s positions ``[0, n)``, through host memory
+        (llama.cpp's cross-stream ``seq_cp`` copies a whole stream, later, at the next decode;
+        a branch of a hot session is rare enough for the safe path)."""
+        blob = self.backend.seq_state_get(src)
+        info = self.info
+        arrays = state_format.parse(blob, head_dim_k=info.head_dim_k, head_dim_v=info.head_dim_v,
+                                    n_layer=info.n_layer)
+        if len(arrays.extra.get("sections", ())) != 1:
+            raise StateFormatError("a sliding-window state cannot be cut to a prefix")
+        head = state_format.select(arrays, 0, n)
+        if head.n_cells != n:
+            raise StateFormatError(f"sequence {src} holds {head.n_cells} of the {n} positions to copy")
+        self.backend.seq_state_set(dst, state_format.build(head))
+        self.ledger.extend(dst, n)
+
+    def snapshot_arrays(self, snap: CacheEntry) -> "state_format.KVArrays":
+        """Streams: the snapshot's cells, read from its host copy (views into it)."""
+        if snap.blob is None and not self.ensure_hot_snapshot(snap):
+            raise CacheFault(f"family snapshot {snap.key[:8]} could not be brought back")
+        info = self.info
+        return state_format.parse(snap.blob, head_dim_k=info.head_dim_k, head_dim_v=info.head_dim_v,
+                                  n_layer=info.n_layer)
+
+    def _host_add(self, snap: CacheEntry) -> None:
+        self._host[snap] = None
+        self._host_used += int(snap.blob.nbytes)
+        while self._host_used > self.prefix_host_bytes and len(self._host) > 1:
+            victim = next(iter(self._host))
+            if self.tiers is not None and self.tiers.holds(victim):
+                self._host_drop(victim)
+                victim.state = SessionState.WARM
+                self.metrics.evictions.labels("hot").inc()
+            else:                                # nowhere else: the family is computed anew later
+                self._drop_entry(victim)
+
+    def _host_drop(self, e: CacheEntry) -> None:
+        if e in self._host:
+            del self._host[e]
+            self._host_used -= int(e.blob.nbytes)
+        e.blob = None
+
+    def _spill_idle_sessions(self) -> int:
+        """Streams: idle sessions leave their streams for the tiers below, least recently used
+        first, while more than ``hot_sessions`` of them stay or fewer than ``free_streams``
+        streams are free (a new request should find a stream without waiting for a spill)."""
+        if not self.streams or self.tiers is None or not self.enabled:
+            return 0
+        done = 0
+        idle = [e for e in self._idle if e.kind == "session" and e.seq is not None]
+        while idle and ((self.hot_sessions is not None and len(idle) > self.hot_sessions)
+                        or self.pool.free < self.free_streams):
+            self.evict(idle.pop(0))
+            self.metrics.idle_spills.labels("session").inc()
+            done += 1
+        return done
+
     def _restore_with_room(self, entry: CacheEntry, seq: int, exclude: set[CacheEntry]) -> CacheEntry | None:
         """Restore ``entry`` into ``seq``; when the backend finds too few free cells for the
         state, make room and try once more.
@@ -488,7 +698,7 @@ class PrefixCache:
             restored = np.array(b.logits(out), dtype=np.float64)
             # recomputed: the family prefix shared from the snapshot, the rest decoded anew
             if start:
-                b.seq_copy(snap.seq, scratch, 0, start)
+                self._load_prefix(snap, scratch, start)
             pos, step = start, b.max_batch_tokens
             while pos < n:
                 chunk = toks[pos:pos + step]
@@ -499,6 +709,7 @@ class PrefixCache:
             raise CacheFault(f"quality check could not run: {exc}") from exc
         finally:
             b.seq_remove(scratch)
+            self.ledger.drop(scratch)
             self.pool.release(scratch)
         kl = _kl(fresh, restored)
         self.metrics.quality_checks.inc()
@@ -508,6 +719,7 @@ class PrefixCache:
                                       f"recompute's; the limit is {limit:g}")
 
     def _drop_entry(self, e: CacheEntry) -> None:
+        self._host_drop(e)
         if e.seq is not None:
             self._free_seq(e.seq)
             e.seq = None
@@ -522,11 +734,25 @@ class PrefixCache:
         return self.snapshots.get((family.scope, family.digest))
 
     def ensure_hot_snapshot(self, snap: CacheEntry, exclude: Iterable[CacheEntry] = ()) -> bool:
-        """Bring a spilled snapshot back into a sequence (for a session restore)."""
+        """Bring a spilled snapshot back (for a session restore): into a sequence (unified),
+        or into host memory (a KV stream per sequence)."""
         if snap.hot:
+            if snap in self._host:
+                self._host.move_to_end(snap)
             return True
         if self.tiers is None:
             return False
+        if self.streams:
+            try:
+                blob = self.tiers.load_blob(snap)
+            except CacheFault:
+                self._drop_entry(snap)
+                raise
+            snap.blob = blob
+            snap.state = SessionState.IDLE
+            self._touch(snap)
+            self._host_add(snap)
+            return snap.blob is not None
         keep = set(exclude) | {snap}
         if not self.ensure_cells(len(snap.tokens), keep):
             return False
@@ -555,6 +781,8 @@ class PrefixCache:
         if (not self.enabled or current is not None or family.length < self.min_snapshot_tokens
                 or n_past < family.length):
             return current
+        if self.streams:
+            return self._stream_snapshot(seq, tokens, family)
         existing = self.snapshot_entry(family)
         if existing is not None:
             if existing.hot or existing.state in (SessionState.WARM, SessionState.COLD):
@@ -581,10 +809,54 @@ class PrefixCache:
         seq = self.alloc_seq({snapshot} if snapshot is not None else ())
         if seq is None:
             return None
-        self.backend.seq_copy(src, seq, 0, n)
-        self.ledger.share_prefix(src, seq, n)
+        if self.streams:
+            # ``src`` holds just the prompt's ``n`` positions (no token of the reply is decoded
+            # yet): its whole state is the copy (llama.cpp's cross-stream ``seq_cp`` copies a
+            # whole stream too, but only later, at the next decode)
+            try:
+                self.backend.seq_state_set(seq, self.backend.seq_state_get(src))
+            except BaseException:
+                self._free_seq(seq)
+                raise
+            self.ledger.extend(seq, n)
+        else:
+            self.backend.seq_copy(src, seq, 0, n)
+            self.ledger.share_prefix(src, seq, n)
         self._ref(snapshot)
         return seq
+
+    def _stream_snapshot(self, seq: int, tokens: list[int], family: FamilyKey) -> CacheEntry | None:
+        """Streams: the family's snapshot -- its prefix's state, copied once from the first
+        sequence that computed it into host memory (and stored once in the tiers below).
+        Family members that computed the prefix themselves share the existing one for their
+        deltas (the same tokens give the same cells)."""
+        if not self._prefix_loads:
+            return None
+        existing = self.snapshot_entry(family)
+        if existing is not None:
+            return existing
+        L = family.length
+        info = self.info
+        try:
+            arrays = state_format.parse(self.backend.seq_state_get(seq), head_dim_k=info.head_dim_k,
+                                        head_dim_v=info.head_dim_v, n_layer=info.n_layer)
+            head = state_format.select(arrays, 0, L)
+            if head.n_cells != L:
+                raise StateFormatError(f"sequence {seq} holds {head.n_cells} of the prefix's {L} positions")
+            built = state_format.build(head)
+        except StateFormatError as exc:
+            log.debug("no snapshot for family %s: %s", family.digest[:8], exc)
+            self.metrics.codec_fallback.inc()
+            return None
+        blob = self.backend.state_buffer(len(built))
+        blob[:] = np.frombuffer(built, np.uint8)
+        snap = CacheEntry(key=family.digest, kind="snapshot", namespace=family.scope, family=family.digest,
+                          tokens=np.asarray(tokens[:L], dtype=np.int32), blob=blob)
+        self._add(snap)
+        self._host_add(snap)
+        if self.tiers is not None:
+            self.tiers.spill_blob(snap, blob)    # stored once below: the host copy may be dropped later
+        return snap if snap.blob is not None else None
 
     def release(self, seq: int, tokens: list[int], n_past: int, family: FamilyKey,
                 snapshot: CacheEntry | None, keep: bool) -> None:
@@ -599,6 +871,7 @@ class PrefixCache:
             )
             self._add(entry)
             self._make_idle(entry)
+            self._spill_idle_sessions()
             return
         self._free_seq(seq)
         self._unref(snapshot)
@@ -616,11 +889,16 @@ class PrefixCache:
             "enabled": self.enabled,
             "detector": self.detector.name,
             "families": len(self.snapshots),
+            "layout": "streams" if self.streams else "unified",
             "hot": {"cells_used": self.ledger.used, "cells_total": self.ledger.n_cells,
                     "bytes": self.ledger.used * self.info.kv_bytes_per_token,
                     "sessions": hot_sessions, "free_sequences": self.pool.free},
             "entries": len(self._by_key),
         }
+        if self.streams:
+            out["hot"]["stream_cells"] = self.ledger.stream_cells
+            out["host"] = {"bytes": self._host_used, "capacity_bytes": self.prefix_host_bytes,
+                           "snapshots": len(self._host), "sessions": 0}
         if self.tiers is not None:
             out.update(self.tiers.stats())
         return out
@@ -634,7 +912,10 @@ class PrefixCache:
             if e.hot:
                 self.evict(e)
         for e in [x for x in self._by_key.values() if x.hot and x.kind == "snapshot"]:
-            self.evict(e)                        # snapshots still referenced: no sequence uses them now
+            if e.seq is not None:
+                self.evict(e)                    # snapshots still referenced: no sequence uses them now
+            elif e.blob is not None and not self.tiers.holds(e):
+                self.tiers.spill_blob(e, e.blob)   # streams: its host copy, stored (once) if it is not
         return self.tiers.persist()
 
     def clear(self) -> None:

@@ -5,6 +5,9 @@ token sequence of the leading system/developer messages and tool definitions.
 A request reuses cached KV only from its own family, and there the longest
 cached prefix wins: the family snapshot, a previous turn of the same
 conversation (resume), or any branch of it (a regenerated or edited turn).
+Prompts with no such structure (raw completions) form one family per namespace;
+when two of them are found to share a prefix of ``cache.min_snapshot_tokens`` or
+more, the core snapshots that prefix (an implicit family) and they may load it.
 
 ``radix`` -- reuse across families at token granularity: any cached sequence of
 the same namespace sharing at least ``min_match_tokens`` leading tokens with the
@@ -60,9 +63,13 @@ class ExactDetector(PrefixDetector):
         return FamilyKey(ns, family_digest(ns, prompt.tokens[:n]), n)
 
     def reusable(self, prompt: PromptView, family: FamilyKey, candidate: Candidate) -> int:
-        if candidate.family != family.digest or candidate.lcp < family.length:
-            return 0
-        return candidate.lcp
+        if candidate.family == family.digest and candidate.lcp >= family.length:
+            return candidate.lcp
+        if family.length == 0 and candidate.kind == "snapshot" and candidate.lcp >= candidate.n_tokens:
+            # a prompt with no family of its own (a raw completion) may load a prefix that other
+            # such prompts were found to share (an implicit family), when it holds all of it
+            return candidate.lcp
+        return 0
 
 
 class RadixDetector(ExactDetector):

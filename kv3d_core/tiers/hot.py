@@ -1,9 +1,13 @@
 """The hot tier: sequence ids and KV cells inside the backend's context.
 
-llama.cpp does not report how many cells are in use, and with prefix sharing a
-cell may belong to many sequences. :class:`CellLedger` keeps that account
-exactly, from the only operations that change it: appending decoded tokens,
-sharing a prefix (``seq_cp``), truncating and dropping a sequence.
+llama.cpp does not report how many cells are in use. Two ledgers keep that account
+exactly, one per KV layout, from the only operations that change it: appending
+decoded tokens, sharing or copying a prefix, truncating and dropping a sequence.
+
+- :class:`CellLedger` -- the unified layout: one cell pool, and with prefix sharing a
+  cell may belong to many sequences.
+- :class:`StreamLedger` -- a KV stream per sequence: each sequence owns the cells of
+  its stream, nothing is shared, and a stream holds at most ``stream_cells``.
 
 Cells are grouped in *segments*: runs of consecutive positions created by one
 sequence. A segment is referenced by every sequence sharing some prefix of it;
@@ -13,6 +17,7 @@ when no sequence references it -- the same rule llama.cpp applies.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 
@@ -123,21 +128,87 @@ class CellLedger:
         return freed
 
 
+class StreamLedger:
+    """Cells of a layout with one KV stream per sequence (``stream_cells`` each).
+
+    The same interface as :class:`CellLedger`; a prefix "shared" into another sequence is
+    a copy there (``share_prefix`` gives the destination cells of its own). ``free`` is the
+    cells of the whole context no sequence uses: a batch always fits (every sequence has its
+    own stream, and requests are limited to a stream's size), so the scheduler never evicts
+    for cells in this layout; what a new request needs is a free stream (:class:`SeqPool`)."""
+
+    def __init__(self, n_streams: int, stream_cells: int) -> None:
+        self.n_streams = n_streams
+        self.stream_cells = stream_cells
+        self.n_cells = n_streams * stream_cells
+        self._len: dict[int, int] = {}
+        self._used = 0
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def free(self) -> int:
+        return self.n_cells - self._used
+
+    def length(self, seq: int) -> int:
+        return self._len.get(seq, 0)
+
+    def _set(self, seq: int, n: int) -> None:
+        if n > self.stream_cells:
+            raise ValueError(f"sequence {seq} would hold {n} cells, its stream has {self.stream_cells}")
+        self._used += n - self._len.get(seq, 0)
+        if n:
+            self._len[seq] = n
+        else:
+            self._len.pop(seq, None)
+
+    def extend(self, seq: int, n: int) -> None:
+        if n > 0:
+            self._set(seq, self.length(seq) + n)
+
+    def share_prefix(self, src: int, dst: int, length: int) -> None:
+        if self._len.get(dst):
+            raise ValueError(f"sequence {dst} is not empty")
+        self._set(dst, min(length, self.length(src)))
+
+    def truncate(self, seq: int, length: int) -> None:
+        self._set(seq, min(self.length(seq), max(0, length)))
+
+    def drop(self, seq: int) -> None:
+        self._set(seq, 0)
+
+    def own_cells(self, seq: int) -> int:
+        return self.length(seq)
+
+    def freed_by(self, seqs) -> int:
+        return sum(self.length(s) for s in set(seqs))
+
+
 class SeqPool:
-    """Free sequence ids of the context."""
+    """Free sequence ids of the context, handed out lowest first: with a KV stream per
+    sequence llama.cpp batches only runs of consecutive ids together, so running requests
+    are kept packed at the low ids."""
 
     def __init__(self, n_seq_max: int) -> None:
         self.n_seq_max = n_seq_max
-        self._free = list(range(n_seq_max - 1, -1, -1))
+        self._free = list(range(n_seq_max))      # a heap
+        self._is_free = set(self._free)
 
     @property
     def free(self) -> int:
         return len(self._free)
 
     def alloc(self) -> int | None:
-        return self._free.pop() if self._free else None
+        if not self._free:
+            return None
+        seq = heapq.heappop(self._free)
+        self._is_free.discard(seq)
+        return seq
 
     def release(self, seq: int) -> None:
-        if seq in self._free:
+        if seq in self._is_free:
             raise ValueError(f"sequence {seq} released twice")
-        self._free.append(seq)
+        heapq.heappush(self._free, seq)
+        self._is_free.add(seq)

@@ -79,6 +79,13 @@ class RamTier(StorageTier):
             return None
         return entry
 
+    def touch(self, key: str) -> bool:
+        with self._lock:
+            if key not in self._entries:
+                return False
+            self._entries.move_to_end(key)
+            return True
+
     def contains(self, key: str) -> bool:
         with self._lock:
             return key in self._entries

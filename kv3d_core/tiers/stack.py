@@ -12,18 +12,44 @@ as it must touch the context::
 Restore (a request resumes the entry), scheduler thread::
 
     warm.get or cold.get -> codec.decode_into the blob's K/V rows (state_format.allocate)
-      -> seq_state_set(seq) -> seq_cp(snapshot seq, seq, 0, n_prefix)
+      unified layout:    -> seq_state_set(seq) -> seq_cp(snapshot seq, seq, 0, n_prefix)
                                                      (the family prefix is shared, not stored)
+      a stream per seq:  the blob holds the family prefix's rows (copied from the snapshot's
+                         host copy) then the delta's -> one seq_state_set(seq)
 
 A session's stored state is a reference to its family snapshot plus its delta;
 the snapshot is stored once per family in every tier. A state whose layout the
 reader does not understand is stored whole as an opaque zstd blob (counted).
 Any failure on restore raises :class:`~kv3d_core.errors.CacheFault`; the prefix
 cache then serves the request by recompute.
+
+Durability, with a persistent (cold) tier:
+
+- ``write_through`` (``cache.cold_write_through``, default on): every spill is
+  written to the persistent tier as well as to warm RAM, so a crash (kill -9)
+  loses only the writes in flight. Off, warm entries reach it when warm evicts
+  them or at a graceful shutdown.
+- A family snapshot is written to the persistent tier once, before the first
+  session delta of its family that may reach it (queued ahead of that delta on
+  the one writer thread, and files are fsync'd in order), and refreshed in the LRU
+  order (``touch``) whenever one of its sessions is written, so eviction takes
+  sessions before the snapshot they need.
+- At start-up every entry is re-indexed. A session whose snapshot is missing
+  (lost, or removed as damaged) is kept as an *orphan*, not deleted: once a
+  request recomputes that family prefix (same tokens, so the same snapshot key),
+  the orphans are adopted by the new snapshot and resume from their deltas. The
+  same happens at run time when a stored snapshot turns out damaged. Anything
+  re-indexing drops is logged and counted with its reason.
+
+Failures are handled per entry: a damaged entry is a miss, removed and counted
+(``kv3d_tier_errors_total``); only a systemic fault -- a write failing for an I/O
+error or a full disk -- takes a tier down, until a check passes
+(:mod:`kv3d_core.tiers.health`).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -43,6 +69,7 @@ from kv3d_core.errors import (CacheFault, CodecError, PluginError, StateFormatEr
                               TierError)
 from kv3d_core.kv import framing, opaque, state_format
 from kv3d_core.metrics import Metrics
+from kv3d_core.tiers.health import SYSTEMIC, TierWatch
 
 if TYPE_CHECKING:  # pragma: no cover
     from kv3d_core.plugins import PluginManager
@@ -58,10 +85,19 @@ class TierMiss(CacheFault):
     reason = "tier_miss"
 
 
+class DamagedEntry(CacheFault):
+    """One stored entry does not match the index (another model, other tokens): a miss,
+    counted; it implicates that entry only, never a component."""
+
+    reason = "tier_damaged"
+    component = "entry"
+
+
 class TierStack:
     def __init__(self, warm: StorageTier | None, cold: StorageTier | None, codec: DeltaCodec,
                  info: ModelInfo, metrics: Metrics, *, max_pending_mb: float = 256,
-                 monitor: "FailureMonitor | None" = None) -> None:
+                 monitor: "FailureMonitor | None" = None, write_through: bool = True,
+                 retry_s: float = 1.0, retry_max_s: float = 60.0) -> None:
         if warm is None and cold is None:
             raise ValueError("a tier stack needs at least one tier")
         self.warm = warm
@@ -80,10 +116,18 @@ class TierStack:
         self.monitor = monitor
         self.disabled_codecs: set[str] = set()
         self._to_disable: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._live = False                 # tier errors count as failures once serving has begun
         self._restores = 0
+        self.write_through = bool(write_through)
+        self.watch = TierWatch(metrics, retry_s=retry_s, retry_max_s=retry_max_s, on_recovered=self._recovered)
+        # scheduler thread only:
+        self._orphans: dict[str, dict[str, CacheEntry]] = {}   # family -> sessions waiting for its snapshot
+        self._snap_writes: dict[str, concurrent.futures.Future] = {}  # snapshot persists in flight
+        # from other threads to the scheduler thread:
+        self._snapshot_wanted: queue.SimpleQueue[str] = queue.SimpleQueue()  # families to persist from hot
+        self._reconcile = False            # a tier came back (maybe empty): forget what it no longer holds
         for tier, on_evict in ((warm, self._warm_evicted), (cold, self._cold_evicted)):
             if tier is not None:
+                self.watch.add(tier)
                 level = tier.level
                 tier.bind(model_fingerprint=info.fingerprint, on_evict=on_evict,
                           on_error=lambda reason, _l=level: self._tier_error(_l, reason),
@@ -98,7 +142,6 @@ class TierStack:
         self.cache = cache
         if self.cold is not None and self.cold.persistent:
             self._reindex(self.cold, SessionState.COLD)
-        self._live = True
 
     def _reindex(self, tier: StorageTier, state: SessionState) -> None:
         from kv3d_core.prefix.cache import CacheEntry
@@ -107,6 +150,7 @@ class TierStack:
         metas = [m for m in tier.entries() if m.model_fingerprint == self.info.fingerprint]
         snaps: dict[tuple[str, str], CacheEntry] = {}
         by_family: dict[str, CacheEntry] = {}   # snapshots shared across tenants live in another namespace
+        counts: collections.Counter[str] = collections.Counter()
         for m in metas:
             if m.kind == "snapshot":
                 e = CacheEntry(key=m.key, kind="snapshot", namespace=m.namespace, family=m.family,
@@ -114,28 +158,61 @@ class TierStack:
                 snaps[(m.namespace, m.family)] = e
                 by_family[m.family] = e
                 self.cache._add(e)
-        n = len(snaps)
+                counts["snapshot"] += 1
         for m in metas:
             if m.kind != "session":
                 continue
+            tokens = np.asarray(m.tokens, np.int32)
             snap = (snaps.get((m.namespace, m.family)) or by_family.get(m.family)) if m.n_prefix > 0 else None
-            if m.n_prefix > 0 and (snap is None or len(snap.tokens) != m.n_prefix):
-                tier.delete(m.key)               # its family prefix is gone: the delta cannot be used
-                continue
             e = CacheEntry(key=m.key, kind="session", namespace=m.namespace, family=m.family,
-                           tokens=np.asarray(m.tokens, np.int32), n_prefix=m.n_prefix, state=state, snapshot=snap)
+                           tokens=tokens, n_prefix=m.n_prefix, state=state, snapshot=snap)
+            if m.n_prefix > 0 and snap is None:
+                # its family snapshot is missing: kept, resumable once a request recomputes that prefix
+                self._orphans.setdefault(m.family, {})[m.key] = e
+                counts["orphan"] += 1
+                continue
+            if snap is not None and not _prefix_of(snap, e):
+                self._drop_stored(m.key, tier.level, "prefix_mismatch",
+                                  f"its {m.n_prefix}-token prefix differs from its family snapshot's tokens")
+                continue
             self.cache._add(e)
-            n += 1
-        if n:
-            log.info("re-indexed %d entries from the %s tier", n, tier.name)
+            counts["session"] += 1
+        for kind, n in counts.items():
+            self.metrics.tier_reindexed.labels(tier.level, kind).inc(n)
+        self.metrics.tier_orphans.set(self._n_orphans())
+        if counts:
+            log.info("re-indexed from the %s tier: %d family snapshots, %d sessions, %d sessions waiting for their "
+                     "family snapshot", tier.name, counts["snapshot"], counts["session"], counts["orphan"])
+        if counts["orphan"]:
+            log.warning("%d stored sessions of %d families have no family snapshot (lost or damaged): kept; they "
+                        "resume once a request recomputes that family prefix", counts["orphan"], len(self._orphans))
+
+    def _drop_stored(self, key: str, level: str, reason: str, why: str) -> None:
+        """Delete an intact entry that cannot be used; logged and counted, never silent."""
+        for tier in (self.warm, self.cold):
+            if tier is not None:
+                tier.delete(key)
+        self.metrics.tier_entries_dropped.labels(level, reason).inc()
+        log.warning("dropped stored entry %s (%s): %s", key[:12], reason, why)
+
+    def _n_orphans(self) -> int:
+        return sum(len(g) for g in self._orphans.values())
 
     def _dropped(self, level: str, reason: str) -> None:
         self.metrics.tier_dropped_writes.labels(level, reason).inc()
+        if reason in SYSTEMIC:
+            self.watch.fault(level, reason)
 
     def _tier_error(self, level: str, reason: str) -> None:
+        # one damaged entry: a miss, counted -- never a reason to switch the tier off
         self.metrics.tier_errors.labels(level, reason).inc()
-        if self._live and self.monitor is not None:
-            self.monitor.failure(level, f"tier_{reason}", f"{level} tier entry unreadable ({reason})")
+
+    def _recovered(self, level: str) -> None:       # tier-watch thread
+        self._reconcile = True
+
+    def health_reasons(self) -> list[str]:
+        """Why a tier is down (systemic faults), for ``/health``."""
+        return self.watch.reasons()
 
     # -- switching components off (requested by the monitor, applied on the scheduler thread) --
     def apply_disables(self) -> None:
@@ -159,6 +236,7 @@ class TierStack:
                     self.warm = None
                 else:
                     self.cold = None
+                self.watch.remove(component)
                 log.error("%s tier %s switched off: its entries are dropped", component, tier.name)
                 for e in [e for e in self.cache._by_key.values() if e.state is state]:
                     self._gone.put(e.key)
@@ -173,11 +251,45 @@ class TierStack:
 
     def _warm_evicted(self, entry: TierEntry) -> None:          # writer thread
         self.metrics.evictions.labels("warm").inc()
-        if self.cold is not None and self.cold.put(entry):
-            self.metrics.spills.labels("cold").inc()
+        cold = self.cold
+        if cold is not None and (cold.contains(entry.meta.key) or self._put_cold(entry)):
             self._set_state(entry.meta.key, SessionState.COLD)
         else:
             self._gone.put(entry.meta.key)
+
+    def _put_cold(self, entry: TierEntry) -> bool:
+        """Write ``entry`` to the cold tier (writer thread, or shutdown): not while it is
+        down; a session delta only after its family snapshot."""
+        cold = self.cold
+        if cold is None:
+            return False
+        if not self.watch.up(cold.level):
+            self._dropped(cold.level, "tier_down")
+            return False
+        meta = entry.meta
+        needs_snapshot = meta.kind == "session" and meta.n_prefix > 0 and cold.persistent
+        if needs_snapshot:
+            self._persist_family(meta.family)
+        if not cold.put(entry):
+            return False
+        self.metrics.spills.labels(cold.level).inc()
+        if needs_snapshot:
+            cold.touch(meta.family)              # as recent as its newest session: LRU takes sessions first
+        return True
+
+    def _persist_family(self, family: str) -> None:
+        """Make the persistent tier hold the family snapshot (key = family digest) before a
+        session delta that needs it (writer thread): normally already done by
+        :meth:`_persist_snapshot`; copied from warm if only warm holds it; else the
+        scheduler thread is asked to write it from the hot tier."""
+        cold = self.cold
+        if cold is None or cold.contains(family):
+            return
+        got = self.warm.get(family) if self.warm is not None else None
+        if got is not None and got.meta.kind == "snapshot" and cold.put(got):
+            self.metrics.spills.labels(cold.level).inc()
+            return
+        self._snapshot_wanted.put(family)
 
     def _cold_evicted(self, entry: TierEntry) -> None:
         self.metrics.evictions.labels("cold").inc()
@@ -190,34 +302,157 @@ class TierStack:
             e.state = state
 
     def drain_gone(self) -> None:
-        """Forget entries no tier holds any more (scheduler thread)."""
-        assert self.cache is not None
+        """Scheduler thread, before each admission: forget entries no tier holds any more,
+        persist family snapshots the writer asked for, let orphans join a recomputed
+        family snapshot."""
+        cache = self.cache
+        assert cache is not None
         while True:
             try:
                 key = self._gone.get_nowait()
             except queue.Empty:
-                return
-            e = self.cache._by_key.get(key)
+                break
+            e = cache._by_key.get(key)
             if e is not None and e.state in (SessionState.WARM, SessionState.COLD):
-                self.cache._drop_entry(e)
+                cache._drop_entry(e)
+            else:
+                self._forget_orphan(key)
+        if self._reconcile:
+            self._reconcile = False
+            self._forget_unheld()
+        while True:
+            try:
+                family = self._snapshot_wanted.get_nowait()
+            except queue.Empty:
+                break
+            snap = cache._by_key.get(family)
+            if snap is not None and snap.kind == "snapshot":
+                self._persist_snapshot(snap)
+        if self._orphans:
+            self._adopt_orphans()
+
+    def _forget_unheld(self) -> None:
+        """A tier came back (its directory maybe re-created, empty): forget the entries no
+        tier holds any more."""
+        cache = self.cache
+        stored = [e for e in cache._by_key.values() if e.state in (SessionState.WARM, SessionState.COLD)]
+        lost = [e for e in stored if not self.holds(e)]
+        for e in sorted(lost, key=lambda e: e.kind != "session"):     # sessions before their snapshots
+            cache._drop_entry(e)
+        for family, group in list(self._orphans.items()):
+            for e in [e for e in group.values() if not self.holds(e)]:
+                self._forget_orphan(e.key)
+        if lost:
+            log.warning("%d stored entries were lost with the tier's old directory", len(lost))
+
+    def _orphan_dependents(self, snap: "CacheEntry") -> None:
+        """``snap`` is dropped: its stored sessions wait for it to be recomputed."""
+        cache = self.cache
+        deps = [e for e in cache._by_key.values() if e.kind == "session" and e.snapshot is snap
+                and e.state in (SessionState.WARM, SessionState.COLD)]
+        for e in deps:
+            cache._forget(e)
+            e.snapshot = None
+            self._orphans.setdefault(e.family, {})[e.key] = e
+        if deps:
+            log.warning("family snapshot %s dropped: %d stored sessions wait for it to be recomputed",
+                        snap.key[:12], len(deps))
+            self.metrics.tier_orphans.set(self._n_orphans())
+
+    def _forget_orphan(self, key: str) -> None:
+        for family, group in self._orphans.items():
+            if group.pop(key, None) is not None:
+                if not group:
+                    del self._orphans[family]
+                self.metrics.tier_orphans.set(self._n_orphans())
+                return
+
+    def _adopt_orphans(self) -> None:
+        """Orphans whose family snapshot exists again (a request recomputed the prefix)
+        are resumable: linked to it, indexed, and the snapshot persisted."""
+        cache = self.cache
+        for family in list(self._orphans):
+            snap = cache._by_key.get(family)
+            if snap is None or snap.kind != "snapshot":
+                continue
+            group = self._orphans.pop(family)
+            adopted = 0
+            for e in group.values():
+                if not self.holds(e):
+                    continue
+                e.snapshot = snap
+                if not _prefix_of(snap, e):
+                    e.snapshot = None
+                    self._drop_stored(e.key, e.state.value, "prefix_mismatch",
+                                      "its prefix differs from the recomputed family snapshot's tokens")
+                    continue
+                cache._add(e)
+                adopted += 1
+            if adopted:
+                log.info("family snapshot %s recomputed: %d stored sessions resumable again", family[:12], adopted)
+                self.metrics.tier_orphans_adopted.inc(adopted)
+                self._persist_snapshot(snap)
+        self.metrics.tier_orphans.set(self._n_orphans())
 
     # -- spill (scheduler thread, then writer thread) -------------------------------------
     def spill(self, e: "CacheEntry", seq: int) -> bool:
-        blob = self.cache.backend.seq_state_get(seq)
+        return self.spill_blob(e, self.cache.backend.seq_state_get(seq))
+
+    def spill_blob(self, e: "CacheEntry", blob) -> bool:
+        """Store ``e`` from its state blob (a sequence's, or a snapshot's host copy)."""
+        if e.kind == "session" and e.snapshot is not None:
+            self._persist_snapshot(e.snapshot)      # queued ahead of the delta that needs it
+        return self._submit(e, blob, to_cold=self.write_through)
+
+    def _submit(self, e: "CacheEntry", blob, *, to_cold: bool) -> bool:
         with self._pending_lock:
             if self._pending_bytes + len(blob) > self.max_pending:
                 self._dropped("warm", "backlog")
                 return False
             self._pending_bytes += len(blob)
         n_prefix = len(e.snapshot.tokens) if (e.kind == "session" and e.snapshot is not None) else 0
+        if n_prefix and self.cache.streams and self.info.sliding_window:
+            # a sliding-window model's state has a second section holding only a window of
+            # cells, which a prefix + delta blob cannot rebuild: store such sessions whole
+            n_prefix = 0
         e.n_prefix = n_prefix
         meta_base = dict(key=e.key, kind=e.kind, namespace=e.namespace, family=e.family,
                          tokens=np.asarray(e.tokens, np.int32).copy(), model_fingerprint=self.info.fingerprint)
-        e.pending = self._writer.submit(self._encode_and_store, blob, n_prefix, meta_base)
-        self.metrics.spills.labels("warm" if self.warm is not None else "cold").inc()
+        e.pending = self._writer.submit(self._encode_and_store, blob, n_prefix, meta_base, to_cold)
+        if self.warm is not None:
+            self.metrics.spills.labels("warm").inc()
         return True
 
-    def _encode_and_store(self, blob, n_prefix: int, meta_base: dict) -> bool:
+    def _persist_snapshot(self, snap: "CacheEntry") -> None:
+        """Scheduler thread: make the persistent tier hold family snapshot ``snap`` --
+        once per family, not once per session. A hot snapshot is written from its
+        sequence (it stays hot; when it leaves the hot tier later, this copy is kept)."""
+        cold = self.cold
+        if cold is None or not cold.persistent or snap.kind != "snapshot" or not self.watch.up(cold.level):
+            return                               # (a tier that is down is asked again once it is back)
+        inflight = self._snap_writes.get(snap.key)
+        if inflight is not None and not inflight.done():
+            return
+        self._snap_writes.pop(snap.key, None)
+        if cold.contains(snap.key):
+            return
+        if snap.hot:
+            blob = snap.blob if snap.blob is not None else self.cache.backend.seq_state_get(snap.seq)
+            if self._submit(snap, blob, to_cold=True):
+                self._snap_writes[snap.key] = snap.pending
+        else:
+            self._snapshot_copy(snap.key)
+
+    def _snapshot_copy(self, key: str) -> None:
+        """A spilled snapshot only warm holds: copy it to the persistent tier (writer thread)."""
+        def copy() -> bool:
+            if self.cold is None or self.cold.contains(key) or self.warm is None:
+                return False
+            got = self.warm.get(key)
+            return got is not None and self._put_cold(got)
+        self._snap_writes[key] = self._writer.submit(copy)
+
+    def _encode_and_store(self, blob, n_prefix: int, meta_base: dict, to_cold: bool = False) -> bool:
         try:
             try:
                 arrays = state_format.parse(blob, head_dim_k=self.info.head_dim_k, head_dim_v=self.info.head_dim_v,
@@ -240,15 +475,16 @@ class TierStack:
             self._stored += len(payload)
             if self._stored:
                 self.metrics.codec_ratio.labels(self.codec.codec_id).set(self._f16 / self._stored)
-            first = self.warm if self.warm is not None else self.cold
-            ok = first.put(entry)
-            if not ok and first is self.warm and self.cold is not None:
-                ok = self.cold.put(entry)         # too large for RAM: straight to the cold tier
-                if ok:
+            in_warm = self.warm is not None and self.warm.put(entry)
+            in_cold = False
+            if self.cold is not None and (to_cold or not in_warm):
+                # write-through, a snapshot to persist, no warm tier, or too large for RAM
+                in_cold = self._put_cold(entry)
+                if in_cold and not in_warm:
                     self._set_state(entry.meta.key, SessionState.COLD)
-            if not ok:
+            if not (in_warm or in_cold):
                 self._gone.put(entry.meta.key)
-            return ok
+            return in_warm or in_cold
         except Exception as exc:
             log.exception("spill failed")
             self._gone.put(meta_base["key"])
@@ -280,11 +516,11 @@ class TierStack:
                 if got.meta.model_fingerprint != self.info.fingerprint:
                     tier.delete(e.key)
                     self.metrics.tier_errors.labels(tier.level, "model").inc()
-                    raise CacheFault(f"{e.key[:8]} belongs to another model")
+                    raise DamagedEntry(f"{e.key[:8]} belongs to another model")
                 if not np.array_equal(got.meta.tokens, e.tokens):
                     tier.delete(e.key)
                     self.metrics.tier_errors.labels(tier.level, "tokens").inc()
-                    raise CacheFault(f"{e.key[:8]}: stored tokens differ from the index")
+                    raise DamagedEntry(f"{e.key[:8]}: stored tokens differ from the index")
                 return got, tier.level
         raise TierMiss(f"{e.key[:8]} is in no tier")
 
@@ -296,7 +532,7 @@ class TierStack:
         t0 = time.perf_counter()
         got, level = self._fetch(e)
         try:
-            blob, snap = self._decode(e, got)
+            blob, snap = self._decode(e, got, joined=cache.streams)
         except CacheFault:
             raise
         except Exception as exc:       # a codec plugin failing in a way its contract does not allow
@@ -309,7 +545,9 @@ class TierStack:
             raise StateRestoreError(f"set_data raised {type(exc).__name__}: {exc}") from exc
         n = len(e.tokens)
         n_prefix = got.meta.n_prefix if snap is not None else 0
-        if snap is not None:
+        if cache.streams:
+            cache.ledger.extend(seq, n)           # the blob held the prefix too
+        elif snap is not None:
             cache.backend.seq_copy(snap.seq, seq, 0, n_prefix)
             cache.ledger.share_prefix(snap.seq, seq, n_prefix)
             cache.ledger.extend(seq, n - n_prefix)
@@ -322,8 +560,30 @@ class TierStack:
         self.metrics.restore_seconds.labels(level).observe(dt)
         return snap
 
-    def _decode(self, e: "CacheEntry", got: TierEntry) -> tuple[bytes | memoryview, "CacheEntry | None"]:
-        """The blob to load for ``e`` and the snapshot whose prefix it needs."""
+    def load_blob(self, e: "CacheEntry") -> np.ndarray:
+        """The stored state of ``e`` (a family snapshot, kept whole) as a blob in memory the
+        backend loads fast from (a KV stream per sequence keeps snapshots in host memory)."""
+        got, level = self._fetch(e)
+        if got.meta.n_prefix:
+            raise CacheFault(f"{e.key[:8]} is a delta, not a whole state")
+        try:
+            blob, _ = self._decode(e, got)
+        except CacheFault:
+            raise
+        except Exception as exc:
+            raise CodecError(f"decoding {e.key[:8]} raised {type(exc).__name__}: {exc}") from exc
+        arr = np.frombuffer(blob, np.uint8)      # a view of the backend's buffer (kept alive by it)
+        if isinstance(blob, (bytes, bytearray)):  # an opaque entry: into the backend's memory
+            out = self.cache.backend.state_buffer(arr.size)
+            out[:] = arr
+            arr = out
+        self.metrics.restores.labels(level).inc()
+        return arr
+
+    def _decode(self, e: "CacheEntry", got: TierEntry,
+                joined: bool = False) -> tuple[bytes | memoryview, "CacheEntry | None"]:
+        """The blob to load for ``e`` and the snapshot whose prefix it needs. ``joined``: the
+        blob holds the prefix's rows too (a KV stream per sequence cannot share them)."""
         cache = self.cache
         meta = got.meta
         snap = None
@@ -339,37 +599,64 @@ class TierStack:
                                f"the active codec is {self.codec.codec_id} v{self.codec.version}")
             if framing.peek_codec(got.payload) != (meta.codec_id, meta.codec_version):
                 raise CodecError(f"{e.key[:8]}: payload header and index disagree on the codec")
-            writer = self._decode_to_blob(e, got)
+            head = None
             if meta.n_prefix:
                 snap = e.snapshot
                 if snap is None or len(snap.tokens) != meta.n_prefix:
                     raise TierMiss(f"{e.key[:8]}: its family snapshot is gone")
                 if not cache.ensure_hot_snapshot(snap, exclude=[e]):
                     raise TierMiss(f"{e.key[:8]}: no room to restore its family snapshot")
+                if joined:
+                    head = cache.snapshot_arrays(snap)
+            writer = self._decode_to_blob(e, got, head)
             blob = writer.finish()
         return blob, snap
 
-    def _decode_to_blob(self, e: "CacheEntry", got: TierEntry) -> state_format.BlobWriter:
+    def _decode_to_blob(self, e: "CacheEntry", got: TierEntry,
+                        head: KVArrays | None = None) -> state_format.BlobWriter:
         """The codec decodes the delta straight into the K/V rows of the blob for
-        ``seq_state_set`` (:func:`state_format.allocate`): no separate build copy."""
+        ``seq_state_set`` (:func:`state_format.allocate`): no separate build copy. With
+        ``head`` (the family prefix's cells), the blob holds the prefix's rows first, copied
+        in, and the codec decodes into the rows after them."""
         expected = len(e.tokens) - got.meta.n_prefix
         writers: list[state_format.BlobWriter] = []
+        given: list[KVArrays] = []
 
         def alloc(template: KVArrays) -> KVArrays:
             if writers:
                 raise CodecError(f"{e.key[:8]}: codec {self.codec.codec_id} asked for its output arrays twice")
             if template.n_cells != expected:
                 raise CodecError(f"{e.key[:8]} decodes to {template.n_cells} cells, expected {expected}")
-            writers.append(state_format.allocate(template, self.cache.backend.state_buffer))
-            return writers[0].arrays
+            if head is None:
+                writers.append(state_format.allocate(template, self.cache.backend.state_buffer))
+                given.append(writers[0].arrays)
+                return given[0]
+            try:
+                joined = state_format.concat_layout(head, template)
+            except StateFormatError as exc:
+                raise CodecError(f"{e.key[:8]}: its delta does not join its family prefix: {exc}") from exc
+            w = state_format.allocate(joined, self.cache.backend.state_buffer)
+            p = head.n_cells
+            for dst, src in zip([*w.arrays.k, *w.arrays.v], [*head.k, *head.v]):
+                dst[:p] = src
+            writers.append(w)
+            given.append(KVArrays(w.arrays.positions[p:], [a[p:] for a in w.arrays.k], [a[p:] for a in w.arrays.v],
+                                  template.head_dim_k, template.head_dim_v, w.arrays.extra))
+            return given[0]
 
         arrays = self.codec.decode_into(got.payload, alloc)
-        if not writers or arrays is not writers[0].arrays:
+        if not writers or arrays is not given[0]:
             raise CodecError(f"{e.key[:8]}: codec {self.codec.codec_id} did not decode into the arrays it was given")
         return writers[0]
 
     def discard(self, e: "CacheEntry") -> None:
-        """Remove an entry's stored copies (it was resumed, or is gone)."""
+        """Remove an entry's stored copies (it was resumed, or is gone). A dropped family
+        snapshot leaves its stored sessions as orphans (they wait for it to be recomputed)."""
+        if e.kind == "snapshot" and self.cache is not None:
+            self._orphan_dependents(e)
+            self._snap_writes.pop(e.key, None)
+        else:
+            self._forget_orphan(e.key)
         pending = getattr(e, "pending", None)
         if pending is not None and not pending.done():
             pending.add_done_callback(lambda _f, k=e.key: self._delete(k))
@@ -392,6 +679,7 @@ class TierStack:
             return None
         entries = [e for e in self.cache._by_key.values() if e.state is state] if self.cache else []
         return {"name": tier.name, "bytes": tier.used_bytes, "capacity_bytes": tier.capacity_bytes,
+                "up": self.watch.up(tier.level),
                 "sessions": sum(1 for e in entries if e.kind == "session"),
                 "snapshots": sum(1 for e in entries if e.kind == "snapshot")}
 
@@ -401,6 +689,8 @@ class TierStack:
             s = self._tier_stats(tier, state)
             if s is not None:
                 out[key] = s
+        if self._orphans:
+            out["orphans"] = self._n_orphans()
         out["codec"] = {"name": self.codec.codec_id, "f16_bytes": self._f16, "stored_bytes": self._stored,
                         "ratio": (self._f16 / self._stored) if self._stored else None}
         return out
@@ -411,20 +701,25 @@ class TierStack:
             if s is not None:
                 self.metrics.kv_bytes.labels(key).set(s["bytes"])
                 self.metrics.sessions.labels(key).set(s["sessions"])
+        self.metrics.tier_orphans.set(self._n_orphans())
 
     @property
     def persistent(self) -> bool:
         return self.cold is not None and self.cold.persistent
 
     def persist(self) -> int:
-        """Write every warm entry to the persistent tier too (shutdown)."""
+        """Write every warm entry to the persistent tier too (shutdown): family snapshots
+        first, then the sessions that need them."""
         self.flush()
         if not self.persistent or self.warm is None:
             return 0
         n = 0
-        for meta in list(self.warm.entries()):
+        metas = sorted(self.warm.entries(), key=lambda m: m.kind != "snapshot")
+        for meta in metas:
+            if self.cold.contains(meta.key):
+                continue
             entry = self.warm.get(meta.key)
-            if entry is not None and not self.cold.contains(meta.key) and self.cold.put(entry):
+            if entry is not None and self._put_cold(entry):
                 n += 1
         return n
 
@@ -438,6 +733,7 @@ class TierStack:
         except Exception:
             pass
         self._writer.shutdown(wait=True)
+        self.watch.close()
         for tier in (self.warm, self.cold):
             if tier is not None:
                 tier.close()
@@ -460,4 +756,14 @@ def build_tier_stack(cfg: DictConfig, plugins: "PluginManager", info: ModelInfo,
         cold = plugins.create("tier", tier_name, **tier_settings)
     if warm is None and cold is None:
         return None
-    return TierStack(warm, cold, codec, info, metrics, monitor=monitor)
+    safety = cfg.get("safety", {})
+    return TierStack(warm, cold, codec, info, metrics, monitor=monitor,
+                     write_through=bool(cfg.cache.get("cold_write_through", True)),
+                     retry_s=float(safety.get("tier_retry_s", 1.0)),
+                     retry_max_s=float(safety.get("tier_retry_max_s", 60.0)))
+
+
+def _prefix_of(snap: "CacheEntry", e: "CacheEntry") -> bool:
+    """``snap`` holds exactly the first ``e.n_prefix`` tokens of session ``e``."""
+    n = e.n_prefix
+    return len(snap.tokens) == n and np.array_equal(snap.tokens, e.tokens[:n])

@@ -4,9 +4,10 @@
 #   scripts/gpu/device_run.sh [SECONDS]
 #
 # The first call starts the pipeline (scripts/gpu/pipeline.sh: install wheels, build llama-cpp-python
-# with CUDA, write the synthetic Qwen2.5-1.5B-shaped model, run scripts/gpu/bench_gpu.py) as its own
+# and llama-server with CUDA through the README's scripts/setup.sh, write the synthetic
+# Qwen2.5-1.5B-shaped model, serve it, run kv3d bench side by side with llama-server) as its own
 # process session (setsid), so it outlives the call; every call then waits up to SECONDS (default 560)
-# for it and copies what exists to $OUT: results.json, pipeline.log, build.log, servers.log.
+# for it and copies what exists to $OUT: pipeline.log, setup.log, serve.log, results.tgz, servers.log.
 # A second call while the machine is still warm just keeps waiting for the same pipeline.
 set -u
 W=${KV3D_GPU_WORK:-/tmp/kv3d-gpu}
@@ -22,8 +23,11 @@ else
 fi
 while [ $SECONDS -lt $deadline ] && [ ! -e "$W/done" ]; do sleep 3; done
 [ -e "$W/done" ] && echo "pipeline finished: $(cat "$W/done")" || echo "pipeline still running at the deadline"
-cp -f "$W/results.json" "$OUT/" 2>/dev/null
 cp -f "$W/pipeline.log" "$OUT/" 2>/dev/null
-tail -c 200000 "$W/build.log" > "$OUT/build.log" 2>/dev/null
-for f in "$W"/server-*.log; do [ -e "$f" ] && { echo "== $f"; tail -c 20000 "$f"; }; done > "$OUT/servers.log"
-tail -n 60 "$W/pipeline.log"
+tail -c 200000 "$W/setup.log" > "$OUT/setup.log" 2>/dev/null
+tail -c 50000 "$W/serve.log" > "$OUT/serve.log" 2>/dev/null
+# the reports (JSON, Markdown, plots, request lines), not the servers' own logs
+[ -d "$W/results" ] && tar -czf "$OUT/results.tgz" -C "$W" --exclude='*/kv3d*.log' --exclude='*/llama_server*.log' results
+for f in "$W"/results/*/llama_server.log "$W"/results/*/kv3d.log; do
+  [ -e "$f" ] && { echo "== $f"; tail -c 8000 "$f"; }; done > "$OUT/servers.log" 2>/dev/null
+tail -n 80 "$W/pipeline.log"

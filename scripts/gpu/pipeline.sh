@@ -1,23 +1,87 @@
 #!/usr/bin/env bash
-# Started by scripts/gpu/device_run.sh (own process session); writes $W/done when finished.
+# The whole GPU job, run ON the device machine from the repository root (started by
+# scripts/gpu/device_run.sh as its own process session); writes $W/done when finished.
+#
+#   1. the README's set-up, offline: scripts/setup.sh with the carried sdist (.gpusrc) and wheels
+#      (.whl) -- it finds nvcc and the GPU, so it builds llama-cpp-python AND llama-server with CUDA
+#   2. a synthetic Qwen2.5-1.5B-shaped model (the machine has no model hub)
+#   3. the README's serve command on it: the model on the GPU, one request, kv3d doctor
+#   4. kv3d bench, side by side with llama-server (KV3D_GPU_STAGES picks; default all, in order):
+#        side     256 new sessions (80 % one 1,024-token prefix) then 128 second turns, token ids,
+#                 64 generated, greedy; 32 and 64 clients, two rounds; kv3d vs llama-server (per-slot
+#                 streams) vs llama-server --kv-unified
+#        unified  the same workload, kv3d with cache.layout=unified (the layout before issue 15)
+#        decode   benchmarks/decode_overhead.py: kv3d vs raw batched llama_decode, 32 and 64 seqs
+#        seed     the seed chat workload (100 requests) on the synthetic model
 set -u
 W=${KV3D_GPU_WORK:-/tmp/kv3d-gpu}
-export KV3D_SITE=${KV3D_SITE:-/tmp/site} PYTHONUNBUFFERED=1
+REPO=$(pwd)
+mkdir -p "$W/results"
 trap 'echo "rc=$? at $(date +%T)" > "$W/done"' EXIT
 t0=$SECONDS
-echo "== $(date +%T) install"
-bash scripts/gpu/setup.sh install || exit 1
-. "$KV3D_SITE/kv3d-gpu.env"
-echo "== $(date +%T) build (background) + synthetic model"
-( bash scripts/gpu/setup.sh build > "$W/build.log" 2>&1; echo $? > "$W/build.rc" ) &
-build_pid=$!
+stamp() { echo "== $(date +%T) (+$((SECONDS - t0)) s) $*"; }
+
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_FIND_LINKS="$REPO/.whl" PIP_DISABLE_PIP_VERSION_CHECK=1
+export KV3D_LLAMA_SDIST="$REPO/.gpusrc/llama_cpp_python" KV3D_DEFAULT_MODEL=0 KV3D_USER_CONFIG=none
+# kv3d goes into the image's own Python environment (a venv of its own would not see its packages)
+export KV3D_VENV="$(python3 -c 'import sys; print(sys.prefix)')" KV3D_WHEELHOUSE="$W/wheelhouse"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+stamp "setup (scripts/setup.sh: CUDA build of llama-cpp-python and llama-server)"
+if ! scripts/setup.sh > "$W/setup.log" 2>&1; then tail -n 60 "$W/setup.log"; exit 1; fi
+tail -n 3 "$W/setup.log"
+PY="$KV3D_VENV/bin/python"
+"$PY" -m pip install -q --no-deps gguf openai distro jiter sniffio httpx2 httpcore2 truststore 2>&1 | tail -n 3
+cat "$W"/wheelhouse/*/llama-server-*/BUILD-INFO
+
 MODEL=$W/qwen2.5-1.5b.gguf
-[ -f "$MODEL" ] || python3 -m kv3d_core.cli synth-model --shape qwen2.5-1.5b --out "$MODEL"
-wait $build_pid
-echo "== $(date +%T) build rc=$(cat "$W/build.rc") after $((SECONDS - t0)) s"
-grep -E '^(build|check|==)|RUNPATH|stdc' "$W/build.log"
-[ "$(cat "$W/build.rc")" = 0 ] || { tail -n 80 "$W/build.log"; exit 1; }
-. "$KV3D_SITE/kv3d-gpu.env"       # may now hold the LD_PRELOAD fallback
-echo "== $(date +%T) bench"
-python3 scripts/gpu/bench_gpu.py --model "$MODEL" --out "$W/results.json" --workdir "$W" ${KV3D_BENCH_ARGS:-}
-echo "== $(date +%T) bench done after $((SECONDS - t0)) s"
+stamp "synthetic model"
+[ -f "$MODEL" ] || "$PY" -m kv3d_core.cli synth-model --shape qwen2.5-1.5b --out "$MODEL" | tail -1
+
+stamp "README serve on the GPU"
+(scripts/serve.sh model.path="$MODEL" server.port=8090 > "$W/serve.log" 2>&1 &)
+for _ in $(seq 120); do curl -sf localhost:8090/health > /dev/null && break; sleep 1; done
+curl -s localhost:8090/health; echo
+curl -s localhost:8090/v1/completions -H 'Content-Type: application/json' \
+  -d '{"model":"qwen2.5-1.5b","prompt":[100,200,300,400],"max_tokens":4,"temperature":0}' | head -c 400; echo
+grep -m1 -E "kv3d serving" "$W/serve.log"
+"$KV3D_VENV/bin/kv3d" doctor model.path="$MODEL" 2>&1 | grep -E "^(llama-cpp-python|gpu|llama-server|hot KV)" -A1
+pkill -f "server.port=8090"; sleep 2
+
+SIDE=(prompts=token_ids model.path="$MODEL" requests=384 turns=0.3334 followups_last=true families=1
+      shared_ratio=0.8 system_prompt_tokens=1024 unique_tokens=128 max_tokens=64 temperature=0 max_turns=2
+      cache.stream_ctx=2048 cache.ram_warm_mb=16384 cache.hot_sessions=0 cache.free_streams=2
+      +codec=int8 quality=false progress=false rounds=2 request_timeout_s=900)
+run_bench() {   # name, clients, extra overrides...
+  local name=$1 c=$2; shift 2
+  stamp "bench $name c=$c"
+  "$KV3D_VENV/bin/kv3d" bench "${SIDE[@]}" concurrency="$c" scheduler.max_running="$c" \
+      scheduler.n_seq_max=$((c + 8)) "$@" hydra.run.dir="$W/results/$name-c$c" > "$W/results/$name-c$c.log" 2>&1
+  tail -n 2 "$W/results/$name-c$c.log" | cut -c1-300
+  "$PY" - "$W/results/$name-c$c/report.json" <<'EOF' || true
+import json, sys
+r = json.load(open(sys.argv[1]))
+for s in r["systems"]:
+    f = lambda k: ("%.0f" % (s[k] * 1000)) if s.get(k) is not None else "-"
+    print(f"  {s['name']:22s} {s['tokens_per_s'] or 0:8.0f} tok/s  TTFT p50 shared {f('ttft_p50_shared_s')} own "
+          f"{f('ttft_p50_own_s')} resume {f('ttft_p50_resume_s')} p95 turn1 {f('ttft_p95_turn1_s')} ms  "
+          f"sess/GiB {s.get('sessions_per_gb') or 0:.1f}  errors {s['errors']}")
+print("  ratios vs", r.get("baseline"), {k: round(v, 3) if v else v for k, v in r["ratios"].items()})
+EOF
+}
+
+for stage in ${KV3D_GPU_STAGES:-side unified seed decode}; do
+  case $stage in
+    side)    for c in 32 64; do run_bench side "$c" "systems=[kv3d,llama_server,llama_server_unified]"; done ;;
+    unified) for c in 32 64; do run_bench unified "$c" "systems=[kv3d]" cache.layout=unified cache.gpu_hot_mb=4096; done ;;
+    decode)  stamp "decode overhead"
+             "$PY" benchmarks/decode_overhead.py --model "$MODEL" --n-gpu-layers -1 --seqs 32,64 --gen 512 \
+                 --stream-ctx 1024 --out "$W/results/decode.json" > "$W/results/decode.log" 2>&1
+             grep -E "sequences:" "$W/results/decode.log" || tail -n 20 "$W/results/decode.log" ;;
+    seed)    stamp "seed workload"
+             "$KV3D_VENV/bin/kv3d" bench model.path="$MODEL" requests=100 +codec=int8 quality=false progress=false \
+                 "systems=[kv3d,llama_server]" cache.ram_warm_mb=16384 hydra.run.dir="$W/results/seed" \
+                 > "$W/results/seed.log" 2>&1; tail -n 3 "$W/results/seed.log" ;;
+  esac
+done
+stamp "done"

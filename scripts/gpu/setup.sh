@@ -35,6 +35,7 @@ WHEELS=(
   fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
   annotated-doc==0.0.7 typing-inspection==0.4.5 typing_extensions==4.16.0 uvicorn==0.54.0
   hydra-core==1.3.8 omegaconf==2.3.1 zstandard==0.25.0 diskcache==5.6.3 gguf==0.19.0 opentelemetry-api==1.45.2
+  openai==3.63.0 distro==1.9.0 jiter==0.19.0 sniffio==1.3.1 setuptools==84.2.1 wheel==0.48.0 packaging==26.4 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5
 )
 SDIST_ONLY=(antlr4-python3-runtime==4.9.3)   # pure Python, published as an sdist only: built here
 
@@ -47,10 +48,14 @@ prepare() {
   tar -xzf "$SDIST" -C .gpusrc
   mv .gpusrc/llama_cpp_python-* "$SRC"
   local v="$SRC/vendor/llama.cpp"
-  # nothing the library build needs: models, docs, tests, tools, examples, UI, other GPU backends
+  # nothing the library and llama-server builds need: models, docs, tests, examples, the web UI's
+  # sources (the server embeds none: LLAMA_BUILD_UI=OFF), other GPU backends. tools/ stays (the
+  # server's CMake adds every tool's folder), scripts/ keeps only what CMake runs.
   rm -rf "$SRC"/{.git,.github,docs,examples,tests,docker,scripts} \
-         "$v"/{.git,models,docs,tests,tools,examples,benches,media,gguf-py,scripts,pocs,app,conversion,ci,grammars,skills,requirements,.github,.devops} \
+         "$v"/{.git,models,docs,tests,examples,benches,media,gguf-py,pocs,app,conversion,ci,grammars,skills,requirements,.github,.devops} \
+         "$v"/tools/ui/{src,tests,static,package-lock.json} \
          "$v"/ggml/src/ggml-{cann,et,hexagon,hip,metal,musa,opencl,openvino,sycl,virtgpu,vulkan,webgpu,zdnn,zendnn}
+  find "$v"/scripts -mindepth 1 ! -name ui-assets.cmake -delete
   find "$v" -name '*.py' -path '*/convert*' -delete
 
   rm -rf "$WHL" && mkdir -p "$WHL"

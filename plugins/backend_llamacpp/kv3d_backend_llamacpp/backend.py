@@ -5,8 +5,10 @@ the high-level ``Llama`` class serves one sequence at a time and hides the
 calls kv3d is built on (``llama_memory_seq_cp`` to share a prefix's cells,
 ``llama_state_seq_get_data`` / ``set_data`` to move one sequence's cells).
 
-The context is created with ``kv_unified=True`` (one cell pool for all
-sequences, required for sharing cells) and ``n_seq_max`` sequences.
+Two KV layouts (``kv_unified``): one cell pool for all ``n_seq_max`` sequences (cells
+shared by ``seq_cp``; every step attends over every used cell), or a KV stream per
+sequence (``n_ctx_seq`` cells each; a step attends only to each sequence's own cells;
+llama.cpp then batches consecutive sequence ids together, so batches are ordered by id).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class _Batch:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
+        self.out_row: dict[int, int] = {}
         self.token = np.zeros(capacity, np.int32)
         self.pos = np.zeros(capacity, np.int32)
         self.n_seq_id = np.ones(capacity, np.int32)
@@ -111,12 +114,17 @@ class _Batch:
         self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
 
     def fill(self, entries: Sequence[BatchEntry]) -> list[int | None]:
+        """Write ``entries`` into the batch, ordered by sequence id (llama.cpp's per-stream
+        layout puts only runs of consecutive ids into one micro-batch); returns each entry's
+        output row, in the order given."""
         n = 0
-        outputs: list[int | None] = []
-        for e in entries:
+        outputs: list[int | None] = [None] * len(entries)
+        self.out_row = {}                   # batch index -> row of llama_get_logits' matrix
+        order = sorted(range(len(entries)), key=lambda i: entries[i].seq)
+        for i in order:
+            e = entries[i]
             k = len(e.tokens)
             if k == 0:
-                outputs.append(None)
                 continue
             if n + k > self.capacity:
                 raise BackendError(f"batch of more than {self.capacity} tokens")
@@ -126,9 +134,8 @@ class _Batch:
             self.logits[n:n + k] = 0
             if e.logits:
                 self.logits[n + k - 1] = 1
-                outputs.append(n + k - 1)
-            else:
-                outputs.append(None)
+                outputs[i] = n + k - 1
+                self.out_row[n + k - 1] = len(self.out_row)
             n += k
         self.struct.n_tokens = n
         return outputs
@@ -168,6 +175,7 @@ class LlamaCppSampler(Sampler):
         self._n_vocab = n_vocab
         penalties = bool(params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1.0)
         self._argmax = params.greedy and not (penalties or params.logit_bias or params.grammar)
+        self.plain_argmax = self._argmax    # sample() is an argmax over the row: batchable
         self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         self._grammar = None
         try:
@@ -273,6 +281,40 @@ class LlamaCppSampler(Sampler):
             pass
 
 
+def _gpu_count() -> int:
+    """GPU devices in ggml's registry (the libggml llama-cpp-python loaded)."""
+    from pathlib import Path
+
+    libs = sorted((Path(L.__file__).parent / "lib").glob("libggml.so*"))
+    if not libs:
+        return 0
+    lib = ctypes.CDLL(str(libs[0]))
+    if not hasattr(lib, "ggml_backend_dev_count"):
+        return 0
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    devices = (lib.ggml_backend_dev_get(i) for i in range(int(lib.ggml_backend_dev_count())))
+    return sum(1 for d in devices if d and lib.ggml_backend_dev_type(d) in (1, 2))    # GPU, IGPU
+
+
+def resolve_gpu_layers(value: int | str) -> int:
+    """``auto``: every layer on the GPU when this llama.cpp build can offload and sees a GPU,
+    else none; an integer as llama.cpp takes it (-1 = all)."""
+    if isinstance(value, str):
+        if value != "auto":
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"backend.n_gpu_layers={value!r}: use auto or a layer count (-1 = all)") from None
+        if not L.llama_supports_gpu_offload():
+            return 0
+        return -1 if _gpu_count() else 0
+    return int(value)
+
+
 class LlamaCppBackend(ExecutionBackend):
     """Settings (all from the Hydra ``backend`` node, plus model/cache/scheduler keys
     the core passes in): see ``configs/backend/llamacpp.yaml``."""
@@ -284,11 +326,12 @@ class LlamaCppBackend(ExecutionBackend):
         model_id: str | None = None,
         hot_mb: float | None = 512,
         n_ctx: int | None = None,
+        n_ctx_seq: int | None = None,
         n_seq_max: int = 64,
         n_threads: int | None = None,
         n_batch: int = 512,
         n_ubatch: int = 512,
-        n_gpu_layers: int = 0,
+        n_gpu_layers: int | str = "auto",
         flash_attn: str = "auto",
         type_k: str = "f16",
         type_v: str = "f16",
@@ -309,6 +352,7 @@ class LlamaCppBackend(ExecutionBackend):
             if t not in _GGML_TYPES:
                 raise ConfigError(f"backend.{name}={t!r}: use one of {', '.join(_GGML_TYPES)}")
         _ensure_backend_init()
+        n_gpu_layers = resolve_gpu_layers(n_gpu_layers)
         path, served_id = resolve_model(model_path, model_id)
         self._closed = False
         mparams = L.llama_model_default_params()
@@ -331,11 +375,17 @@ class LlamaCppBackend(ExecutionBackend):
         tk, tv = _GGML_TYPES[type_k], _GGML_TYPES[type_v]
         kv_bytes = int(round(n_layer * n_head_kv * (head_k * _GGML_TYPE_BYTES[tk] + head_v * _GGML_TYPE_BYTES[tv])))
         n_ctx_train = L.llama_model_n_ctx_train(model)
+        if not kv_unified and n_ctx_seq:
+            # a stream per sequence: every stream holds n_ctx_seq cells
+            n_ctx = max(256, int(n_ctx_seq) // 256 * 256) * int(n_seq_max)
         if n_ctx is None:
             if not hot_mb or hot_mb <= 0:
                 raise ConfigError("cache.gpu_hot_mb must be > 0 (or set backend.n_ctx)")
             n_ctx = int(hot_mb * 1024 * 1024 // kv_bytes)
-        n_ctx = max(256, (int(n_ctx) // 256) * 256)
+        if kv_unified:
+            n_ctx = max(256, (int(n_ctx) // 256) * 256)
+        else:
+            n_ctx = max(256, int(n_ctx) // int(n_seq_max) // 256 * 256) * int(n_seq_max)
         n_batch = max(1, int(n_batch))
         cparams = L.llama_context_default_params()
         cparams.n_ctx = n_ctx
@@ -373,12 +423,16 @@ class LlamaCppBackend(ExecutionBackend):
         self._pieces: dict[int, bytes] = {}
         self._piece_lock = threading.Lock()
         self._control: dict[str, int] | None = None
+        self._argmax_pool = None
+        self._eog: dict[int, bool] = {}
         real_ctx = L.llama_n_ctx(self._ctx)
         template = _meta(model, "tokenizer.chat_template")
         bos_id, eos_id = L.llama_vocab_bos(self._vocab), L.llama_vocab_eos(self._vocab)
         fp = hashlib.blake2b(digest_size=16, person=b"kv3d-fp")
         fp.update(_file_fingerprint(str(path)).encode())
         fp.update(f"{type_k}/{type_v}/{flash_attn}/{swa_full}/{L.__version__}".encode())
+        if not kv_unified:          # state blobs carry one section per stream: they fit this layout only
+            fp.update(f"/streams={int(n_seq_max)}".encode())
         gpu = bool(L.llama_supports_gpu_offload())
         self.info = ModelInfo(
             model_id=served_id,
@@ -387,7 +441,8 @@ class LlamaCppBackend(ExecutionBackend):
             fingerprint=fp.hexdigest(),
             n_ctx_train=n_ctx_train,
             n_ctx=real_ctx,
-            n_ctx_seq=min(real_ctx, n_ctx_train) if n_ctx_train > 0 else real_ctx,
+            n_ctx_seq=min(int(L.llama_n_ctx_seq(self._ctx)), n_ctx_train) if n_ctx_train > 0
+            else int(L.llama_n_ctx_seq(self._ctx)),
             n_seq_max=int(n_seq_max),
             n_layer=n_layer,
             n_vocab=self._n_vocab,
@@ -468,7 +523,10 @@ class LlamaCppBackend(ExecutionBackend):
         return piece
 
     def is_eog(self, token: int) -> bool:
-        return bool(L.llama_vocab_is_eog(self._vocab, token))
+        hit = self._eog.get(token)
+        if hit is None:
+            hit = self._eog[token] = bool(L.llama_vocab_is_eog(self._vocab, token))
+        return hit
 
     # -- compute ---------------------------------------------------------------
     @property
@@ -508,6 +566,44 @@ class LlamaCppBackend(ExecutionBackend):
             return g
         L.llama_sampler_free(g)
         return None
+
+    def sample_many(self, samplers: Sequence[Sampler], outputs: Sequence[int]) -> list[int]:
+        """Greedy rows (plain argmax samplers) in one pass over the logits matrix, split over
+        threads when it is large (numpy's argmax runs without the GIL); chains one by one."""
+        out: list[int] = [0] * len(samplers)
+        greedy = [i for i, smp in enumerate(samplers) if isinstance(smp, LlamaCppSampler) and smp.plain_argmax]
+        for i, smp in enumerate(samplers):
+            if not (isinstance(smp, LlamaCppSampler) and smp.plain_argmax):
+                out[i] = smp.sample(outputs[i])
+        if not greedy:
+            return out
+        rows = [self._batch.out_row.get(outputs[i]) for i in greedy]
+        ptr = L.llama_get_logits(self._ctx)
+        if not ptr or any(r is None for r in rows):
+            for i in greedy:
+                out[i] = samplers[i].sample(outputs[i])
+            return out
+        n_out = max(self._batch.out_row.values()) + 1
+        matrix = np.ctypeslib.as_array(ptr, shape=(n_out, self._n_vocab))
+        idx = np.asarray(rows, np.int64)
+        picked = self._argmax_rows(matrix, idx)
+        for i, tok in zip(greedy, picked.tolist()):
+            out[i] = tok
+        return out
+
+    def _argmax_rows(self, matrix: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        cells = idx.size * matrix.shape[1]
+        if cells < 4_000_000 or (os.cpu_count() or 1) < 4:
+            # every row asked for (the usual case): one argmax over the matrix, then in idx's order
+            return matrix.argmax(axis=1)[idx] if idx.size == matrix.shape[0] else matrix[idx].argmax(axis=1)
+        if self._argmax_pool is None:
+            import concurrent.futures
+            self._argmax_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=min(8, (os.cpu_count() or 2) // 2), thread_name_prefix="kv3d-argmax")
+        parts = np.array_split(idx, self._argmax_pool._max_workers)
+        res = list(self._argmax_pool.map(lambda p: matrix[p].argmax(axis=1) if p.size else np.empty(0, np.int64),
+                                         parts))
+        return np.concatenate(res)
 
     # -- KV cells ----------------------------------------------------------------
     def seq_copy(self, src: int, dst: int, p0: int, p1: int) -> None:
@@ -574,6 +670,8 @@ class LlamaCppBackend(ExecutionBackend):
         self._closed = True
         if getattr(self, "_staging", None) is not None:
             self._staging.close()
+        if getattr(self, "_argmax_pool", None) is not None:
+            self._argmax_pool.shutdown(wait=False)
         L.llama_free(self._ctx)
         L.llama_model_free(self._model)
 

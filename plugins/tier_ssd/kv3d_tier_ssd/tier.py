@@ -40,6 +40,14 @@ Contract (``kv3d_core.contracts.tier.StorageTier``) and how it is met here:
   other models stay on disk, unindexed and not counted in :attr:`used_bytes`,
   so switching models back and forth keeps both caches; ``remove_foreign=True``
   deletes them instead. Then the index is evicted down to the budget.
+- Systemic faults: a write dropped for ``"io_error"`` or ``"disk_full"`` makes the
+  core call :meth:`SsdTier.check` (with backoff) until it passes. ``check``
+  re-creates the directory if it was deleted (and re-opens it if it was replaced,
+  re-indexing what the new one holds), refuses while the path is not a directory
+  or the free space is less than the write that hit a full disk needed, and
+  proves the directory writable with a probe file (write, fsync, unlink).
+- :meth:`SsdTier.touch` refreshes an entry's place in the LRU order and its mtime
+  without reading it.
 - Threads: ``put``/``get``/``delete`` of any keys may run concurrently. Renames,
   unlinks and index updates happen under one lock; the writing and reading of
   file bytes happen outside it. As entries are only ever replaced by atomic
@@ -131,8 +139,10 @@ class SsdTier(StorageTier):
         self._active = 0
         self._idle = threading.Condition(self._lock)
         self._bound = False
+        self._need_bytes = 0               # size of the last write a full disk refused
         self.startup_problems: Counter[str] = Counter()
-        """Reasons of damaged entry files removed (or unreadable) at start-up."""
+        """Reasons of damaged entry files removed (or unreadable) at start-up (or by the
+        last re-scan of a re-created directory)."""
         self.startup_removed_temp = 0
         self._dirfd = self._open_dir()
         try:
@@ -235,6 +245,9 @@ class SsdTier(StorageTier):
                 self._foreign(ff.file_name(key), "model fingerprint")
             victims = self._make_room(0, keep=None)
             problems, self._bound = (self.startup_problems if not self._bound else Counter()), True
+        if victims:
+            log.info("tier ssd: %s: %d least recently used entries evicted to fit the budget of %.1f MiB",
+                     self.path, len(victims), self._capacity / 2**20)
         self._hand_over(victims)
         if on_error is not None:
             for reason, n in problems.items():
@@ -275,6 +288,8 @@ class SsdTier(StorageTier):
         self._hand_over(victims)
         if error is not None:
             reason = "disk_full" if error.errno in _DISK_FULL else "io_error"
+            if reason == "disk_full":
+                self._need_bytes = enc.size
             log.warning("tier ssd: write of %s dropped (%s): %s", meta.key, reason, error)
             return self._drop(reason)
         return True
@@ -376,6 +391,114 @@ class SsdTier(StorageTier):
     def contains(self, key: str) -> bool:
         with self._lock:
             return key in self._index
+
+    def touch(self, key: str) -> bool:
+        if not ff.valid_key(key):
+            return False
+        with self._lock:
+            if self._closed or key not in self._index:
+                return False
+            self._index.move_to_end(key)
+            stamp = self._next_stamp()
+            try:
+                os.utime(ff.file_name(key), ns=(stamp, stamp), dir_fd=self._dirfd, follow_symlinks=False)
+            except OSError:
+                pass  # recency after a restart is best effort
+            return True
+
+    def check(self) -> str | None:
+        try:
+            return self._check_dir() or self._check_space() or self._probe_write()
+        except Exception as exc:  # the contract: never raise
+            log.exception("tier ssd: health check failed")
+            return f"cold tier directory {self.path}: check failed ({type(exc).__name__}: {exc})"
+
+    def _check_dir(self) -> str | None:
+        """The directory at :attr:`path` is the one held open; re-create or re-open it if not."""
+        if self._closed:
+            return "the cold tier is closed"
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            try:
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                return f"cold tier directory {self.path} is gone and cannot be re-created: {exc.strerror}"
+            return self._reopen("was deleted: re-created")
+        except OSError as exc:
+            return f"cold tier directory {self.path}: {exc.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"cold tier path {self.path} is not a directory"
+        held = os.fstat(self._dirfd)
+        if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino) or held.st_nlink == 0:
+            return self._reopen("was replaced: re-opened")
+        return None
+
+    def _reopen(self, what: str) -> str | None:
+        """Hold the directory now at :attr:`path` instead; index what it holds."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            return f"cold tier directory {self.path} cannot be opened: {exc.strerror}"
+        with self._lock:
+            while self._active:
+                self._idle.wait()
+            if self._closed:
+                os.close(fd)
+                return "the cold tier is closed"
+            old, self._dirfd = self._dirfd, fd
+            lost = len(self._index)
+            self._index.clear()
+            self._used = 0
+            self.startup_problems = Counter()
+            self.startup_removed_temp = 0
+            self._scan()
+            for key in [k for k, r in self._index.items()
+                        if self.model_fingerprint and r.meta.model_fingerprint != self.model_fingerprint]:
+                self._used -= self._index.pop(key).size
+                self._foreign(ff.file_name(key), "model fingerprint")
+            victims = self._make_room(0, keep=None)
+            problems = self.startup_problems
+        os.close(old)
+        log.warning("tier ssd: directory %s %s; %d entries of the old one lost, %d found in it",
+                    self.path, what, lost, len(self._index))
+        self._hand_over(victims)
+        for reason, n in problems.items():
+            for _ in range(n):
+                self._report(reason)
+        return None
+
+    def _check_space(self) -> str | None:
+        """After a full disk: refuse until the write it refused would fit."""
+        if not self._need_bytes:
+            return None
+        st = os.fstatvfs(self._dirfd)
+        free = st.f_bavail * st.f_frsize
+        if free < self._need_bytes:
+            return (f"cold tier disk full: {free / 2**20:.1f} MiB free in {self.path}, "
+                    f"a write needs {self._need_bytes / 2**20:.1f} MiB")
+        self._need_bytes = 0
+        return None
+
+    def _probe_write(self) -> str | None:
+        """Write, fsync and remove a small temp file: the directory takes writes."""
+        name = ff.temp_name("0" * 32, os.getpid(), next(self._temp_seq))
+        fd = -1
+        try:
+            fd = os.open(name, _O_TEMP, 0o600, dir_fd=self._dirfd)
+            _write_all(fd, b"\0" * 4096)
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.unlink(name, dir_fd=self._dirfd)
+            os.fsync(self._dirfd)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            self._unlink(name)
+            what = "disk full" if exc.errno in _DISK_FULL else exc.strerror
+            return f"cold tier directory {self.path} does not take writes: {what}"
+        return None
 
     def delete(self, key: str) -> None:
         with self._lock:

@@ -1,0 +1,126 @@
+"""The KV-stream layout (``cache.layout=streams``, the default): long conversations whose cells
+leave their stream between turns stay correct, a request longer than a stream is refused
+cleanly, and when every stream is busy the next request waits instead of failing."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import pytest
+
+from conftest import MODEL_ID, engine_chat, running_server
+
+SYSTEM = ("You are the front desk of the Alpine Hut Association. You book beds in mountain huts, explain "
+          "the rules (half board only, quiet from 10 pm, boots stay in the boot room) and give the "
+          "opening season of each hut. Answer in one or two sentences.")
+TURNS = ["Which huts are open in June?", "Can I book two beds at the Lakeside hut?",
+         "Is breakfast included?", "Where do I leave my boots?", "And when is it quiet?"]
+
+
+def test_a_long_conversation_resumed_after_every_turn_left_its_stream():
+    """Five turns; after each one the session leaves its stream (``hot_sessions=0``) for the warm
+    tier (int8 delta past the family prefix) and the next turn restores prefix + delta into a
+    stream. Every turn's first greedy token equals a cold (safe-mode) run's, and every resume
+    reused the whole earlier conversation."""
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+
+    def converse(eng) -> list[tuple[str, dict]]:
+        messages, out = [{"role": "system", "content": SYSTEM}], []
+        for q in TURNS:
+            messages.append({"role": "user", "content": q})
+            text, usage = engine_chat(eng, messages, max_tokens=12)
+            out.append((text, usage))
+            messages.append({"role": "assistant", "content": text})
+        return out
+
+    common = ["server.threads=2", "cache.stream_ctx=1024", "scheduler.n_seq_max=4", "safety.quality_sample_every=0"]
+    with Engine(compose([*common, "cache.hot_sessions=0", "+codec=int8"])) as eng:
+        warm = converse(eng)
+        restores = eng.metrics.restores.labels("warm")._value.get()
+    with Engine(compose([*common, "safe_mode=true"])) as eng:
+        cold = converse(eng)
+    assert restores >= len(TURNS) - 1, "every later turn was restored from the warm tier"
+    for i, ((w, wu), (c, cu)) in enumerate(zip(warm, cold)):
+        assert w.split()[:1] == c.split()[:1], (i, w, c)
+        if i:
+            prev_prompt = warm[i - 1][1]["prompt_tokens"]
+            assert wu["cached_tokens"] >= prev_prompt, (i, wu, prev_prompt)
+
+
+def test_a_request_longer_than_a_stream_is_refused_not_crashed(tmp_path):
+    with running_server(tmp_path, ["cache.stream_ctx=512"]) as srv:
+        long_text = " ".join(["lantern meadow copper"] * 250)          # ~750 tokens
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+            "model": MODEL_ID, "messages": [{"role": "user", "content": long_text}], "max_tokens": 4})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "512" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/completions", timeout=120, json={
+            "model": MODEL_ID, "prompt": "Count: 1, 2, 3,", "max_tokens": 600})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        ok = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+            "model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("hot_sessions", [0, 2])
+def test_when_every_stream_is_busy_the_next_request_waits(tmp_path, hot_sessions):
+    """Two streams, six concurrent requests: the extra ones queue and are served as streams free
+    up (idle sessions leave theirs), none fails."""
+    overrides = ["scheduler.n_seq_max=2", "scheduler.max_running=2", "scheduler.max_waiting=8", "scheduler.queue_timeout_s=600",
+                 f"cache.hot_sessions={hot_sessions}", "cache.stream_ctx=512"]
+    with running_server(tmp_path, overrides) as srv:
+        def one(i: int) -> httpx.Response:
+            return httpx.post(srv.url + "/v1/chat/completions", timeout=300, json={
+                "model": MODEL_ID, "max_tokens": 8, "temperature": 0,
+                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TURNS[i % 5] + f" ({i})"}]})
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(one, range(6)))
+        assert [r.status_code for r in replies] == [200] * 6, [r.text for r in replies if r.status_code != 200]
+        stats = srv.stats()
+        assert stats["layout"] == "streams" and stats["scheduler"]["running"] == 0
+        assert stats["hot"]["free_sequences"] + stats["hot"]["sessions"] == 2
+
+
+@pytest.mark.parametrize("layout", ["streams", "unified"])
+def test_raw_prompts_sharing_a_prefix_get_an_implicit_family(layout):
+    """Token-id completions have no system message to name a family. When one shares a long
+    prefix with a cached conversation it does not continue, that prefix becomes a family of its
+    own (snapshotted once): later prompts load it instead of restoring whole conversations, and
+    conversations store only their deltas past it."""
+    import queue
+
+    from kv3d_core.config import compose
+    from kv3d_core.contracts import SamplingParams
+    from kv3d_core.engine.engine import Engine
+
+    shared = list(range(1000, 1096))                 # a 96-token prefix, then 16 tokens of each request
+
+    def complete(eng, tail: list[int]) -> dict:
+        q: queue.Queue = queue.Queue()
+        eng.submit(eng.prepare_completion(shared + tail), SamplingParams(temperature=0), 4, [], q.put)
+        while True:
+            ev = q.get(timeout=300)
+            if ev[0] == "done":
+                return ev[2]
+            assert ev[0] == "token", ev
+
+    cfg = ["server.threads=2", f"cache.layout={layout}", "cache.stream_ctx=512", "scheduler.n_seq_max=4",
+           "cache.gpu_hot_mb=16", "cache.hot_sessions=0", "safety.quality_sample_every=0"]
+    with Engine(compose(cfg)) as eng:
+        first = complete(eng, list(range(2000, 2016)))
+        assert first["cached_tokens"] == 0
+        second = complete(eng, list(range(3000, 3016)))     # shares the prefix with the first
+        assert second["cached_tokens"] == 96
+        assert eng.metrics.derived_families._value.get() == 1
+        snaps = eng.scheduler.call(lambda: [len(s.tokens) for s in eng.cache.snapshots.values()]).result(60)
+        assert snaps == [96]
+        restores_before = eng.metrics.restores.labels("warm")._value.get()
+        third = complete(eng, list(range(4000, 4016)))      # loads the implicit family's snapshot
+        assert third["cached_tokens"] == 96
+        assert eng.metrics.restores.labels("warm")._value.get() == restores_before, "no conversation restored"
+        assert eng.metrics.derived_families._value.get() == 1
+        sessions = eng.scheduler.call(lambda: [e.n_prefix for e in eng.cache._by_key.values()
+                                               if e.kind == "session"]).result(60)
+        assert 96 in sessions, "conversations after it store only their delta past the prefix"
