@@ -402,7 +402,10 @@ class TierStack:
         """Store ``e`` from its state blob (a sequence's, or a snapshot's host copy)."""
         if e.kind == "session" and e.snapshot is not None:
             self._persist_snapshot(e.snapshot)      # queued ahead of the delta that needs it
-        return self._submit(e, blob, to_cold=self.write_through)
+        ok = self._submit(e, blob, to_cold=self.write_through)
+        if ok and e.kind == "snapshot" and self.write_through:
+            self._snap_writes[e.key] = e.pending    # (a streams snapshot, stored when it is made)
+        return ok
 
     def _submit(self, e: "CacheEntry", blob, *, to_cold: bool) -> bool:
         with self._pending_lock:
