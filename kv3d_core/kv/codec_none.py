@@ -63,7 +63,9 @@ class NoneCodec(DeltaCodec):
         expected = 4 * n + 2 * n * (sum(kw) + sum(vw))
         if meta.get("zstd"):
             try:
-                raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
+                # allow_extra_data=False: bytes after the frame are damage, not padding
+                raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected,
+                                                              allow_extra_data=False)
             except zstandard.ZstdError as exc:
                 raise CodecError(f"zstd payload damaged: {exc}") from exc
         else:
