@@ -13,7 +13,9 @@ from kv3d_core.kv import framing
 
 
 def layout_meta(a: KVArrays) -> dict:
-    return {
+    """The layout fields every codec's metadata carries. CodecError when the layout is one
+    :func:`check_layout` would refuse on decode (a codec never writes what it cannot read)."""
+    meta = {
         "n_cells": a.n_cells,
         "k_width": [int(x.shape[1]) for x in a.k],
         "v_width": [int(x.shape[1]) for x in a.v],
@@ -21,18 +23,28 @@ def layout_meta(a: KVArrays) -> dict:
         "head_dim_v": a.head_dim_v,
         "extra": a.extra,
     }
+    check_layout(meta)
+    return meta
 
 
 def check_layout(meta: dict) -> tuple[int, list[int], list[int]]:
+    """(n_cells, K widths, V widths) of a payload's metadata, checked: every field present,
+    ``extra`` a dict, head dims positive, every width a whole number of heads (as
+    :class:`KVArrays` requires). CodecError otherwise."""
     try:
         n = int(meta["n_cells"])
         kw = [int(x) for x in meta["k_width"]]
         vw = [int(x) for x in meta["v_width"]]
-        int(meta["head_dim_k"]), int(meta["head_dim_v"])
+        hk, hv = int(meta["head_dim_k"]), int(meta["head_dim_v"])
+        extra = meta["extra"]
     except (KeyError, TypeError, ValueError) as exc:
         raise CodecError(f"codec metadata incomplete: {exc}") from exc
-    if n < 0 or len(kw) != len(vw) or any(w <= 0 for w in kw + vw):
+    if not isinstance(extra, dict):
+        raise CodecError("codec metadata: extra is not an object")
+    if n < 0 or len(kw) != len(vw) or hk <= 0 or hv <= 0 or any(w <= 0 for w in kw + vw):
         raise CodecError("codec metadata has impossible shapes")
+    if any(w % hk for w in kw) or any(w % hv for w in vw):
+        raise CodecError(f"codec metadata: K/V widths {kw}/{vw} are not whole heads of {hk}/{hv}")
     return n, kw, vw
 
 
@@ -63,7 +75,9 @@ class NoneCodec(DeltaCodec):
         expected = 4 * n + 2 * n * (sum(kw) + sum(vw))
         if meta.get("zstd"):
             try:
-                raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
+                # allow_extra_data=False: bytes after the frame are damage, not padding
+                raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected,
+                                                              allow_extra_data=False)
             except zstandard.ZstdError as exc:
                 raise CodecError(f"zstd payload damaged: {exc}") from exc
         else:

@@ -3,7 +3,8 @@ least recently used out first (evictions go to the next tier down, if any).
 
 Each entry carries an xxh3 digest of its payload, checked on every read (about
 0.5 ms for a 6 MB delta): a damaged entry is a miss (removed and counted), never
-altered bytes handed back.
+altered bytes handed back. Once bound, entries of another model fingerprint are refused
+(``on_dropped("model")``), as the cold tier does.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class RamTier(StorageTier):
         return self._used
 
     def put(self, entry: TierEntry) -> bool:
+        if self.model_fingerprint and entry.meta.model_fingerprint != self.model_fingerprint:
+            if self.on_dropped is not None:       # another model's KV: never stored, never returned
+                self.on_dropped("model")
+            return False
         size = entry.nbytes
         if size > self._capacity:
             return False

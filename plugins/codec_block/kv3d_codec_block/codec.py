@@ -23,7 +23,10 @@ row when the width is a multiple of the group size).
 - ``offset=False``: symmetric, ``d`` = max(-min/8, max/7) rounded up to a float16,
   ``code - 8`` in -8..7, decoded ``(code - 8)*d``. 18 bytes per 32 values: 3.56x.
 
-(``d`` is rounded down instead where the top code would pass float16's 65504.)
+Where an end code would pass float16's 65504 (values beyond about +-57000): with ``offset``,
+``d`` is rounded down (the extremes still round to codes 0/15 within d/2); symmetric, code 0
+(``-8*d``) is left unused and ``d`` = max|x|/7.5 rounded up, so codes 1..15 (``-7*d..7*d``)
+cover the group within d/2.
 
 Error bound, per value: ``|decoded - x| <= d/2 + one float16 ulp of the decoded
 value`` (``d`` = the group's step: at most (max - min)/15 rounded up, i.e. 1/30 of
@@ -71,8 +74,12 @@ def _quantize(x16: np.ndarray, offset: bool) -> tuple[np.ndarray, np.ndarray, np
         t = np.maximum(np.maximum(-mn, 0) / 8, np.maximum(mx, 0) / 7)
         d16 = K.f16_ceil(t)
         over = 8 * d16.astype(np.float64) > K.F16_MAX
-    if over.any():              # the top code must stay a finite float16: step rounded down,
-        d16[over] = K.f16_floor(t[over])    # the extremes still round to codes 0/15 within d/2
+    if over.any():              # an end code must stay a finite float16
+        if offset:              # step rounded down: the extremes still round to codes 0/15 within d/2
+            d16[over] = K.f16_floor(t[over])
+        else:                   # -8*d would overflow, so code 0 is clipped off below: codes 1..15
+            # (-7d..7d) must hold both ends within d/2 (7*d <= 7 * 65504/7.5 stays finite)
+            d16[over] = K.f16_ceil(np.maximum(-mn[over], mx[over]) / 7.5)
     if not offset:
         m = -8 * d16.astype(np.float64)
         m16 = np.zeros_like(d16)                         # not stored: decode uses -8*d
