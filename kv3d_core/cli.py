@@ -1,6 +1,6 @@
 """The ``kv3d`` command: subcommands, their usage, and ``kv3d serve``'s flags (each the
 shorthand of a Hydra override, so flags and overrides mix: ``kv3d serve --model m.gguf
---port 9000 +codec=int8``)."""
+--port 9000 codec=int8``)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ commands:
 
 overrides are Hydra overrides of configs/config.yaml (`kv3d config` prints every key):
   server.port=9000  model.path=/models/m.gguf  cache.gpu_hot_mb=1024
-  +codec=int8  +tier=ssd  +detector=radix      (plugin groups; the + may be left out)
+  codec=int8  tier=ssd  detector=radix         (swappable groups; +codec=int8 works too)
 
 `kv3d <command> --help` shows a command's own options."""
 
@@ -62,15 +62,15 @@ most used settings (overrides, key=value; `kv3d config` prints every key):
   server.default_max_tokens=N    completion limit when a chat request gives none
   cache.gpu_hot_mb=256           KV cells of the llama.cpp context (MiB)
   cache.ram_warm_mb=1024         host-RAM tier budget (MiB)
-  +tier=ssd cache.ssd_cold_path=DIR   a cold tier on disk (sessions survive restarts)
-  +codec=int8                    int8 session deltas (about half the bytes)
+  tier=ssd cache.ssd_cold_path=DIR    a cold tier on disk (sessions survive restarts)
+  codec=int8                     int8 session deltas (about half the bytes)
   scheduler.max_running=32       requests decoding at once
   backend.n_gpu_layers=-1        offload every layer (CUDA builds)
   safe_mode=true                 no cache reuse at all
 
 examples:
   kv3d serve --model ./model.gguf
-  kv3d serve --model ./model.gguf --port 9000 --api-key s3cret +codec=int8 +tier=ssd"""
+  kv3d serve --model ./model.gguf --port 9000 --api-key s3cret codec=int8 tier=ssd"""
 
 
 def serve_usage() -> str:

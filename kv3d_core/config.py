@@ -2,9 +2,10 @@
 and the overrides the CLI passes.
 
 The tree lives in the repository's ``configs/`` folder (installed as the
-package ``kv3d_core.configs``). Plugin groups (``detector``, ``codec``,
-``tier``) are appended with ``+group=option``; :func:`normalize_overrides` also
-accepts them without the ``+``.
+package ``kv3d_core.configs``). Every swappable group (``backend``, ``detector``,
+``codec``, ``tier``) is in the defaults list of ``config.yaml`` with its default
+choice, so ``codec=int8`` picks another option; :func:`normalize_overrides` turns the
+older ``+codec=int8`` into that.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from omegaconf.errors import OmegaConfBaseException
 from kv3d_core.errors import ConfigError
 
 PRIMARY = "config"
-PLUGIN_GROUPS = ("detector", "codec", "tier")
+#: The swappable groups: each in config.yaml's defaults list, each chosen with ``group=option``.
+GROUPS = ("backend", "detector", "codec", "tier")
+#: Kept for callers of the old name: every swappable group is a plugin group.
+PLUGIN_GROUPS = GROUPS
 
 
 @dataclass
@@ -111,13 +115,14 @@ def _group_options(group: str) -> set[str]:
 
 
 def normalize_overrides(overrides: Sequence[str]) -> list[str]:
-    """``codec=int8`` -> ``+codec=int8`` for the plugin groups (Hydra needs the ``+``
-    because those groups are not in the defaults list)."""
+    """The swappable groups' overrides in the form Hydra needs now that every one is in
+    the defaults list: ``+codec=int8`` (the older form, which appended the group) becomes
+    ``codec=int8``. Everything else passes unchanged."""
     out = []
     for o in overrides:
         key, sep, _ = o.partition("=")
-        if sep and key in PLUGIN_GROUPS:
-            o = "+" + o
+        if sep and key.startswith("+") and not key.startswith("++") and key[1:] in GROUPS:
+            o = o[1:]
         out.append(o)
     return out
 
@@ -204,7 +209,7 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("server.api_key is the tenant 'default': do not name another tenant 'default' in server.api_keys")
     if problems:
         raise ConfigError("; ".join(problems))
-    for name in ("backend", *PLUGIN_GROUPS):
+    for name in GROUPS:
         node = cfg.get(name)
         if node is None or "name" not in node:
             raise ConfigError(f"the {name!r} config node needs a 'name' (the plugin to use)")

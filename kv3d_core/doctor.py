@@ -537,7 +537,7 @@ def check_plugins(cfg: DictConfig | None) -> list[Check]:
             installed = ", ".join(by_kind.get(kind, [])) or "none"
             out.append(Check(f"{kind} plugin", FAIL, f"{kind}={name}: {exc}",
                              f"install or repair the plugin as the message says, or choose an installed "
-                             f"{kind} ({installed}) with {'' if kind == 'backend' else '+'}{kind}=NAME"))
+                             f"{kind} ({installed}) with {kind}=NAME"))
             continue
         src = impl.source
         out.append(Check(f"{kind} plugin", OK, f"{kind}={name} ({src.distribution} {src.version}, {src.plugin})"))

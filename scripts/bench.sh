@@ -8,7 +8,7 @@
 #   SYSTEMS=kv3d,kv3d_safe,llamacpp_peer   CODEC=int8   TIER=ssd   DETECTOR=radix
 #   THREADS=2 (server.threads, also the peer's)   MODEL=/path/model.gguf   HOT_MB=512   WARM_MB=1024
 # Arguments are passed on to `kv3d bench`, e.g. a sweep:
-#   REQUESTS=200 scripts/bench.sh -m +codec=none,int8 +tier=ram,ssd
+#   REQUESTS=200 scripts/bench.sh -m codec=none,int8 tier=ram,ssd
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -37,8 +37,8 @@ add server.threads "${THREADS:-}"
 add model.path "${MODEL:-}"
 add cache.gpu_hot_mb "${HOT_MB:-}"
 add cache.ram_warm_mb "${WARM_MB:-}"
-add +codec "${CODEC:-}"
-add +tier "${TIER:-}"
-add +detector "${DETECTOR:-}"
+add codec "${CODEC:-}"
+add tier "${TIER:-}"
+add detector "${DETECTOR:-}"
 if [ -n "${SYSTEMS:-}" ]; then args+=("systems=[${SYSTEMS}]"); fi
 exec "$VENV/bin/kv3d" bench "${args[@]}" "$@"

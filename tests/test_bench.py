@@ -268,7 +268,7 @@ def test_bench_multirun_writes_one_combined_summary(tmp_path):
     sweep = tmp_path / "sweep"
     bench(["-m", *SMALL, "requests=6", "systems=[kv3d]", "detector=exact,radix", f"hydra.sweep.dir={sweep}"])
     summary = json.loads((sweep / "summary.json").read_text())
-    assert [r["label"] for r in summary["runs"]] == ["+detector=exact", "+detector=radix"]
+    assert [r["label"] for r in summary["runs"]] == ["detector=exact", "detector=radix"]
     assert summary["failed"] == []
     for r in summary["runs"]:
         assert (sweep / r["job"] / "report.json").is_file()
@@ -276,7 +276,7 @@ def test_bench_multirun_writes_one_combined_summary(tmp_path):
     reports = [json.loads((sweep / r["job"] / "report.json").read_text()) for r in summary["runs"]]
     assert [rep["config"]["detector"]["name"] for rep in reports] == ["exact", "radix"]
     md = (sweep / "summary.md").read_text()
-    assert "| +detector=exact | kv3d |" in md and "| +detector=radix | kv3d |" in md
+    assert "| detector=exact | kv3d |" in md and "| detector=radix | kv3d |" in md
     assert (sweep / "sessions_per_gb.png").is_file() and (sweep / "memory_per_session.png").is_file()
 
 

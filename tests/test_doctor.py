@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from kv3d_core import gguf_meta
-from kv3d_core.config import config_dir
 from kv3d_core.gguf_meta import GGUFError, SkippedArray, kv_bytes_per_token, read_gguf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,8 +154,8 @@ def test_not_a_gguf_model_fails(tmp_path):
 
 
 def _ssd_tier_override() -> str:
-    # the `ssd` tier option composes once configs/tier/ssd.yaml exists; the plain key works regardless
-    return "+tier=ssd" if (config_dir() / "tier" / "ssd.yaml").is_file() else "tier.name=ssd"
+    # the `ssd` option of the tier group (shipped by kv3d-tier-ssd)
+    return "tier=ssd"
 
 
 def test_unwritable_cold_path_fails_only_when_a_cold_tier_uses_it(tmp_path):

@@ -122,7 +122,7 @@ def test_help_prints_usage():
     serve = _kv3d("serve", "--help")
     assert serve.returncode == 0
     for flag in ("--model PATH", "--port N", "--host H", "--api-key K", "--threads N", "cache.gpu_hot_mb",
-                 "+codec=int8", "server.cors_origins"):
+                 "codec=int8", "server.cors_origins"):
         assert flag in serve.stdout, flag
     bad = _kv3d("serve", "--modle", "x.gguf")
     assert bad.returncode == 2 and "--modle" in bad.stderr and "usage: kv3d serve" in bad.stderr

@@ -3,10 +3,10 @@ own OpenAI server on a seeded chat workload.
 
 A thin Hydra application over ``configs/bench.yaml`` (which includes the serve
 configuration): ``hydra.main`` is invoked with the arguments given, so every
-Hydra flag works -- ``-m``/``--multirun`` sweeps (``kv3d bench -m +codec=none,int8
-+tier=ram,ssd`` runs every combination, then writes one combined summary),
-``--cfg job`` prints the composed configuration. Plugin groups (``codec``,
-``tier``, ``detector``) may be given without the ``+``, as for ``kv3d serve``.
+Hydra flag works -- ``-m``/``--multirun`` sweeps (``kv3d bench -m codec=none,int8
+tier=ram,ssd`` runs every combination, then writes one combined summary),
+``--cfg job`` prints the composed configuration. Swappable groups (``codec``,
+``tier``, ``detector``) are chosen as for ``kv3d serve`` (``+codec=int8`` works too).
 
 Single runs write to ``${out_dir}/<timestamp>/``; sweeps to
 ``${out_dir}/<timestamp>-multirun/<job num>/`` plus ``summary.md``/``summary.json``

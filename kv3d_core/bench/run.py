@@ -184,7 +184,7 @@ def measure_peer_state(out: Path, model_path: str, run: DriveResult, settings: d
 
 
 def quality(cfg: DictConfig, overrides: list[str], cache_dir: Path | None) -> tuple[dict | None, str | None]:
-    """``kv3d quality +codec=<codec>``'s last stdout line (JSON), or None and why."""
+    """``kv3d quality codec=<codec>``'s last stdout line (JSON), or None and why."""
     codec = str(cfg.codec.name)
     if not cfg.quality:
         return None, "quality=false"
@@ -192,7 +192,7 @@ def quality(cfg: DictConfig, overrides: list[str], cache_dir: Path | None) -> tu
         return None, "kv3d quality is not available in this installation"
     passed = [o for o in overrides if override_key(o).split(".")[0] in ("model", "codec", "backend")
               or override_key(o) == "server.threads"]
-    passed = [o for o in passed if override_key(o) != "codec"] + [f"+codec={codec}"]
+    passed = [o for o in passed if override_key(o) != "codec"] + [f"codec={codec}"]
     cache_file = None
     if cache_dir is not None:
         key = "_".join(sorted(passed)).replace("/", "_").replace("+", "").replace("=", "-")

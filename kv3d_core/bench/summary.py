@@ -10,8 +10,8 @@ directory:
 * ``summary.md`` -- one table, a row per (run, system), and each run's targets;
 * ``sessions_per_gb.png`` and ``memory_per_session.png`` across the runs.
 
-A run's label is its overrides minus those every run shares (``+codec=int8
-+tier=ssd``). :func:`write_summary` can also be run by hand on a sweep dir:
+A run's label is its overrides minus those every run shares (``codec=int8
+tier=ssd``). :func:`write_summary` can also be run by hand on a sweep dir:
 ``python -m kv3d_core.bench.summary SWEEP_DIR``.
 """
 

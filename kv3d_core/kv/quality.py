@@ -6,7 +6,7 @@ Usage::
                  [quality.floor=true] [quality.prompts=FILE] [quality.n_ctx=CELLS]
 
 Hydra overrides pick the model, backend and codec as for ``kv3d serve``
-(``+codec=int8``, ``model.path=...``, ``server.threads=1``); the ``quality.*``
+(``codec=int8``, ``model.path=...``, ``server.threads=1``); the ``quality.*``
 options (also accepted as ``+quality.*``) belong to this command: ``limit`` (prompts
 to run, taken round-robin over system prompts; 0 = all), ``max_positions``
 (continuation tokens compared per prompt, default 32; 0 = all), ``floor`` (also
