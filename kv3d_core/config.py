@@ -14,12 +14,15 @@ import importlib.resources
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from kv3d_core.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kv3d_core.plugins import PluginManager
 
 PRIMARY = "config"
 #: The swappable groups: each in config.yaml's defaults list, each chosen with ``group=option``.
@@ -109,29 +112,103 @@ def config_dir() -> Path:
     return Path(str(importlib.resources.files("kv3d_core.configs")))
 
 
-def _group_options(group: str) -> set[str]:
-    d = config_dir() / group
-    return {p.stem for p in d.glob("*.yaml")} if d.is_dir() else set()
+def search_path(plugins: "PluginManager | None" = None) -> list[Path]:
+    """Where Hydra looks for config groups: kv3d's own ``configs/`` first, then the config
+    directory of every installed plugin (the ``config_dir`` hook), in plugin-name order.
+    An option found in two directories comes from the first."""
+    if plugins is None:
+        from kv3d_core.plugins import make_plugin_manager
+
+        plugins = make_plugin_manager()
+    dirs = [config_dir()]
+    for d in plugins.config_dirs():
+        if d not in dirs:
+            dirs.append(d)
+    return dirs
 
 
-def normalize_overrides(overrides: Sequence[str]) -> list[str]:
+def group_options(group: str, dirs: Sequence[Path] | None = None) -> dict[str, Path]:
+    """``{option: yaml file}`` of a config group over the search path (first one wins)."""
+    out: dict[str, Path] = {}
+    for d in (search_path() if dirs is None else dirs):
+        sub = Path(d) / group
+        if sub.is_dir():
+            for f in sorted(sub.glob("*.yaml")):
+                out.setdefault(f.stem, f)
+    return out
+
+
+def _hydra_quoted(value: str) -> str:
+    """``value`` as a quoted Hydra override string that reads back exactly."""
+    v = value.replace("${", "\\${")
+    v = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", v)
+    v = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, v)
+    return "'" + v + "'"
+
+
+def searchpath_override(dirs: Sequence[Path], overrides: Sequence[str] = ()) -> list[str]:
+    """``overrides`` plus ``hydra.searchpath`` naming ``dirs`` (kv3d's own config dir, the
+    primary one, is left out: Hydra searches it anyway). A ``hydra.searchpath=[...]`` among
+    ``overrides`` keeps its entries, first."""
+    primary = config_dir().resolve()
+    extra = [_hydra_quoted(Path(d).resolve().as_uri()) for d in dirs if Path(d).resolve() != primary]
+    out, user = [], ""
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and key.lstrip("+") == "hydra.searchpath":
+            user = value.strip()
+            continue
+        out.append(o)
+    if user.startswith("[") and user.endswith("]"):
+        user = user[1:-1].strip()
+    entries = ([user] if user else []) + extra
+    return out + ([f"hydra.searchpath=[{','.join(entries)}]"] if entries else [])
+
+
+_OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def normalize_overrides(overrides: Sequence[str], options: dict[str, set[str]] | None = None) -> list[str]:
     """The swappable groups' overrides in the form Hydra needs now that every one is in
     the defaults list: ``+codec=int8`` (the older form, which appended the group) becomes
-    ``codec=int8``. Everything else passes unchanged."""
+    ``codec=int8``. With ``options`` (``{group: option names}``), ``codec.name=int8`` also
+    becomes ``codec=int8`` when ``int8`` is an option of the group, so it brings its own
+    settings and none of the option it replaces. Everything else passes unchanged."""
     out = []
     for o in overrides:
-        key, sep, _ = o.partition("=")
-        if sep and key.startswith("+") and not key.startswith("++") and key[1:] in GROUPS:
+        key, sep, value = o.partition("=")
+        bare = key.lstrip("+")
+        if sep and key.startswith("+") and not key.startswith("++") and bare in GROUPS:
             o = o[1:]
+        elif (sep and options is not None and bare.endswith(".name") and bare[:-5] in GROUPS
+              and _OPTION.fullmatch(value.strip()) and value.strip() in options.get(bare[:-5], ())):
+            o = f"{bare[:-5]}={value.strip()}"
         out.append(o)
     return out
 
 
-def compose(overrides: Sequence[str] = (), *, validate: bool = True, user_config: bool = True) -> DictConfig:
+def _renamed_groups(overrides: Sequence[str]) -> dict[str, set[str]]:
+    """Groups whose ``name`` an override sets directly (``codec.name=mine``, for a plugin
+    that ships no config group), with the keys the overrides set in them."""
+    explicit: dict[str, set[str]] = {}
+    for o in overrides:
+        key, sep, _ = o.partition("=")
+        group, dot, rest = key.lstrip("+~").partition(".")
+        if sep and dot and group in GROUPS:
+            explicit.setdefault(group, set()).add(rest.split(".")[0])
+    return {g: keys for g, keys in explicit.items() if "name" in keys}
+
+
+def compose(overrides: Sequence[str] = (), *, validate: bool = True, user_config: bool = True,
+            plugins: "PluginManager | None" = None) -> DictConfig:
     """The composed configuration, as ``kv3d serve`` would see it.
 
     With ``user_config``, the user's config file (:mod:`kv3d_core.userconfig`) comes
     between the yaml defaults and ``overrides``: the command line wins over the file.
+    The config groups of installed plugins are on the search path (:func:`search_path`;
+    ``plugins``: the manager to ask, a fresh one by default). A group whose ``name`` is
+    set directly to an implementation with no config option (``codec.name=mine``) keeps
+    only the keys the overrides set: never the settings of the option it replaced.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -141,11 +218,23 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True, user_config
         from kv3d_core.userconfig import user_overrides
 
         overrides = [*user_overrides(), *overrides]
+    dirs = search_path(plugins)
+    options = {g: set(group_options(g, dirs)) for g in GROUPS}
+    overrides = normalize_overrides(list(overrides), options)
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None, job_name="kv3d"):
-            cfg = hydra_compose(config_name=PRIMARY, overrides=normalize_overrides(list(overrides)))
+            cfg = hydra_compose(config_name=PRIMARY, overrides=searchpath_override(dirs, overrides))
     except HydraException as exc:
-        raise ConfigError(f"bad configuration override: {exc}") from exc
+        hint = ""
+        if "Could not find" in str(exc):
+            hint = (" (an option that a plugin provides needs the plugin installed: `kv3d plugins` lists them; "
+                    "config groups are looked up in " + ", ".join(str(d) for d in dirs) + ")")
+        raise ConfigError(f"bad configuration override: {exc}{hint}") from exc
+    for group, keys in _renamed_groups(overrides).items():
+        node = OmegaConf.to_container(cfg[group], resolve=False)
+        assert isinstance(node, dict)
+        with open_dict(cfg):
+            cfg[group] = {k: v for k, v in node.items() if k in keys}
     return validated(cfg) if validate else cfg
 
 

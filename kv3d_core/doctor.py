@@ -16,8 +16,8 @@ CPU/GPU build); GPUs (``nvidia-smi -L``, ggml's device list) against
 KV bytes per token -- read by :mod:`kv3d_core.gguf_meta`, the model is never
 loaded); the hot KV cache it buys; host RAM against the cache budgets; the cold
 path (``cache.ssd_cold_path``: created, written, free space -- blocking only when
-the configured tier uses it); installed and configured plugins (looked up, not
-instantiated); CPU threads; the listening port. The doctor leaves no trace but
+the configured tier uses it); installed and configured plugins (looked up and their
+settings checked against what each declares, not instantiated); CPU threads; the listening port. The doctor leaves no trace but
 the user config file it creates.
 """
 
@@ -120,7 +120,7 @@ def compose_config(args: Sequence[str], user_config: bool) -> tuple[Check, DictC
     except Kv3dError as exc:
         return Check("configuration", FAIL, str(exc),
                      "fix the override or the file it names; `kv3d config [OVERRIDES]` prints the composed "
-                     "configuration, configs/<group>/*.yaml lists the options of each group"), None
+                     "configuration, `kv3d plugins` lists the installed plugins and their settings"), None
     detail = (f"backend={cfg.backend.name} detector={cfg.detector.name} codec={cfg.codec.name} "
               f"tier={cfg.tier.name}" + (" safe_mode=true" if cfg.safe_mode else ""))
     if not user_config:
@@ -540,6 +540,13 @@ def check_plugins(cfg: DictConfig | None) -> list[Check]:
                              f"{kind} ({installed}) with {kind}=NAME"))
             continue
         src = impl.source
+        try:
+            pm.settings(kind, cfg[kind])
+        except Kv3dError as exc:
+            out.append(Check(f"{kind} plugin", FAIL, f"{kind}={name} ({src.distribution} {src.version}): {exc}",
+                             f"correct or remove the {kind}.* override it names (`kv3d plugins` lists each "
+                             "plugin's settings)"))
+            continue
         out.append(Check(f"{kind} plugin", OK, f"{kind}={name} ({src.distribution} {src.version}, {src.plugin})"))
     return out
 

@@ -1,19 +1,27 @@
 """The pluggy hook specifications of kv3d.
 
 A plugin is a module (or object) with functions marked ``@kv3d_core.hookimpl``.
-Each hook receives a ``register`` callback; the plugin calls it once per
-implementation it provides::
+The ``register_*`` hooks receive a ``register`` callback; the plugin calls it once
+per implementation it provides::
 
     from kv3d_core import hookimpl
 
     @hookimpl
     def register_codecs(register):
-        register("int8", Int8Codec)
+        register("int8", Int8Codec, settings=Int8Settings)
 
-``register(name, factory)`` takes a unique name within the kind and a factory:
-a callable taking keyword settings from the Hydra config node of that kind and
-returning an object that fulfils the kind's contract (see ``kv3d_core.contracts``).
-Factories are called lazily, only for the implementation a configuration selects.
+``register(name, factory, *, settings=None)`` takes a unique name within the kind, a
+factory -- a callable taking keyword settings and returning an object that fulfils
+the kind's contract (see ``kv3d_core.contracts``) -- and optionally the plugin's
+settings schema: a dataclass whose fields are the keys of its config node. The core
+checks the node against it before calling the factory (types converted, an unknown
+key an error naming it). Without a schema, the factory's keyword parameters are the
+settings (a ``**kwargs`` factory takes any). Factories are called lazily, only for
+the implementation a configuration selects.
+
+:func:`config_dir` ships the plugin's Hydra config groups (``codec/mine.yaml``) inside
+its package; the core adds every such directory to Hydra's search path, so
+``kv3d serve codec=mine`` works once the plugin is installed.
 
 Third-party plugins are found through the ``kv3d`` entry-point group::
 
@@ -23,6 +31,7 @@ Third-party plugins are found through the ``kv3d`` entry-point group::
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import pluggy
@@ -32,7 +41,8 @@ PROJECT = "kv3d"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-Register = Callable[[str, Callable[..., object]], None]
+#: ``register(name, factory, *, settings=None)``
+Register = Callable[..., None]
 
 
 @hookspec
@@ -53,3 +63,14 @@ def register_codecs(register: Register) -> None:
 @hookspec
 def register_tiers(register: Register) -> None:
     """Register storage tiers (contract: :class:`kv3d_core.contracts.tier.StorageTier`)."""
+
+
+@hookspec
+def config_dir() -> "str | os.PathLike[str] | None":
+    """The directory holding this plugin's Hydra config groups, or None.
+
+    Laid out like kv3d's own ``configs/``: one folder per group, one yaml file per
+    option, e.g. ``<dir>/codec/mine.yaml`` holding ``name: mine`` and the codec's
+    settings with their defaults. kv3d adds every installed plugin's directory to
+    Hydra's search path (after its own ``configs/``), so ``codec=mine`` selects it.
+    Typically ``str(Path(__file__).parent / "conf")``; ship the files as package data."""

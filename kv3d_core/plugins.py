@@ -11,16 +11,19 @@ configuration asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata as md
+import inspect
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pluggy
 
 from kv3d_core import hookspecs
-from kv3d_core.errors import PluginError
+from kv3d_core.errors import ConfigError, PluginError
 
 ENTRY_POINT_GROUP = "kv3d"
 
@@ -55,6 +58,50 @@ class Implementation:
     name: str
     factory: Callable[..., Any]
     source: PluginSource
+    settings: type | None = None
+    """The plugin's settings schema (a dataclass), when it declared one."""
+
+    def setting_names(self) -> list[str] | None:
+        """The keys its config node may hold (``name`` aside); None when any is taken
+        (a factory with ``**kwargs`` and no schema)."""
+        if self.settings is not None:
+            return [f.name for f in dataclasses.fields(self.settings)]
+        try:
+            params = inspect.signature(self.factory).parameters.values()
+        except (TypeError, ValueError):      # a builtin or C callable: nothing to check against
+            return None
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return None
+        return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def check_settings(self, given: dict[str, Any]) -> dict[str, Any]:
+        """``given`` (a config node's keys, ``name`` aside) checked against the plugin's
+        settings: an unknown key is a :class:`~kv3d_core.errors.ConfigError` naming it and
+        the settings there are; with a schema, values are converted to its field types
+        (a value that cannot be is an error naming the key) and missing ones take its
+        defaults."""
+        known = self.setting_names()
+        what = f"{self.kind} {self.name!r}"
+        if known is not None:
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                keys = ", ".join(f"{self.kind}.{k}" for k in unknown)
+                raise ConfigError(f"{what} has no setting {keys} (its settings: {', '.join(known) or 'none'})")
+        if self.settings is None:
+            return dict(given)
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            typed = OmegaConf.merge(OmegaConf.structured(self.settings), given)
+            out = OmegaConf.to_container(typed, resolve=True)
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "key", None) or getattr(exc, "full_key", None)
+            msg = (getattr(exc, "msg", None) or str(exc)).split("\n")[0]
+            where = f"{self.kind}.{key}: " if key else ""
+            raise ConfigError(f"{what}: invalid setting {where}{msg}") from exc
+        assert isinstance(out, dict)
+        return out
 
 
 @dataclass
@@ -77,9 +124,17 @@ class PluginManager:
                     plugin_name = self.pm.get_name(hook_impl.plugin) or "?"
                     source = self.sources.get(plugin_name, PluginSource(plugin_name, "?", "?"))
 
-                    def register(name: str, factory: Callable[..., Any], *, _kind=kind, _src=source) -> None:
+                    def register(name: str, factory: Callable[..., Any], *, settings: type | None = None,
+                                 _kind=kind, _src=source) -> None:
                         if not isinstance(name, str) or not name:
                             raise PluginError(f"plugin {_src.plugin!r} registered a {_kind} with an invalid name {name!r}")
+                        if not callable(factory):
+                            raise PluginError(f"plugin {_src.plugin!r} registered {_kind} {name!r} with a factory "
+                                              f"that is not callable: {factory!r}")
+                        if settings is not None and not (isinstance(settings, type)
+                                                         and dataclasses.is_dataclass(settings)):
+                            raise PluginError(f"plugin {_src.plugin!r} registered {_kind} {name!r} with settings="
+                                              f"{settings!r}: the settings schema must be a dataclass")
                         key = (_kind, name)
                         if key in impls and impls[key].factory is not factory:
                             other = impls[key].source
@@ -88,7 +143,7 @@ class PluginManager:
                                 f"({other.distribution}) and by {_src.plugin!r} ({_src.distribution}); "
                                 "uninstall one of them"
                             )
-                        impls[key] = Implementation(_kind, name, factory, _src)
+                        impls[key] = Implementation(_kind, name, factory, _src, settings)
 
                     try:
                         hook_impl.function(register=register)
@@ -130,6 +185,48 @@ class PluginManager:
         except TypeError as exc:
             raise PluginError(f"{kind} plugin {name!r} rejected its settings {sorted(settings)}: {exc}") from exc
 
+    def settings(self, kind: str, node: Any) -> tuple[str, dict[str, Any]]:
+        """``(name, settings)`` of a plugin's config node (``cfg.codec``...), the settings
+        checked against what implementation ``name`` declares
+        (:meth:`Implementation.check_settings`)."""
+        from kv3d_core.config import plugin_settings
+
+        name, given = plugin_settings(node)
+        return name, self.get(kind, name).check_settings(given)
+
+    def configure(self, kind: str, node: Any, **core: Any) -> Any:
+        """The implementation a config node names, made with the node's checked settings
+        plus ``core`` (values the core computes, e.g. a backend's ``n_seq_max``)."""
+        name, settings = self.settings(kind, node)
+        clash = sorted(set(settings) & set(core))
+        if clash:
+            raise ConfigError(f"{kind}.{clash[0]} is set by kv3d itself; remove it from the {kind} config")
+        return self.create(kind, name, **settings, **core)
+
+    def config_dirs(self) -> list[Path]:
+        """The config directories installed plugins ship (the ``config_dir`` hook), in
+        plugin-name order; a plugin whose hook fails or names no directory is recorded as
+        broken (``kv3d plugins`` shows why) and left out."""
+        out: list[tuple[str, Path]] = []
+        for hook_impl in self.pm.hook.config_dir.get_hookimpls():
+            plugin_name = self.pm.get_name(hook_impl.plugin) or "?"
+            source = self.sources.get(plugin_name, PluginSource(plugin_name, "?", "?"))
+            try:
+                got = hook_impl.function()
+                if got is None:
+                    continue
+                path = Path(got)
+                if not path.is_dir():
+                    raise FileNotFoundError(f"config_dir() returned {str(path)!r}, which is not a directory")
+            except Exception as exc:
+                if not any(b.plugin == source.plugin for b in self.broken):
+                    self.broken.append(PluginSource(source.plugin, source.distribution, source.version,
+                                                    f"{type(exc).__name__} in config_dir: {exc}"))
+                    self.broken_tracebacks[source.plugin] = traceback.format_exc()
+                continue
+            out.append((plugin_name, path.resolve()))
+        return [p for _, p in sorted(out, key=lambda x: x[0])]
+
     def describe(self) -> list[dict[str, Any]]:
         """One record per implementation (and per broken plugin), for ``kv3d plugins``."""
         rows = [
@@ -139,6 +236,7 @@ class PluginManager:
                 "version": impl.source.version,
                 "distribution": impl.source.distribution,
                 "plugin": impl.source.plugin,
+                "settings": impl.setting_names(),
             }
             for impl in sorted(self.implementations().values(), key=lambda i: (i.kind, i.name))
         ]

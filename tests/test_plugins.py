@@ -11,7 +11,7 @@ import pytest
 
 from kv3d_core import hookimpl
 from kv3d_core.contracts import KINDS
-from kv3d_core.errors import PluginError
+from kv3d_core.errors import ConfigError, PluginError
 from kv3d_core.plugins import make_plugin_manager
 
 
@@ -95,3 +95,55 @@ def test_kv3d_plugins_cli_prints_json():
     rows = json.loads(out.stdout)
     assert {"name", "kind", "version", "distribution"} <= set(rows[0])
     assert any(r["kind"] == "backend" and r["name"] == "llamacpp" for r in rows)
+
+
+def test_settings_schema_is_a_dataclass():
+    class BadSchema:
+        @hookimpl
+        def register_codecs(self, register):
+            register("bad-schema", lambda **kw: None, settings={"level": int})
+
+    with pytest.raises(PluginError, match="must be a dataclass"):
+        make_plugin_manager(extra=[("bad", BadSchema())]).implementations()
+
+
+def test_settings_without_a_schema_come_from_the_factory_signature():
+    def strict(level: int = 1):
+        return level
+
+    class Plain:
+        @hookimpl
+        def register_codecs(self, register):
+            register("strict", strict)
+            register("loose", lambda **kw: kw)
+
+    pm = make_plugin_manager(extra=[("plain", Plain())])
+    assert pm.settings("codec", {"name": "strict", "level": 3}) == ("strict", {"level": 3})
+    with pytest.raises(ConfigError, match=r"codec 'strict' has no setting codec\.zstd_level \(its settings: level\)"):
+        pm.settings("codec", {"name": "strict", "zstd_level": 0})
+    assert pm.settings("codec", {"name": "loose", "anything": 1}) == ("loose", {"anything": 1})
+    assert [r["settings"] for r in pm.describe() if r["name"] in ("strict", "loose")] == [None, ["level"]]
+
+
+def test_a_plugins_config_dir_is_on_the_search_path(tmp_path):
+    from kv3d_core.config import compose, search_path
+
+    (tmp_path / "codec").mkdir()
+    (tmp_path / "codec" / "shipped.yaml").write_text("name: shipped\nlevel: 2\n")
+
+    class Shipping:
+        @hookimpl
+        def config_dir(self):
+            return str(tmp_path)
+
+    class Missing:
+        @hookimpl
+        def config_dir(self):
+            return str(tmp_path / "not-there")
+
+    pm = make_plugin_manager(extra=[("shipping", Shipping()), ("missing", Missing())])
+    assert tmp_path.resolve() in search_path(pm)
+    assert dict(compose(["codec=shipped"], plugins=pm).codec) == {"name": "shipped", "level": 2}
+    assert dict(compose(["codec.name=shipped"], plugins=pm).codec) == {"name": "shipped", "level": 2}
+    broken = [r for r in pm.describe() if r["kind"] == "broken"]
+    assert [r["name"] for r in broken] == ["missing"] and "not a directory" in broken[0]["error"]

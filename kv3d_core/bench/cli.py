@@ -23,7 +23,7 @@ import signal
 import sys
 from pathlib import Path
 
-from kv3d_core.config import config_dir, normalize_overrides
+from kv3d_core.config import GROUPS, config_dir, group_options, normalize_overrides, search_path, searchpath_override
 from kv3d_core.errors import Kv3dError
 
 CONFIG_NAME = "bench"
@@ -80,7 +80,14 @@ def main(args: list[str]) -> int:
               "pip install 'kv3d[bench]' (or: scripts/setup.sh test)", file=sys.stderr)
         return 2
 
-    argv = [a if a.startswith("-") else normalize_overrides([a])[0] for a in args]
+    dirs = search_path()            # installed plugins' config groups (codec=int8, tier=ssd...)
+    options = {g: set(group_options(g, dirs)) for g in GROUPS}
+    argv = [a if a.startswith("-") else normalize_overrides([a], options)[0] for a in args]
+    # hydra.searchpath joins the other overrides (argparse takes them as one run of positionals)
+    searchpath = searchpath_override(dirs, [a for a in argv if "=" in a and not a.startswith("-")])[-1:]
+    argv = [a for a in argv if not a.lstrip("+").startswith("hydra.searchpath=")]
+    at = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), len(argv))
+    argv[at:at] = searchpath
     app = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base=None)(_task)
     saved = sys.argv
     sys.argv = ["kv3d-bench", *argv]

@@ -15,7 +15,6 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from kv3d_core.config import plugin_settings
 from kv3d_core.contracts.backend import ExecutionBackend, SamplingParams
 from kv3d_core.contracts.detector import FamilyKey, PrefixDetector, PromptView
 from kv3d_core.engine.prompt import ChatPrompter
@@ -47,9 +46,9 @@ class Engine:
         self.plugins = plugins or make_plugin_manager()
         self.metrics = Metrics()
         self.monitor = FailureMonitor(self.metrics, SafetyConfig(**dict(cfg.safety)), safe_mode=bool(cfg.safe_mode))
-        backend_name, backend_settings = plugin_settings(cfg.backend)
         streams = cfg.cache.layout == "streams"
-        backend_settings.update(
+        # what the core computes for the backend, beside the backend node's own settings
+        backend_core = dict(
             model_path=cfg.model.path,
             model_id=cfg.model.id,
             hot_mb=cfg.cache.gpu_hot_mb,
@@ -58,16 +57,16 @@ class Engine:
             kv_unified=not streams,
             n_ctx_seq=cfg.cache.stream_ctx if streams else None,
         )
-        det_name, det_settings = plugin_settings(cfg.detector)
-        # Resolve every configured plugin before loading the model: a missing one fails fast.
-        self.plugins.get("backend", backend_name)
+        # Resolve every configured plugin and check its settings before loading the model: a
+        # missing plugin or an unknown setting fails fast.
+        self.plugins.settings("backend", cfg.backend)
         if not cfg.safe_mode:
-            self.plugins.get("codec", cfg.codec.name)
-            self.plugins.get("tier", cfg.tier.name)
-        self.detector: PrefixDetector = self.plugins.create("detector", det_name, **det_settings)
+            self.plugins.settings("codec", cfg.codec)
+            self.plugins.settings("tier", cfg.tier)
+        self.detector: PrefixDetector = self.plugins.configure("detector", cfg.detector)
         self.share_families = bool(cfg.cache.get("share_families", False))
         self.tiers = None
-        self.backend: ExecutionBackend = self.plugins.create("backend", backend_name, **backend_settings)
+        self.backend: ExecutionBackend = self.plugins.configure("backend", cfg.backend, **backend_core)
         try:
             self.info = self.backend.info
             self.tiers = self._make_tiers(cfg)

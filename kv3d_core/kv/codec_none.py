@@ -3,6 +3,8 @@ A/B baseline every other codec is measured against."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import zstandard
 
@@ -96,6 +98,13 @@ class NoneCodec(DeltaCodec):
         return KVArrays(positions, k, v, int(meta["head_dim_k"]), int(meta["head_dim_v"]), dict(meta["extra"]))
 
 
+@dataclass
+class NoneSettings:
+    """The ``codec`` node of ``codec=none`` (``configs/codec/none.yaml``)."""
+
+    zstd_level: int = 0
+
+
 @hookimpl
 def register_codecs(register):
-    register("none", NoneCodec)
+    register("none", NoneCodec, settings=NoneSettings)

@@ -408,17 +408,16 @@ def table(result: dict[str, Any], totals: Totals, n_families: int) -> str:
 
 
 def main(args: list[str]) -> int:
-    from kv3d_core.config import compose, plugin_settings
+    from kv3d_core.config import compose
     from kv3d_core.plugins import make_plugin_manager
 
     start = time.perf_counter()
     overrides, opts = split_args(args)
-    cfg = compose(overrides)
-    cases = order_cases(load_prompts(opts["prompts"]), opts["limit"])
     plugins = make_plugin_manager()
-    codec_name, codec_settings = plugin_settings(cfg.codec)
-    codec = plugins.create("codec", codec_name, **codec_settings)
-    backend_name, backend_settings = plugin_settings(cfg.backend)
+    cfg = compose(overrides, plugins=plugins)
+    cases = order_cases(load_prompts(opts["prompts"]), opts["limit"])
+    codec = plugins.configure("codec", cfg.codec)
+    backend_name, backend_settings = plugins.settings("backend", cfg.backend)
     backend_settings.update(model_path=cfg.model.path, model_id=cfg.model.id, n_ctx=opts["n_ctx"],
                             n_seq_max=4, n_threads=cfg.server.threads)
     backend = plugins.create("backend", backend_name, **backend_settings)

@@ -19,6 +19,7 @@ cannot be explained by a family (the hit metric then counts any shared prefix).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -85,7 +86,21 @@ class RadixDetector(ExactDetector):
         return candidate.lcp if candidate.lcp >= self.min_match_tokens else 0
 
 
+@dataclass
+class ExactSettings:
+    """The ``detector`` node of ``detector=exact`` (``configs/detector/exact.yaml``)."""
+
+    min_family_tokens: int = 1
+
+
+@dataclass
+class RadixSettings(ExactSettings):
+    """The ``detector`` node of ``detector=radix`` (``configs/detector/radix.yaml``)."""
+
+    min_match_tokens: int = 16
+
+
 @hookimpl
 def register_detectors(register):
-    register("exact", ExactDetector)
-    register("radix", RadixDetector)
+    register("exact", ExactDetector, settings=ExactSettings)
+    register("radix", RadixDetector, settings=RadixSettings)

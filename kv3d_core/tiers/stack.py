@@ -60,7 +60,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from omegaconf import DictConfig
 
-from kv3d_core.config import plugin_settings
 from kv3d_core.contracts.backend import ModelInfo
 from kv3d_core.contracts.codec import DeltaCodec, KVArrays
 from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
@@ -746,17 +745,15 @@ def build_tier_stack(cfg: DictConfig, plugins: "PluginManager", info: ModelInfo,
                      monitor: "FailureMonitor | None" = None) -> TierStack | None:
     """The tiers a configuration asks for: RAM (``cache.ram_warm_mb`` > 0), then the
     ``tier`` plugin when it is not ``ram``; None when there are none."""
-    codec_name, codec_settings = plugin_settings(cfg.codec)
-    codec = plugins.create("codec", codec_name, **codec_settings)
+    codec = plugins.configure("codec", cfg.codec)
     if not isinstance(codec, DeltaCodec):
-        raise PluginError(f"codec plugin {codec_name!r} did not return a DeltaCodec")
-    tier_name, tier_settings = plugin_settings(cfg.tier)
+        raise PluginError(f"codec plugin {cfg.codec.name!r} did not return a DeltaCodec")
     warm = None
     if cfg.cache.ram_warm_mb > 0:
         warm = plugins.create("tier", "ram", capacity_mb=cfg.cache.ram_warm_mb)
     cold = None
-    if tier_name != "ram":
-        cold = plugins.create("tier", tier_name, **tier_settings)
+    if cfg.tier.name != "ram":
+        cold = plugins.configure("tier", cfg.tier)
     if warm is None and cold is None:
         return None
     safety = cfg.get("safety", {})

@@ -317,7 +317,7 @@ def resolve_gpu_layers(value: int | str) -> int:
 
 class LlamaCppBackend(ExecutionBackend):
     """Settings (all from the Hydra ``backend`` node, plus model/cache/scheduler keys
-    the core passes in): see ``configs/backend/llamacpp.yaml``."""
+    the core passes in): see ``conf/backend/llamacpp.yaml`` of this package."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""kv3d cold storage tier on local disk (``+tier=ssd``).
+"""kv3d cold storage tier on local disk (``tier=ssd``).
 
 - :mod:`kv3d_tier_ssd.fileformat` -- the on-disk format of one entry file.
 - :mod:`kv3d_tier_ssd.tier` -- :class:`SsdTier`, the byte-budgeted store.

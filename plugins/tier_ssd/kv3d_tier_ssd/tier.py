@@ -99,7 +99,7 @@ class _Record:
 
 
 class SsdTier(StorageTier):
-    """Cold tier on local disk. Settings (``configs/tier/ssd.yaml``): ``path``,
+    """Cold tier on local disk. Settings (``conf/tier/ssd.yaml`` of this package): ``path``,
     ``capacity_mb``, ``fsync``, ``checksum``, ``remove_foreign``."""
 
     name = "ssd"
