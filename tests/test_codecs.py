@@ -3,8 +3,9 @@ kv3d-codec-block), each created through a fresh plugin manager.
 
 - round trips keep positions, layer count, shapes, head dims and ``extra``; ``none``
   is bit-exact, ``int8`` and ``block`` stay within their stated per-value bounds;
-- damaged payloads (truncated, flipped header bytes, another codec's or version's
-  payload) raise CodecError and nothing else;
+- damaged payloads (truncated, flipped header bytes) raise CodecError and nothing else;
+  another codec's or version's payload is refused by the core's framing
+  (kv3d_core.kv.framing: codecs return and take their own bytes, the core adds its header);
 - on real SmolLM2 KV deltas (llama.cpp state -> kv3d_core.kv.state_format): ratios,
   error bounds, and the next-token distributions after a restore through llama.cpp.
 """
@@ -148,7 +149,9 @@ def test_round_trip_keeps_layout(pm, name):
     a = synth_kv()
     before = [x.copy() for x in a.k + a.v]
     data = make(pm, name).encode(a)
-    assert isinstance(data, bytes) and framing.peek_codec(data) == (name, make(pm, name).version)
+    assert isinstance(data, bytes) and data[:4] != framing.MAGIC, "the core frames a codec's bytes, not the codec"
+    framed = framing.encode(make(pm, name), a)
+    assert framing.peek_codec(framed) == (name, make(pm, name).version) and framed.endswith(data)
     b = make(make_plugin_manager(), name).decode(data)      # another instance, another manager
     assert_same_layout(a, b)
     assert all(np.array_equal(x, y) for x, y in zip(before, a.k + a.v)), "encode changed its input"
@@ -511,10 +514,9 @@ def test_non_finite_values_are_refused(pm, name):
 
 # -- damaged payloads ---------------------------------------------------------------------------
 def header_end(data: bytes) -> int:
-    """Offset of the payload: framing header plus meta."""
-    (n,) = struct.unpack_from("<H", data, 5)
-    (mlen,) = struct.unpack_from("<I", data, 7 + n + 2)
-    return 7 + n + 6 + mlen
+    """Offset of the body in a codec's bytes: after the JSON meta (framing.pack_meta)."""
+    (mlen,) = struct.unpack_from("<I", data, 0)
+    return 4 + mlen
 
 
 def decodes_to_codec_error_or_right_layout(codec, data: bytes, like: KVArrays) -> bool:
@@ -548,8 +550,8 @@ def test_truncated_payloads(pm, name, settings):
 
 @pytest.mark.parametrize("name,settings", ENCODINGS)
 def test_flipped_header_bytes(pm, name, settings):
-    """Every byte of the framing header and the metadata, and a sample of the
-    checksummed sections (positions, frame sizes, scales): a flip is a CodecError."""
+    """Every byte of the metadata, and a sample of the checksummed sections (positions,
+    frame sizes, scales): a flip is a CodecError."""
     a = synth_kv(n=30, n_layer=4)
     codec = make(pm, name, **settings)
     data = codec.encode(a)
@@ -582,10 +584,11 @@ def test_flipped_code_bytes_never_crash(pm, name, settings):
 
 
 def test_other_codecs_and_versions_are_refused(pm):
+    """By the core's framing, before the codec sees the bytes."""
     a = synth_kv(n=8, n_layer=3)
-    payloads = {name: make(pm, name).encode(a) for name in CODECS}
+    payloads = {name: framing.encode(make(pm, name), a) for name in CODECS}
     for reader in ("int8", "block"):
-        codec = make(pm, reader)
+        codec = framing.FramedCodec(make(pm, reader))
         for writer, data in payloads.items():
             if writer != reader:
                 with pytest.raises(CodecError, match=f"not '{reader}'"):
@@ -745,3 +748,62 @@ def test_real_kv_restored_through_llama_cpp(pm, real):
     assert top8 >= min(0.9, top_floor - 0.1)
     klb, topb = stats["block"]
     assert klb < 0.2 and topb >= 0.7, "the 4-bit block codec broke the model"
+
+
+# -- payloads of older versions -------------------------------------------------------------
+def golden_kv() -> KVArrays:
+    rng = np.random.default_rng(7)
+    return KVArrays(np.arange(5, 8, dtype=np.int32),
+                    [np.round(rng.normal(0, 1, (3, 8)), 2).astype(np.float16) for _ in range(2)],
+                    [np.round(rng.normal(0, 1, (3, 8)), 2).astype(np.float16) for _ in range(2)],
+                    4, 4, {"layout": "golden"})
+
+
+#: golden_kv() as kv3d stored it before the core owned the framing (each codec then wrote
+#: framing.pack(id, version, meta, body) itself; commit 0a821f1): warm entries and cold-tier
+#: files of that version hold exactly these bytes.
+GOLDEN = {
+    ("none", 0): "4b5633430104006e6f6e650100740000007b226578747261223a7b226c61796f7574223a22676f6c64656e227d2c2268656164"
+                 "5f64696d5f6b223a342c22686561645f64696d5f76223a342c226b5f7769647468223a5b382c385d2c226e5f63656c6c7322"
+                 "3a332c22765f7769647468223a5b382c385d2c227a737464223a66616c73657d0500000006000000070000000000cd3452b4"
+                 "1fbb33b7ecbbae2b5c3dd7b7f6b8d737c3350a2f71bbaea79a395cbd5cb79abf29bd5cbfaeb314bd52341f3114b20ac152b8"
+                 "66aa0a2f1fbeaeb7d7bb7bba3d3c7bbaaea70a3ba4b80aaf0a2fae2becbc1f2d713d33bee13aae2f1fb90040143acdbc7b2c"
+                 "a43814b271397bac5c39c33d71b966325cb72930c3bca4b866b2333b9a3c48bd52ba3339f6bf5cb766ae0a3d853948b5ecb5"
+                 "00b4143ee1b6cdb49a35aeaf66b271bc1fa10ab7ae3c33391fa55c3971b5333c1fa1a438",
+    ("none", 3): "4b5633430104006e6f6e650100730000007b226578747261223a7b226c61796f7574223a22676f6c64656e227d2c2268656164"
+                 "5f64696d5f6b223a342c22686561645f64696d5f76223a342c226b5f7769647468223a5b382c385d2c226e5f63656c6c7322"
+                 "3a332c22765f7769647468223a5b382c385d2c227a737464223a747275657d28b52ffd20cc61060005000000060000000700"
+                 "00000000cd3452b41fbb33b7ecbbae2b5c3dd7b7f6b8d737c3350a2f71bbaea79a395cbd5cb79abf29bd5cbfaeb314bd5234"
+                 "1f3114b20ac152b866aa0a2f1fbeaeb7d7bb7bba3d3c7bbaaea70a3ba4b80aaf0a2fae2becbc1f2d713d33bee13aae2f1fb9"
+                 "0040143acdbc7b2ca43814b271397bac5c39c33d71b966325cb72930c3bca4b866b2333b9a3c48bd52ba3339f6bf5cb766ae"
+                 "0a3d853948b5ecb500b4143ee1b6cdb49a35aeaf66b271bc1fa10ab7ae3c33391fa55c3971b5333c1fa1a438",
+    ("int8", 3): "4b563343010400696e74380200b50000007b226368756e6b5f67726f757073223a31363338342c22637263223a323033303535"
+                 "323630342c226578747261223a7b226c61796f7574223a22676f6c64656e227d2c2267726f7570223a342c22686561645f64"
+                 "696d5f6b223a342c22686561645f64696d5f76223a342c226b5f7769647468223a5b382c385d2c226e5f63656c6c73223a33"
+                 "2c227363616c65735f6279746573223a36312c22765f7769647468223a5b382c385d2c227a737464223a747275657d050000"
+                 "0006000000070000003d0000003d00000028b52ffd24308101002e670080aa6b152c4619f640097ccfcda4041521ef7ab83c"
+                 "1f211d1f23232522201f2022241d2120202421221a202020a89f2e3d28b52ffd243081010002d8da07986408f6ae8a8ea10f"
+                 "8ef08d8979f7af00806840d73b06d7f37c1c08ce67ac28df74eee78a6de8fc74f4d7f4f2f4761c28b52ffd24308101000b91"
+                 "526fc14af1c0611a1f838615c918bfffcfc0b618f16a7f04dcdfabf45fe10a3fce9126f641bf177d91fef7e97ff657bf688a",
+    ("block", 0): "4b563343010500626c6f636b0100c90000007b226368756e6b5f67726f757073223a323034382c22637263223a32353630353831"
+                  "3439372c226578747261223a7b226c61796f7574223a22676f6c64656e227d2c2267726f75705f73697a65223a33322c2268"
+                  "6561645f64696d5f6b223a342c22686561645f64696d5f76223a342c226b5f7769647468223a5b382c385d2c226e5f63656c"
+                  "6c73223a332c226f6666736574223a747275652c22706172616d735f6279746573223a31322c22765f7769647468223a5b38"
+                  "2c385d2c227a737464223a66616c73657d050000000600000007000000300000001e937d0a33f6343333c1bebf4afba91678"
+                  "966a9f6897dc4b7a567a2d6588c2d53359b50b7a89e0b87a7a74f87273ab83864a8476e7b781b77cd08ab7",
+}
+
+
+@pytest.mark.parametrize("name,level", list(GOLDEN))
+def test_payloads_stored_before_the_core_owned_the_framing_still_decode(pm, name, level):
+    """The core's header plus the codec's bytes is byte for byte the old format: an entry an
+    older kv3d stored decodes unchanged, and the same input is stored as the same bytes."""
+    old = bytes.fromhex(GOLDEN[(name, level)])
+    codec = framing.FramedCodec(make(pm, name, zstd_level=level))
+    a = golden_kv()
+    assert codec.encode(a) == old
+    got = codec.decode(old)
+    assert_same_layout(a, got)
+    if name == "none":
+        assert same_bits(a, got)
+    assert same_bits(got, codec.decode(codec.encode(a)))

@@ -56,10 +56,15 @@ class DeltaCodec(abc.ABC):
 
     Requirements:
 
-    - The encoded bytes begin with a header carrying :attr:`codec_id` and
-      :attr:`version`; :meth:`decode` raises :class:`~kv3d_core.errors.CodecError`
-      on another id or version, a truncated payload, or any length that does not
-      add up -- never returns wrong-shaped arrays, never crashes the process.
+    - The bytes are the codec's own: :meth:`encode` returns them and :meth:`decode`
+      takes them back, in whatever format the codec likes (its own header and magic
+      included). The core frames them -- it puts a header with :attr:`codec_id` and
+      :attr:`version` in front of them and strips it (:mod:`kv3d_core.kv.framing`) --
+      and hands :meth:`decode` only bytes its own id and version wrote, as a
+      bytes-like object (``bytes`` or a ``memoryview``; ``bytes(data)`` when the codec
+      needs ``bytes``). :meth:`decode` raises :class:`~kv3d_core.errors.CodecError`
+      on a truncated payload or any length that does not add up -- never returns
+      wrong-shaped arrays, never crashes the process.
     - ``decode(encode(a))`` has the same positions, layer count, shapes and
       ``extra`` as ``a``; values may differ by at most the codec's stated error
       (:attr:`lossless` codecs: bit-exact).
@@ -72,16 +77,19 @@ class DeltaCodec(abc.ABC):
     """
 
     codec_id: str = "?"
+    """Names the format (ASCII, 1..65535 bytes); the core frames payloads with it."""
     version: int = 1
+    """Version of the format (0..65535): a payload of another version is never handed to
+    :meth:`decode` (a stored entry of an older version is a cache miss)."""
     lossless: bool = False
 
     @abc.abstractmethod
     def encode(self, arrays: KVArrays) -> bytes:
-        """Encode the cells."""
+        """Encode the cells into the codec's own bytes (no kv3d header: the core adds it)."""
 
     @abc.abstractmethod
     def decode(self, data: bytes) -> KVArrays:
-        """Decode what :meth:`encode` produced."""
+        """Decode what :meth:`encode` produced (``data``: bytes or a memoryview of them)."""
 
     def decode_into(self, data: bytes, alloc: Callable[[KVArrays], KVArrays]) -> KVArrays:
         """Decode what :meth:`encode` produced into arrays that ``alloc`` provides.

@@ -1,5 +1,9 @@
 """The built-in ``none`` codec: f16 KV as-is (optionally zstd) -- the lossless
-A/B baseline every other codec is measured against."""
+A/B baseline every other codec is measured against.
+
+Its bytes (the core frames them, :mod:`kv3d_core.kv.framing`): :func:`~kv3d_core.kv.framing.pack_meta`
+of the layout metadata (plus ``zstd``), then positions (int32) and every K then V layer
+(float16), one zstd frame over them when ``zstd_level`` > 0."""
 
 from __future__ import annotations
 
@@ -69,10 +73,10 @@ class NoneCodec(DeltaCodec):
         meta["zstd"] = self.zstd_level > 0
         if self.zstd_level > 0:
             raw = zstandard.ZstdCompressor(level=self.zstd_level).compress(raw)
-        return framing.pack(self.codec_id, self.version, meta, raw)
+        return framing.pack_meta(meta, raw)
 
     def decode(self, data: bytes) -> KVArrays:
-        meta, payload = framing.unpack(data, self.codec_id, self.version)
+        meta, payload = framing.unpack_meta(data)
         n, kw, vw = check_layout(meta)
         expected = 4 * n + 2 * n * (sum(kw) + sum(vw))
         if meta.get("zstd"):

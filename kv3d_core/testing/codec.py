@@ -185,10 +185,10 @@ def assert_within(want: KVArrays, got: KVArrays, rel: float, floor: float, what:
 
 
 def _header_end(data: bytes) -> int | None:
-    """Length of the core's framing header plus metadata, or None when not framed."""
+    """Length of the JSON metadata head (:func:`kv3d_core.kv.framing.pack_meta`) that leads
+    a codec's bytes, or None when the codec does not use it."""
     try:
-        cid, ver = framing.peek_codec(data)
-        meta, body = framing.unpack(data, cid, ver)
+        meta, body = framing.unpack_meta(data)
     except CodecError:
         return None
     return len(data) - len(body)
@@ -213,8 +213,12 @@ class CodecContract:
     - ``detects_damage``: True when every damaged payload (a flipped byte, a rewritten
       metadata field) is a ``CodecError`` or decodes to exactly the original values (the
       codec checksums what it reads). False (default): a damaged payload may decode, but
-      only to well-formed arrays. Truncated, empty, random and foreign payloads are a
+      only to well-formed arrays. Truncated, empty and random payloads are a
       ``CodecError`` either way; no damage may raise anything else.
+
+    The tests call the codec's own :meth:`~DeltaCodec.encode` / :meth:`~DeltaCodec.decode`
+    (its bytes, no kv3d header); those about other codecs' payloads go through the core's
+    framing (:class:`kv3d_core.kv.framing.FramedCodec`), as the tier stack does.
     """
 
     max_rel_error: float | None = None
@@ -277,11 +281,38 @@ class CodecContract:
         assert isinstance(codec.version, int) and 0 <= codec.version < 2**16, f"version {codec.version!r}"
         assert isinstance(codec.lossless, bool)
 
-    def test_payload_starts_with_the_core_header(self, codec):
-        """The tier stack reads a payload's codec id and version with
-        :func:`kv3d_core.kv.framing.peek_codec` before decoding (``tiers/stack.py``)."""
+    def test_the_core_frames_the_codecs_bytes(self, codec):
+        """The codec returns its own bytes, without the core's header (the core adds it:
+        a codec writing it too would be framed twice); the framed payload names the codec
+        and version, and the core hands ``decode`` exactly the codec's bytes back."""
         _, a = kv_cases()[0]
-        assert framing.peek_codec(codec.encode(a)) == (codec.codec_id, codec.version)
+        raw = codec.encode(a)
+        try:
+            twice = framing.peek_codec(raw) == (codec.codec_id, codec.version)
+        except CodecError:
+            twice = False
+        assert not twice, "encode wrote kv3d's framing header itself: the core adds it (kv3d_core.kv.framing)"
+        framed = framing.FramedCodec(codec)
+        data = framed.encode(a)
+        assert framing.peek_codec(data) == (codec.codec_id, codec.version)
+        assert bytes(framing.unframe(data, codec.codec_id, codec.version)) == raw
+        self.check_round_trip(codec, a, framed.decode(data), "through the core's framing")
+
+    def test_decode_takes_a_memoryview(self, codec):
+        """The core hands ``decode`` and ``decode_into`` the bytes after its header as a
+        memoryview (no copy)."""
+        what, a = kv_cases()[0]
+        data = codec.encode(a)
+        want = codec.decode(data)
+        assert_identical(want, codec.decode(memoryview(data)), f"{what}: decode of a memoryview")
+        assert_identical(want, codec.decode(memoryview(b"xx" + data)[2:]), f"{what}: decode of an offset memoryview")
+
+        def alloc(t: KVArrays) -> KVArrays:
+            return KVArrays(t.positions.copy(), [np.empty(x.shape, np.float16) for x in t.k],
+                            [np.empty(x.shape, np.float16) for x in t.v], t.head_dim_k, t.head_dim_v,
+                            copy.deepcopy(t.extra))
+
+        assert_identical(want, codec.decode_into(memoryview(data), alloc), f"{what}: decode_into of a memoryview")
 
     # -- round trips ------------------------------------------------------------------------------
     @pytest.mark.parametrize("case", range(len(kv_cases())), ids=[w for w, _ in kv_cases()])
@@ -375,13 +406,13 @@ class CodecContract:
             self.check_damaged(codec, data[:h] + rng.bytes(n), ref, f"valid header, {n} random body bytes")
 
     def test_rewritten_metadata(self, codec):
-        """Each field of the framing metadata removed or given a bad value (huge sizes
+        """Each field of the JSON metadata (for codecs whose bytes start with
+        :func:`kv3d_core.kv.framing.pack_meta`) removed or given a bad value (huge sizes
         included: a decoder must not allocate what a damaged length announces)."""
         a, data, ref, h = self._payload(codec)
         if _header_end(data) is None:
-            pytest.skip("the payload does not use the core's framing (kv3d_core.kv.framing)")
-        cid, ver = framing.peek_codec(data)
-        meta, body = framing.unpack(data, cid, ver)
+            pytest.skip("the codec's bytes do not start with kv3d_core.kv.framing.pack_meta's metadata")
+        meta, body = framing.unpack_meta(data)
         bad_values = [None, True, -1, 0, 2**40, -2**63, 1.5, "x", "", [], {}, [1, 2], {"a": 1}]
         for key in list(meta):
             variants = [(f"{key} removed", {k: v for k, v in meta.items() if k != key})]
@@ -390,28 +421,37 @@ class CodecContract:
                 variants += [(f"{key}[0]={v!r}", dict(meta, **{key: [v] + meta[key][1:]}))
                              for v in (0, -1, 2**31, 2**40) if v != meta[key][0]]
             for what, m in variants:
-                self.check_damaged(codec, framing.pack(cid, ver, m, body), ref, f"metadata {what}")
+                self.check_damaged(codec, framing.pack_meta(m, body), ref, f"metadata {what}")
 
     def test_other_codecs_payloads_are_refused(self, codec):
-        a, data, _, _ = self._payload(codec)
-        foreign = {"opaque-zstd (the core's fallback encoding)": opaque.encode(b"\1" * 300)}
+        """Through the core's framing, another codec's payload and this payload labelled
+        with another id or version never reach ``decode``: a CodecError. Handed straight to
+        ``decode``, the built-in ``none`` codec's bytes are a CodecError or well-formed
+        arrays, never another exception."""
+        a, raw, ref, _ = self._payload(codec)
+        framed = framing.FramedCodec(codec)
+        from kv3d_core.kv.codec_none import NoneCodec
+
+        foreign = {"opaque-zstd (the core's fallback encoding)": opaque.encode(b"\1" * 300),
+                   "this payload labelled with another codec id": framing.frame("kv3d-contract-other",
+                                                                                codec.version, raw),
+                   f"this payload labelled v{(codec.version + 1) % 2**16}": framing.frame(
+                       codec.codec_id, (codec.version + 1) % 2**16, raw)}
+        if codec.version > 0:
+            foreign[f"this payload labelled v{codec.version - 1}"] = framing.frame(codec.codec_id, codec.version - 1,
+                                                                                   raw)
         if codec.codec_id != "none":
-            from kv3d_core.kv.codec_none import NoneCodec
-            foreign["none (the built-in codec)"] = NoneCodec().encode(a)
-        try:
-            meta, body = framing.unpack(data, codec.codec_id, codec.version)
-        except CodecError:
-            pass                                    # not framed: only the foreign payloads above
-        else:
-            foreign["this payload labelled with another codec id"] = framing.pack("kv3d-contract-other", codec.version,
-                                                                                  meta, body)
-            foreign[f"this payload labelled v{codec.version + 1}"] = framing.pack(codec.codec_id, codec.version + 1,
-                                                                                  meta, body)
-            if codec.version > 0:
-                foreign[f"this payload labelled v{codec.version - 1}"] = framing.pack(
-                    codec.codec_id, codec.version - 1, meta, body)
+            foreign["none (the built-in codec)"] = framing.FramedCodec(NoneCodec()).encode(a)
         for what, payload in foreign.items():
-            self.must_refuse(codec, payload, what)
+            self.must_refuse(framed, payload, what)
+        if codec.codec_id != "none":
+            try:
+                got = codec.decode(NoneCodec().encode(a))
+            except CodecError:
+                return
+            except Exception as exc:  # noqa: BLE001
+                pytest.fail(f"decode of the none codec's bytes raised {type(exc).__name__} ({exc}), not CodecError")
+            assert_well_formed(got, "the none codec's bytes")
 
     # -- decode_into --------------------------------------------------------------------------------
     @pytest.mark.parametrize("layout", ["contiguous", "one buffer", "strided"])

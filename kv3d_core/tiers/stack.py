@@ -6,12 +6,12 @@ as it must touch the context::
 
     seq_state_get(seq)                       scheduler thread (~1 ms per 10 MB)
       -> parse -> delta (cells >= n_prefix)  writer thread
-      -> codec.encode -> warm.put            writer thread
+      -> codec.encode -> framed -> warm.put  writer thread (the core's header: kv/framing.py)
            warm evicts LRU -> cold.put       writer thread (fsync'd files)
 
 Restore (a request resumes the entry), scheduler thread::
 
-    warm.get or cold.get -> codec.decode_into the blob's K/V rows (state_format.allocate)
+    warm.get or cold.get -> header checked -> codec.decode_into the blob's K/V rows (state_format.allocate)
       unified layout:    -> seq_state_set(seq) -> seq_cp(snapshot seq, seq, 0, n_prefix)
                                                      (the family prefix is shared, not stored)
       a stream per seq:  the blob holds the family prefix's rows (copied from the snapshot's
@@ -101,7 +101,8 @@ class TierStack:
             raise ValueError("a tier stack needs at least one tier")
         self.warm = warm
         self.cold = cold
-        self.codec = codec
+        # the codec returns and takes its own bytes; the core frames them (codec id, version)
+        self.codec = framing.FramedCodec(codec)
         self.info = info
         self.metrics = metrics
         self.max_pending = int(max_pending_mb * 1024 * 1024)
@@ -225,7 +226,7 @@ class TierStack:
             if component == "codec" and self.codec.codec_id != "none":
                 self.disabled_codecs.add(self.codec.codec_id)
                 log.error("codec %s switched off: new spills use the lossless none codec", self.codec.codec_id)
-                self.codec = NoneCodec()
+                self.codec = framing.FramedCodec(NoneCodec())
             elif component in ("warm", "cold"):
                 tier = self.warm if component == "warm" else self.cold
                 if tier is None:
@@ -464,8 +465,9 @@ class TierStack:
                 if arrays.n_cells != len(meta_base["tokens"]) - n_prefix:
                     raise StateFormatError(f"state holds {arrays.n_cells} cells, expected "
                                            f"{len(meta_base['tokens']) - n_prefix}")
-                payload = self.codec.encode(arrays)
-                codec_id, version, f16 = self.codec.codec_id, self.codec.version, arrays.f16_bytes()
+                codec = self.codec          # one codec for the payload and its label (apply_disables swaps it)
+                payload = codec.encode(arrays)
+                codec_id, version, f16 = codec.codec_id, codec.version, arrays.f16_bytes()
             except StateFormatError as exc:
                 log.debug("state layout not understood (%s): storing the opaque blob", exc)
                 self.metrics.codec_fallback.inc()

@@ -1,7 +1,8 @@
 """The ``block`` delta codec: 4-bit codes in groups of 32 consecutive values, one
 float16 scale and one float16 offset per group (like ggml's Q4_1), two codes a byte.
 
-Format (after the shared :mod:`kv3d_core.kv.framing` header, codec id ``block``, version 1)::
+Format of the codec's bytes (codec id ``block``, version 1; the core frames them, see
+:mod:`kv3d_core.kv.framing`), led by :func:`~kv3d_core.kv.framing.pack_meta`'s JSON metadata::
 
     meta     layout (n_cells, widths, head dims, extra) + group_size, offset,
              chunk_groups, zstd, params_bytes, crc
@@ -184,11 +185,11 @@ class BlockCodec(DeltaCodec):
         meta.update(group_size=gs, offset=self.offset, chunk_groups=cg, zstd=bool(level),
                     params_bytes=len(params))
         meta["crc"] = K.meta_crc(meta, head)
-        return framing.pack(self.codec_id, self.version, meta, b"".join((head, *frames)))
+        return framing.pack_meta(meta, b"".join((head, *frames)))
 
     # -- decode -------------------------------------------------------------------------
     def decode(self, data: bytes) -> KVArrays:
-        meta, payload = framing.unpack(data, self.codec_id, self.version)
+        meta, payload = framing.unpack_meta(data)
         n, kw, vw = check_layout(meta)
         hk = K.meta_int(meta, "head_dim_k", 1, 1 << 16)
         hv = K.meta_int(meta, "head_dim_v", 1, 1 << 16)

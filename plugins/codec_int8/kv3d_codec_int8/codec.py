@@ -1,7 +1,8 @@
 """The ``int8`` delta codec: int8 codes with an absmax scale per token per KV head,
 zstd over the codes and the scales.
 
-Format (after the shared :mod:`kv3d_core.kv.framing` header, codec id ``int8``, version 2)::
+Format of the codec's bytes (codec id ``int8``, version 2; the core frames them, see
+:mod:`kv3d_core.kv.framing`), led by :func:`~kv3d_core.kv.framing.pack_meta`'s JSON metadata::
 
     meta   layout (n_cells, widths, head dims, extra) + group, chunk_groups, zstd,
            scales_bytes, crc
@@ -274,12 +275,12 @@ class Int8Codec(DeltaCodec):
         meta = layout_meta(arrays)
         meta.update(group=g, chunk_groups=cg, zstd=bool(level), scales_bytes=len(scale_bytes))
         meta["crc"] = K.meta_crc(meta, head)
-        return framing.pack(self.codec_id, self.version, meta, b"".join((head, *frames)))
+        return framing.pack_meta(meta, b"".join((head, *frames)))
 
     # -- decode -------------------------------------------------------------------------
     def _read(self, data: bytes) -> "_Payload":
         """The checked header of a payload (everything but the code frames' contents)."""
-        meta, payload = framing.unpack(data, self.codec_id, self.version)
+        meta, payload = framing.unpack_meta(data)
         n, kw, vw = check_layout(meta)
         hk = K.meta_int(meta, "head_dim_k", 1, 1 << 16)
         hv = K.meta_int(meta, "head_dim_v", 1, 1 << 16)
