@@ -27,6 +27,13 @@ Third-party plugins are found through the ``kv3d`` entry-point group::
 
     [project.entry-points.kv3d]
     my_codec = "my_package.plugin"
+
+Checks at load (:func:`kv3d_core.plugins.make_plugin_manager`): a function marked
+``@hookimpl`` whose name is no hook below (a misspelt ``register_codec``) makes its plugin
+broken -- listed with the reason by ``kv3d plugins``, never silently ignored -- and
+pluggy's ``check_pending()`` confirms none is left; an object a factory returns must be an
+instance of its kind's contract class (``ExecutionBackend``, ``PrefixDetector``,
+``DeltaCodec``, ``StorageTier``), else :class:`~kv3d_core.errors.PluginError`.
 """
 
 from __future__ import annotations

@@ -41,6 +41,26 @@ _HOOK_OF_KIND = {
     "tier": "register_tiers",
 }
 
+#: The contract class of each kind, ``(module, class)``: what a factory must return.
+CONTRACTS = {
+    "backend": ("kv3d_core.contracts.backend", "ExecutionBackend"),
+    "detector": ("kv3d_core.contracts.detector", "PrefixDetector"),
+    "codec": ("kv3d_core.contracts.codec", "DeltaCodec"),
+    "tier": ("kv3d_core.contracts.tier", "StorageTier"),
+}
+
+
+def contract_of(kind: str) -> type:
+    """The contract class implementations of ``kind`` must be instances of."""
+    module, cls = CONTRACTS[kind]
+    return getattr(importlib.import_module(module), cls)
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    """Names of the plugin's ``@hookimpl`` functions that match no hook specification (a
+    misspelt hook would otherwise never be called)."""
+    return sorted(hc.name for hc in (pm.get_hookcallers(plugin) or []) if hc.spec is None)
+
 
 @dataclass(frozen=True)
 class PluginSource:
@@ -176,14 +196,29 @@ class PluginManager:
         raise PluginError(f"{kind} plugin {name!r} is not installed (installed {kind}s: {installed}).{hint}")
 
     def create(self, kind: str, name: str, **settings: Any) -> Any:
-        """Instantiate implementation ``name`` of ``kind`` with keyword ``settings``."""
+        """Instantiate implementation ``name`` of ``kind`` with keyword ``settings``; what
+        the factory returns must be an instance of the kind's contract class
+        (:data:`CONTRACTS`), else :class:`~kv3d_core.errors.PluginError`."""
         impl = self.get(kind, name)
         try:
-            return impl.factory(**settings)
+            obj = impl.factory(**settings)
         except PluginError:
             raise
         except TypeError as exc:
             raise PluginError(f"{kind} plugin {name!r} rejected its settings {sorted(settings)}: {exc}") from exc
+        contract = contract_of(kind)
+        if not isinstance(obj, contract):
+            if kind == "backend" and hasattr(obj, "close"):
+                try:
+                    obj.close()             # a backend holds a model: do not leak it
+                except Exception:
+                    pass
+            raise PluginError(
+                f"{kind} plugin {name!r} ({impl.source.distribution} {impl.source.version}, {impl.source.plugin}) "
+                f"returned {type(obj).__module__}.{type(obj).__qualname__}, which is not a "
+                f"{contract.__module__}.{contract.__qualname__}: its factory must return an instance of a "
+                "subclass of the contract class")
+        return obj
 
     def settings(self, kind: str, node: Any) -> tuple[str, dict[str, Any]]:
         """``(name, settings)`` of a plugin's config node (``cfg.codec``...), the settings
@@ -262,13 +297,31 @@ def make_plugin_manager(*, load_entry_points: bool = True, builtins: bool = True
 
     ``extra`` registers additional ``(name, plugin object)`` pairs (tests, embedding
     applications). Entry points of the ``kv3d`` group are loaded once, here.
+
+    Every plugin's ``@hookimpl`` functions must match a hook specification: an entry
+    point with a misspelt hook is recorded as broken (and left out: ``kv3d plugins`` says
+    which hook), a built-in or ``extra`` plugin with one raises
+    :class:`~kv3d_core.errors.PluginError`; pluggy's ``check_pending()`` then confirms
+    nothing unknown is left.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     manager = PluginManager(pm)
+
+    def register_strict(plugin: object, name: str) -> None:
+        try:
+            pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {name!r} does not fit kv3d's hooks: {exc}") from exc
+        unknown = _unknown_hooks(pm, plugin)
+        if unknown:
+            pm.unregister(plugin)
+            raise PluginError(f"plugin {name!r} implements {', '.join(unknown)}, which kv3d has no hook for "
+                              f"(a misspelt hook name?); the hooks are: {', '.join(_hook_names())}")
+
     if builtins:
         for module_name in BUILTIN_PLUGINS:
-            pm.register(importlib.import_module(module_name), name=module_name)
+            register_strict(importlib.import_module(module_name), module_name)
             manager.sources[module_name] = _core_source(module_name)
     if load_entry_points:
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
@@ -278,7 +331,7 @@ def make_plugin_manager(*, load_entry_points: bool = True, builtins: bool = True
             source = PluginSource(ep.name, dist.name if dist else "?", dist.version if dist else "?")
             try:
                 plugin = ep.load()
-                pm.register(plugin, name=ep.name)
+                register_strict(plugin, ep.name)
             except Exception as exc:  # a broken plugin is reported, not fatal until asked for
                 err = f"{type(exc).__name__}: {exc}"
                 manager.broken.append(PluginSource(ep.name, source.distribution, source.version, err))
@@ -286,6 +339,14 @@ def make_plugin_manager(*, load_entry_points: bool = True, builtins: bool = True
                 continue
             manager.sources[ep.name] = source
     for name, plugin in extra:
-        pm.register(plugin, name=name)
+        register_strict(plugin, name)
         manager.sources[name] = PluginSource(name, "(registered in code)", "-")
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:       # not reached: register_strict refuses them first
+        raise PluginError(str(exc)) from exc
     return manager
+
+
+def _hook_names() -> list[str]:
+    return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "kv3d_spec"))

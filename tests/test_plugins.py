@@ -45,15 +45,80 @@ def test_unknown_kind(pm):
 
 
 def test_managers_are_independent():
+    from kv3d_core.kv.codec_none import NoneCodec
+
     class Extra:
         @hookimpl
         def register_codecs(self, register):
-            register("test-only", lambda **kw: ("made", kw))
+            register("test-only", NoneCodec)
 
     with_extra = make_plugin_manager(extra=[("extra", Extra())])
     plain = make_plugin_manager()
-    assert with_extra.create("codec", "test-only", level=3) == ("made", {"level": 3})
+    made = with_extra.create("codec", "test-only", zstd_level=3)
+    assert isinstance(made, NoneCodec) and made.zstd_level == 3
     assert "test-only" not in plain.names("codec")
+
+
+@pytest.mark.parametrize("kind,hook", [("codec", "register_codecs"), ("tier", "register_tiers"),
+                                       ("detector", "register_detectors"), ("backend", "register_backends")])
+def test_a_factory_must_return_its_kinds_contract(kind, hook):
+    class NotAContract:
+        def close(self):
+            self.closed = True
+
+    made = []
+
+    def factory(**kw):
+        made.append(NotAContract())
+        return made[-1]
+
+    plugin = type("Wrong", (), {hook: hookimpl(lambda self, register: register("wrong", factory))})()
+    pm = make_plugin_manager(extra=[("wrong", plugin)])
+    with pytest.raises(PluginError, match=rf"{kind} plugin 'wrong' .* returned .*NotAContract, which is not a "
+                                          rf"kv3d_core\.contracts\.{kind}\."):
+        pm.create(kind, "wrong")
+    assert getattr(made[0], "closed", False) == (kind == "backend")     # a backend is closed, not leaked
+
+
+def test_a_misspelt_hook_is_an_error():
+    class Misspelt:
+        @hookimpl
+        def register_codec(self, register):         # the hook is register_codecs
+            register("never", lambda **kw: None)
+
+    with pytest.raises(PluginError, match=r"plugin 'misspelt' implements register_codec, which kv3d has no hook "
+                                          r"for \(a misspelt hook name\?\); the hooks are: config_dir, "):
+        make_plugin_manager(extra=[("misspelt", Misspelt())])
+
+    class WrongArgs:
+        @hookimpl
+        def register_codecs(self, registr):
+            pass
+
+    with pytest.raises(PluginError, match="does not fit kv3d's hooks"):
+        make_plugin_manager(extra=[("wrong-args", WrongArgs())])
+
+
+def test_an_installed_plugin_with_a_misspelt_hook_is_broken(monkeypatch, tmp_path):
+    (tmp_path / "kv3d_test_misspelt.py").write_text(
+        "from kv3d_core import hookimpl\n\n"
+        "@hookimpl\ndef register_codec(register):\n    register('misspelt', object)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = md.entry_points
+
+    def fake_entry_points(**kw):
+        eps = list(real(**kw))
+        if kw.get("group") == "kv3d":
+            eps.append(md.EntryPoint(name="codec_misspelt", value="kv3d_test_misspelt", group="kv3d"))
+        return eps
+
+    monkeypatch.setattr(md, "entry_points", fake_entry_points)
+    pm = make_plugin_manager()
+    broken = [r for r in pm.describe() if r["kind"] == "broken"]
+    assert [b["name"] for b in broken] == ["codec_misspelt"] and "register_codec" in broken[0]["error"]
+    assert pm.pm.get_plugin("codec_misspelt") is None
+    with pytest.raises(PluginError, match="failed to load: .*register_codec"):
+        pm.get("codec", "misspelt")
 
 
 def test_duplicate_registration_is_an_error():

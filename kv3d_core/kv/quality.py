@@ -416,6 +416,7 @@ def main(args: list[str]) -> int:
     plugins = make_plugin_manager()
     cfg = compose(overrides, plugins=plugins)
     cases = order_cases(load_prompts(opts["prompts"]), opts["limit"])
+    codec_name = str(cfg.codec.name)
     codec = plugins.configure("codec", cfg.codec)
     backend_name, backend_settings = plugins.settings("backend", cfg.backend)
     backend_settings.update(model_path=cfg.model.path, model_id=cfg.model.id, n_ctx=opts["n_ctx"],

@@ -64,7 +64,7 @@ from kv3d_core.contracts.backend import ModelInfo
 from kv3d_core.contracts.codec import DeltaCodec, KVArrays
 from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
 from kv3d_core.engine.session import SessionState
-from kv3d_core.errors import (CacheFault, CodecError, PluginError, StateFormatError, StateRestoreError,
+from kv3d_core.errors import (CacheFault, CodecError, StateFormatError, StateRestoreError,
                               TierError)
 from kv3d_core.kv import framing, opaque, state_format
 from kv3d_core.metrics import Metrics
@@ -747,9 +747,7 @@ def build_tier_stack(cfg: DictConfig, plugins: "PluginManager", info: ModelInfo,
                      monitor: "FailureMonitor | None" = None) -> TierStack | None:
     """The tiers a configuration asks for: RAM (``cache.ram_warm_mb`` > 0), then the
     ``tier`` plugin when it is not ``ram``; None when there are none."""
-    codec = plugins.configure("codec", cfg.codec)
-    if not isinstance(codec, DeltaCodec):
-        raise PluginError(f"codec plugin {cfg.codec.name!r} did not return a DeltaCodec")
+    codec = plugins.configure("codec", cfg.codec)      # a DeltaCodec: the plugin manager checks
     warm = None
     if cfg.cache.ram_warm_mb > 0:
         warm = plugins.create("tier", "ram", capacity_mb=cfg.cache.ram_warm_mb)
