@@ -125,3 +125,48 @@ def test_session_state_machine():
         check_transition(S.DROPPED, S.PREFILL)
     with pytest.raises(InvalidTransition):
         check_transition(S.QUEUED, S.IDLE)
+
+
+def test_namespaces_separate_models_salts_and_tenants():
+    """The core computes a prompt's namespace (never a detector): every (model, cache salt,
+    tenant) its own, including values that differ only in which field holds a string."""
+    import itertools
+
+    from kv3d_core.contracts.detector import PromptView, namespace_of
+
+    combos = list(itertools.product(["model-a", "model-b"], [None, "s1", "s2"], [None, "t1", "t2"]))
+    combos += [("model-a", "t1", None), ("model-a", None, "s1"), ("model-as1", None, None),
+               ("model-a", "t1s1", None), ("model-a", "1", "t1s"), ("model-a", "s1", "t"), ("model-a", "", None),
+               ("model-a", None, "")]
+    spaces: dict[str, list] = {}
+    for model_id, salt, tenant in dict.fromkeys(combos):
+        ns = PromptView([1, 2], 1, model_id, salt, tenant).namespace
+        assert ns == namespace_of(model_id, salt, tenant)
+        spaces.setdefault(ns, []).append((model_id, salt, tenant))
+    assert all(len(v) == 1 for v in spaces.values()), [v for v in spaces.values() if len(v) > 1]
+
+
+def test_the_core_keeps_a_detectors_family_in_the_prompts_namespace():
+    """A detector returning another namespace (or a snapshot namespace) cannot move a
+    request out of its tenant's namespace: the engine puts the key back in it."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from kv3d_core.contracts.detector import FamilyKey, PromptView
+    from kv3d_core.engine.engine import Engine
+    from kv3d_core.errors import PluginError
+    from kv3d_core.prefix.detectors import ExactDetector
+
+    class Leaky(ExactDetector):
+        def family(self, prompt):
+            return replace(super().family(prompt), namespace="everyone", snapshot_namespace="everyone")
+
+    view = PromptView(list(range(40)), 16, "m", "salt", "alice")
+    eng = SimpleNamespace(detector=Leaky(), cfg=SimpleNamespace(detector=SimpleNamespace(name="leaky")))
+    key = Engine._family(eng, view)
+    assert key.namespace == view.namespace and key.snapshot_namespace is None
+    assert key.digest == ExactDetector().family(view).digest and key.length == 16
+    eng.detector = SimpleNamespace(family=lambda p: ("not", "a", "key"))
+    with pytest.raises(PluginError, match="not a FamilyKey"):
+        Engine._family(eng, view)
+    assert isinstance(Engine._family(SimpleNamespace(detector=ExactDetector(), cfg=None), view), FamilyKey)

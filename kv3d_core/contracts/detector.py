@@ -11,8 +11,36 @@ that must survive a restart.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from typing import Sequence
+
+import numpy as np
+
+
+def namespace_of(model_id: str, cache_salt: str | None, tenant: str | None = None) -> str:
+    """The core's namespace digest: equal only for equal model id, tenant and cache salt.
+    Computed by the core (:attr:`PromptView.namespace`), never by a detector: tenants'
+    isolation (``cache_salt``, API keys) must not depend on a plugin."""
+    h = hashlib.blake2b(digest_size=16, person=b"kv3d-namespace")
+    h.update(model_id.encode("utf-8"))
+    h.update(b"\x00")
+    if tenant is not None:                       # length-prefixed, before the client's salt
+        t = tenant.encode("utf-8")
+        h.update(b"\x02" + len(t).to_bytes(4, "little") + t)
+    if cache_salt is not None:
+        h.update(b"\x01")
+        h.update(cache_salt.encode("utf-8"))
+    return h.hexdigest()
+
+
+def family_digest(namespace: str, tokens: Sequence[int]) -> str:
+    """Digest of a prefix's token ids within a namespace (what the built-in detectors use
+    as :attr:`FamilyKey.digest`; the core names implicit families with it too)."""
+    h = hashlib.blake2b(digest_size=16, person=b"kv3d-family")
+    h.update(namespace.encode("ascii"))
+    h.update(np.asarray(tokens, dtype="<i4").tobytes())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -29,14 +57,23 @@ class PromptView:
     tenant: str | None = None
     """Who sent it: the tenant of the API key used (``None`` on a server without keys).
     Each tenant is a namespace of its own; ``cache_salt`` divides a tenant further."""
+    namespace: str = field(init=False)
+    """The request's namespace, computed by the core from ``model_id``, ``tenant`` and
+    ``cache_salt`` (:func:`namespace_of`). A detector keys its families in it; the core
+    replaces whatever namespace a :class:`FamilyKey` from a detector carries with it."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "namespace", namespace_of(self.model_id, self.cache_salt, self.tenant))
 
 
 @dataclass(frozen=True)
 class FamilyKey:
     """The identity of a prefix family.
 
-    ``namespace`` separates models and cache salts: the core never matches a
-    request against a cached sequence of another namespace. ``digest`` names the
+    ``namespace`` separates models, tenants and cache salts: the core never matches a
+    request against a cached sequence of another namespace. It is the prompt's
+    :attr:`PromptView.namespace`, which the core computes (and enforces on every key a
+    detector returns). ``digest`` names the
     family inside its namespace; ``length`` is the number of prefix tokens the
     family's shared snapshot holds. A digest match is always confirmed by
     comparing token ids, so a hash collision can never serve another prefix.
@@ -79,10 +116,13 @@ class PrefixDetector(abc.ABC):
     Requirements:
 
     - :meth:`family` is deterministic and depends only on the tokens the model
-      sees, the model id and the cache salt: two prompts whose first
-      ``family_len`` tokens are equal (same model, same salt) get the same key;
-      prompts with different such tokens get different keys (up to hash
-      collisions, which the core catches by comparing tokens).
+      sees and the prompt's namespace: two prompts whose first ``family_len``
+      tokens are equal (same namespace) get the same key; prompts with different
+      such tokens get different keys (up to hash collisions, which the core
+      catches by comparing tokens). The key's ``namespace`` is
+      ``prompt.namespace``: the core computes it (model, tenant, cache salt) and
+      replaces any other a detector returns -- tenant isolation never depends on
+      a plugin.
     - :meth:`reusable` returns how many leading tokens of ``candidate`` the
       request may reuse, between 0 and ``candidate.lcp``. It never sees other
       namespaces' candidates. Returning more than ``lcp`` is a contract violation

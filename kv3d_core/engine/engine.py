@@ -19,7 +19,7 @@ from kv3d_core.contracts.backend import ExecutionBackend, SamplingParams
 from kv3d_core.contracts.detector import FamilyKey, PrefixDetector, PromptView
 from kv3d_core.engine.prompt import ChatPrompter
 from kv3d_core.engine.scheduler import Job, JobHandle, Scheduler, SchedulerConfig, Sink
-from kv3d_core.errors import ConfigError
+from kv3d_core.errors import PluginError
 from kv3d_core.metrics import Metrics
 from kv3d_core.plugins import PluginManager, make_plugin_manager
 from kv3d_core.prefix.cache import PrefixCache
@@ -137,14 +137,27 @@ class Engine:
         return self.info.model_id
 
     # -- requests (API worker threads) -------------------------------------------------------
+    def _family(self, view: PromptView) -> FamilyKey:
+        """The detector's family key, in the namespace the core computed for the prompt
+        (model, tenant, cache salt): whatever namespace a detector returns is replaced, so
+        tenant isolation never depends on a plugin."""
+        key = self.detector.family(view)
+        if not isinstance(key, FamilyKey):
+            raise PluginError(f"detector {self.cfg.detector.name!r} returned {type(key).__name__} from family(), "
+                              "not a FamilyKey")
+        if key.namespace != view.namespace or key.snapshot_namespace is not None:
+            key = replace(key, namespace=view.namespace, snapshot_namespace=None)
+        return key
+
     def _prepared(self, tokens: list[int], family_len: int, cache_salt: str | None, tenant: str | None) -> Prepared:
         view = PromptView(tokens, family_len, self.info.model_id, cache_salt, tenant)
-        family = self.detector.family(view)
+        family = self._family(view)
         if self.share_families and tenant is not None and cache_salt is None:
             # the operator lets tenants share the snapshots of identical system prompts: the
             # family is named in the tenant-free namespace; conversations stay in the tenant's
-            shared = self.detector.family(replace(view, tenant=None))
-            family = replace(family, digest=shared.digest, snapshot_namespace=shared.namespace)
+            tenantless = replace(view, tenant=None)
+            shared = self._family(tenantless)
+            family = replace(family, digest=shared.digest, snapshot_namespace=tenantless.namespace)
         return Prepared(view, family)
 
     def prepare_chat(self, messages: list[dict], tools: list | None = None, cache_salt: str | None = None,

@@ -40,12 +40,11 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView
+from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView, family_digest
 from kv3d_core.engine.session import SessionState
 from kv3d_core.contracts.backend import BatchEntry
 from kv3d_core.errors import BackendError, CacheFault, NoFreeCells, QualityGuardTripped, StateFormatError
 from kv3d_core.kv import state_format
-from kv3d_core.prefix.detectors import family_digest
 from kv3d_core.prefix.radix import RadixIndex
 from kv3d_core.tiers.hot import CellLedger, SeqPool, StreamLedger
 

@@ -1,5 +1,8 @@
 """Built-in prefix detectors, registered as a plugin like any other.
 
+Namespaces (model, tenant, cache salt) are the core's: a detector keys its families in
+``prompt.namespace`` (:func:`kv3d_core.contracts.detector.namespace_of`).
+
 ``exact`` (default) -- the seed's system-prompt detector. A family is the exact
 token sequence of the leading system/developer messages and tool definitions.
 A request reuses cached KV only from its own family, and there the longest
@@ -18,36 +21,10 @@ cannot be explained by a family (the hit metric then counts any shared prefix).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
-import numpy as np
-
-from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView
+from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView, family_digest
 from kv3d_core.hookspecs import hookimpl
-
-
-def namespace_of(model_id: str, cache_salt: str | None, tenant: str | None = None) -> str:
-    """Digest separating models, tenants and cache salts: equal only for equal model id,
-    tenant and salt."""
-    h = hashlib.blake2b(digest_size=16, person=b"kv3d-namespace")
-    h.update(model_id.encode("utf-8"))
-    h.update(b"\x00")
-    if tenant is not None:                       # length-prefixed, before the client's salt
-        t = tenant.encode("utf-8")
-        h.update(b"\x02" + len(t).to_bytes(4, "little") + t)
-    if cache_salt is not None:
-        h.update(b"\x01")
-        h.update(cache_salt.encode("utf-8"))
-    return h.hexdigest()
-
-
-def family_digest(namespace: str, tokens) -> str:
-    """Digest of a prefix's token ids within a namespace."""
-    h = hashlib.blake2b(digest_size=16, person=b"kv3d-family")
-    h.update(namespace.encode("ascii"))
-    h.update(np.asarray(tokens, dtype="<i4").tobytes())
-    return h.hexdigest()
 
 
 class ExactDetector(PrefixDetector):
@@ -59,7 +36,7 @@ class ExactDetector(PrefixDetector):
         self.min_family_tokens = int(min_family_tokens)
 
     def family(self, prompt: PromptView) -> FamilyKey:
-        ns = namespace_of(prompt.model_id, prompt.cache_salt, prompt.tenant)
+        ns = prompt.namespace                   # computed by the core, never here
         n = prompt.family_len if prompt.family_len >= self.min_family_tokens else 0
         return FamilyKey(ns, family_digest(ns, prompt.tokens[:n]), n)
 
