@@ -31,7 +31,8 @@ overrides are Hydra overrides of configs/config.yaml (`kv3d config` prints every
   server.port=9000  model.path=/models/m.gguf  cache.gpu_hot_mb=1024
   codec=int8  tier=ssd  detector=radix         (swappable groups; +codec=int8 works too)
 
-`kv3d <command> --help` shows a command's own options."""
+`kv3d <command> --help` shows a command's own options. Installed plugins may add commands
+(listed under "plugin commands")."""
 
 # kv3d serve's flags: flag -> (config key, value kind, help)
 SERVE_FLAGS: dict[str, tuple[str, str, str, str]] = {
@@ -219,22 +220,61 @@ def _command_help(cmd: str, rest: Sequence[str]) -> bool:
     return False
 
 
+def _plugin_commands() -> dict:
+    """The subcommands installed plugins register (``register_commands``); empty when the
+    plugins cannot even be enumerated (``kv3d plugins`` / ``kv3d doctor`` say why)."""
+    from kv3d_core.plugins import make_plugin_manager
+
+    try:
+        return make_plugin_manager().commands()
+    except Kv3dError as exc:
+        logging.getLogger("kv3d").warning("plugin commands unavailable: %s", exc)
+        return {}
+
+
+def usage() -> str:
+    """:data:`USAGE`, plus the commands installed plugins add."""
+    extra = _plugin_commands()
+    if not extra:
+        return USAGE
+    lines = [f"  {name.ljust(12)}  {c.help or '(no help)'}  [{c.source.distribution}]"
+             for name, c in sorted(extra.items())]
+    head, sep, tail = USAGE.partition("\n\noverrides are")
+    return head + "\n\nplugin commands:\n" + "\n".join(lines) + sep + tail
+
+
+def _plugin_command(cmd: str) -> Callable[[Sequence[str]], int] | None:
+    command = _plugin_commands().get(cmd)
+    if command is None:
+        return None
+
+    def run(args: Sequence[str]) -> int:
+        code = command.run(list(args))
+        if code is None:
+            return 0
+        if isinstance(code, bool) or not isinstance(code, int):
+            raise Kv3dError(f"command {cmd!r} of {command.source.distribution} returned {code!r}, not an exit status")
+        return code
+
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    fn = COMMANDS.get(cmd)
+    fn = COMMANDS.get(cmd) or _plugin_command(cmd)
     if fn is None:
-        print(f"kv3d: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        print(f"kv3d: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
     if _command_help(cmd, rest):
         return 0
     try:
         return fn(rest)
     except UsageError as exc:
-        print(f"kv3d {cmd}: {exc}\n\n" + (serve_usage() if cmd in ("serve", "config") else USAGE), file=sys.stderr)
+        print(f"kv3d {cmd}: {exc}\n\n" + (serve_usage() if cmd in ("serve", "config") else usage()), file=sys.stderr)
         return 2
     except Kv3dError as exc:
         print(f"kv3d {cmd}: error: {exc}", file=sys.stderr)

@@ -17,8 +17,9 @@ KV bytes per token -- read by :mod:`kv3d_core.gguf_meta`, the model is never
 loaded); the hot KV cache it buys; host RAM against the cache budgets; the cold
 path (``cache.ssd_cold_path``: created, written, free space -- blocking only when
 the configured tier uses it); installed and configured plugins (looked up and their
-settings checked against what each declares, not instantiated); CPU threads; the listening port. The doctor leaves no trace but
-the user config file it creates.
+settings checked against what each declares, not instantiated); the checks installed
+plugins register (``register_doctor_checks``); CPU threads; the listening port. The
+doctor leaves no trace but the user config file it creates.
 """
 
 from __future__ import annotations
@@ -551,6 +552,46 @@ def check_plugins(cfg: DictConfig | None) -> list[Check]:
     return out
 
 
+def _as_checks(name: str, got: Any) -> list[Check]:
+    """A plugin check's result as rows: a Check, a (status, detail[, fix]) tuple, or a list
+    of them. ValueError when it is none of these."""
+    items = got if isinstance(got, list) else [got]
+    out = []
+    for item in items:
+        if isinstance(item, Check):
+            row = item
+        elif isinstance(item, tuple) and len(item) in (2, 3) and all(isinstance(x, str) for x in item):
+            row = Check(name, *item)
+        else:
+            raise ValueError(f"returned {item!r}: a Check or a (status, detail[, fix]) tuple is expected")
+        if row.status not in (OK, INFO, WARN, FAIL):
+            raise ValueError(f"returned the status {row.status!r}: use OK, INFO, WARN or FAIL")
+        out.append(row)
+    return out
+
+
+def plugin_checks(cfg: DictConfig | None) -> list[Check]:
+    """The rows of the checks installed plugins register (``register_doctor_checks``). A
+    check that raises, or returns something else than rows, is a WARN row naming it."""
+    from kv3d_core.plugins import make_plugin_manager
+
+    try:
+        checks = make_plugin_manager().doctor_checks()
+    except Exception:              # check_plugins reports a plugin that cannot be enumerated
+        return []
+    out: list[Check] = []
+    for c in checks:
+        who = f"{c.source.distribution} {c.source.version}"
+        try:
+            out += _as_checks(c.name, c.check(cfg))
+        except Exception as exc:  # a plugin's check must not take the doctor down
+            out.append(Check(c.name, WARN, f"the check of {who} ({c.source.plugin}) failed: "
+                                           f"{type(exc).__name__}: {exc}",
+                             f"report it to the plugin's authors, or reinstall it (pip install --force-reinstall "
+                             f"--no-deps {c.source.distribution})"))
+    return out
+
+
 def check_threads(cfg: DictConfig) -> Check:
     cores = os.cpu_count() or 1
     try:
@@ -628,6 +669,7 @@ def run_checks(args: Sequence[str]) -> list[Check]:
         checks.append(check_memory(cfg, model, llama))
         checks.append(check_cold_path(cfg))
     checks += check_plugins(cfg)
+    checks += plugin_checks(cfg)
     if cfg is not None:
         checks.append(check_threads(cfg))
         checks.append(check_port(cfg))

@@ -19,6 +19,10 @@ key an error naming it). Without a schema, the factory's keyword parameters are 
 settings (a ``**kwargs`` factory takes any). Factories are called lazily, only for
 the implementation a configuration selects.
 
+:func:`register_commands` adds ``kv3d`` subcommands and :func:`register_doctor_checks`
+rows of ``kv3d doctor``; both take the same ``register`` callback with their own
+arguments (see each hook).
+
 :func:`config_dir` ships the plugin's Hydra config groups (``codec/mine.yaml``) inside
 its package; the core adds every such directory to Hydra's search path, so
 ``kv3d serve codec=mine`` works once the plugin is installed.
@@ -81,3 +85,30 @@ def config_dir() -> "str | os.PathLike[str] | None":
     settings with their defaults. kv3d adds every installed plugin's directory to
     Hydra's search path (after its own ``configs/``), so ``codec=mine`` selects it.
     Typically ``str(Path(__file__).parent / "conf")``; ship the files as package data."""
+
+
+@hookspec
+def register_commands(register: Register) -> None:
+    """Register ``kv3d`` subcommands (as simonw/llm's ``register_commands``).
+
+    ``register(name, run, help="")``: ``kv3d NAME ARGS...`` calls ``run(args)`` with the
+    arguments after the name (a ``list[str]``; parse them as you like) and exits with its
+    return value (an int; None is 0). ``help`` is the one-line summary ``kv3d --help``
+    shows. kv3d's own commands (``serve``, ``config``...) cannot be replaced; a name two
+    plugins register is an error. Raise :class:`~kv3d_core.errors.Kv3dError` for an error
+    the user can fix: kv3d prints its message and exits 1. Import heavy modules inside
+    ``run``, not at the top of the plugin module: every ``kv3d`` command loads the
+    entry points."""
+
+
+@hookspec
+def register_doctor_checks(register: Register) -> None:
+    """Register checks ``kv3d doctor`` runs after its own.
+
+    ``register(name, check)``: ``check(cfg)`` gets the composed configuration (an
+    OmegaConf ``DictConfig``, or None when it did not compose) and returns one result or a
+    list of them; a result is a :class:`kv3d_core.doctor.Check` or a tuple
+    ``(status, detail)`` / ``(status, detail, fix)`` with status ``"OK"``, ``"INFO"``,
+    ``"WARN"`` or ``"FAIL"`` (FAIL: ``kv3d serve`` would not work; the doctor then exits
+    1). A tuple's row is named ``name``. A check must not change the machine; one that
+    raises becomes a WARN row naming the plugin."""

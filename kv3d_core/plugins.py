@@ -124,6 +124,29 @@ class Implementation:
         return out
 
 
+@dataclass(frozen=True)
+class Command:
+    """A ``kv3d`` subcommand a plugin registered (``register_commands``)."""
+
+    name: str
+    run: Callable[[list[str]], Any]
+    help: str
+    source: PluginSource
+
+
+@dataclass(frozen=True)
+class DoctorCheck:
+    """A check a plugin registered for ``kv3d doctor`` (``register_doctor_checks``)."""
+
+    name: str
+    check: Callable[[Any], Any]
+    source: PluginSource
+
+
+#: kv3d's own commands: a plugin cannot register these names.
+BUILTIN_COMMANDS = ("serve", "config", "doctor", "plugins", "quality", "bench", "synth-model", "help")
+
+
 @dataclass
 class PluginManager:
     """A pluggy manager plus what it loaded. Build one with :func:`make_plugin_manager`."""
@@ -133,6 +156,8 @@ class PluginManager:
     broken: list[PluginSource] = field(default_factory=list)
     broken_tracebacks: dict[str, str] = field(default_factory=dict)
     _impls: dict[tuple[str, str], Implementation] | None = None
+    _commands: dict[str, Command] | None = None
+    _checks: list[DoctorCheck] | None = None
 
     # -- discovery -------------------------------------------------------------
     def implementations(self) -> dict[tuple[str, str], Implementation]:
@@ -175,6 +200,65 @@ class PluginManager:
                         self.broken_tracebacks[source.plugin] = traceback.format_exc()
             self._impls = impls
         return self._impls
+
+    def _call_registering(self, hook_name: str, register_for: Callable[[PluginSource], Callable[..., None]]) -> None:
+        """Call every implementation of a ``register_*`` hook with its own ``register``; a
+        plugin whose hook raises (but for a PluginError) is recorded as broken."""
+        for hook_impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            plugin_name = self.pm.get_name(hook_impl.plugin) or "?"
+            source = self.sources.get(plugin_name, PluginSource(plugin_name, "?", "?"))
+            try:
+                hook_impl.function(register=register_for(source))
+            except PluginError:
+                raise
+            except Exception as exc:
+                self.broken.append(PluginSource(source.plugin, source.distribution, source.version,
+                                                f"{type(exc).__name__} in {hook_name}: {exc}"))
+                self.broken_tracebacks[source.plugin] = traceback.format_exc()
+
+    def commands(self) -> dict[str, Command]:
+        """The ``kv3d`` subcommands plugins registered, by name."""
+        if self._commands is None:
+            commands: dict[str, Command] = {}
+
+            def register_for(src: PluginSource) -> Callable[..., None]:
+                def register(name: str, run: Callable[[list[str]], Any], help: str = "") -> None:
+                    if not isinstance(name, str) or not name or name.startswith("-") or any(c.isspace() for c in name):
+                        raise PluginError(f"plugin {src.plugin!r} registered a command with an invalid name {name!r}")
+                    if name in BUILTIN_COMMANDS:
+                        raise PluginError(f"plugin {src.plugin!r} ({src.distribution}) registered the command "
+                                          f"{name!r}, which is kv3d's own; rename it")
+                    if not callable(run):
+                        raise PluginError(f"plugin {src.plugin!r} registered command {name!r} with {run!r}, "
+                                          "which is not callable")
+                    if name in commands and commands[name].run is not run:
+                        other = commands[name].source
+                        raise PluginError(f"command {name!r} is registered twice: by {other.plugin!r} "
+                                          f"({other.distribution}) and by {src.plugin!r} ({src.distribution}); "
+                                          "uninstall one of them")
+                    commands[name] = Command(name, run, str(help or ""), src)
+                return register
+
+            self._call_registering("register_commands", register_for)
+            self._commands = commands
+        return self._commands
+
+    def doctor_checks(self) -> list[DoctorCheck]:
+        """The checks plugins registered for ``kv3d doctor``, in registration order."""
+        if self._checks is None:
+            checks: list[DoctorCheck] = []
+
+            def register_for(src: PluginSource) -> Callable[..., None]:
+                def register(name: str, check: Callable[[Any], Any]) -> None:
+                    if not isinstance(name, str) or not name or not callable(check):
+                        raise PluginError(f"plugin {src.plugin!r} registered an invalid doctor check "
+                                          f"{name!r}: {check!r}")
+                    checks.append(DoctorCheck(name, check, src))
+                return register
+
+            self._call_registering("register_doctor_checks", register_for)
+            self._checks = checks
+        return self._checks
 
     def names(self, kind: str) -> list[str]:
         return sorted(n for (k, n) in self.implementations() if k == kind)
@@ -263,7 +347,8 @@ class PluginManager:
         return [p for _, p in sorted(out, key=lambda x: x[0])]
 
     def describe(self) -> list[dict[str, Any]]:
-        """One record per implementation (and per broken plugin), for ``kv3d plugins``."""
+        """One record per implementation, plugin command and doctor check (and per broken
+        plugin), for ``kv3d plugins``."""
         rows = [
             {
                 "name": impl.name,
@@ -275,6 +360,11 @@ class PluginManager:
             }
             for impl in sorted(self.implementations().values(), key=lambda i: (i.kind, i.name))
         ]
+        rows += [{"name": c.name, "kind": "command", "version": c.source.version, "distribution": c.source.distribution,
+                  "plugin": c.source.plugin, "help": c.help} for c in sorted(self.commands().values(),
+                                                                            key=lambda c: c.name)]
+        rows += [{"name": c.name, "kind": "doctor_check", "version": c.source.version,
+                  "distribution": c.source.distribution, "plugin": c.source.plugin} for c in self.doctor_checks()]
         rows += [
             {"name": b.plugin, "kind": "broken", "version": b.version,
              "distribution": b.distribution, "plugin": b.plugin, "error": b.error}

@@ -212,3 +212,79 @@ def test_a_plugins_config_dir_is_on_the_search_path(tmp_path):
     assert dict(compose(["codec.name=shipped"], plugins=pm).codec) == {"name": "shipped", "level": 2}
     broken = [r for r in pm.describe() if r["kind"] == "broken"]
     assert [r["name"] for r in broken] == ["missing"] and "not a directory" in broken[0]["error"]
+
+
+class CommandsAndChecks:
+    """A plugin adding a `kv3d` command and doctor checks."""
+
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def register_commands(self, register):
+        def hello(args):
+            self.calls.append(args)
+            print("hello", *args)
+            return 3 if args == ["fail"] else None
+
+        register("hello", hello, help="say hello")
+
+    @hookimpl
+    def register_doctor_checks(self, register):
+        register("hello check", lambda cfg: ("OK", f"cfg given: {cfg is not None}"))
+        register("hello rows", lambda cfg: [("WARN", "first", "do this"), ("INFO", "second")])
+        register("hello broken", lambda cfg: 1 / 0)
+
+
+def test_plugin_commands_are_registered_and_dispatched(monkeypatch, capsys):
+    import kv3d_core.plugins as plugins
+    from kv3d_core import cli
+
+    plugin = CommandsAndChecks()
+    pm = make_plugin_manager(extra=[("hello-plugin", plugin)])
+    assert list(pm.commands()) == ["hello"] and pm.commands()["hello"].help == "say hello"
+    assert {(r["kind"], r["name"]) for r in pm.describe()} >= {("command", "hello"), ("doctor_check", "hello check")}
+    monkeypatch.setattr(plugins, "make_plugin_manager", lambda **kw: make_plugin_manager(extra=[("hello", plugin)]))
+    assert cli.main(["hello", "a", "--b"]) == 0 and plugin.calls == [["a", "--b"]]
+    assert "hello a --b" in capsys.readouterr().out
+    assert cli.main(["hello", "fail"]) == 3
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "plugin commands:\n  hello" in out and "say hello" in out and "\n  serve " in out
+    assert cli.main(["no-such-command"]) == 2
+
+
+@pytest.mark.parametrize("name", ["serve", "doctor", "plugins"])
+def test_a_plugin_cannot_replace_kv3ds_commands(name):
+    class Hijack:
+        @hookimpl
+        def register_commands(self, register):
+            register(name, lambda args: 0)
+
+    with pytest.raises(PluginError, match=f"registered the command '{name}', which is kv3d's own"):
+        make_plugin_manager(extra=[("hijack", Hijack())]).commands()
+
+
+def test_a_command_registered_twice_is_an_error():
+    def make():
+        class Twice:
+            @hookimpl
+            def register_commands(self, register):
+                register("same", lambda args: 0)
+        return Twice()
+
+    with pytest.raises(PluginError, match="command 'same' is registered twice"):
+        make_plugin_manager(extra=[("one", make()), ("two", make())]).commands()
+
+
+def test_doctor_runs_plugin_checks(monkeypatch):
+    import kv3d_core.plugins as plugins
+    from kv3d_core import doctor
+
+    monkeypatch.setattr(plugins, "make_plugin_manager",
+                        lambda **kw: make_plugin_manager(extra=[("hello", CommandsAndChecks())]))
+    rows = {(c.check, c.status): c for c in doctor.plugin_checks(None)}
+    assert rows[("hello check", "OK")].detail == "cfg given: False"
+    assert rows[("hello rows", "WARN")].fix == "do this" and ("hello rows", "INFO") in rows
+    broken = rows[("hello broken", "WARN")]
+    assert "ZeroDivisionError" in broken.detail and "(registered in code)" in broken.detail
