@@ -151,7 +151,8 @@ def searchpath_override(dirs: Sequence[Path], overrides: Sequence[str] = ()) -> 
     primary one, is left out: Hydra searches it anyway). A ``hydra.searchpath=[...]`` among
     ``overrides`` keeps its entries, first."""
     primary = config_dir().resolve()
-    extra = [_hydra_quoted(Path(d).resolve().as_uri()) for d in dirs if Path(d).resolve() != primary]
+    # file://PATH, not Path.as_uri(): Hydra takes what follows the scheme as the path, undecoded
+    extra = [_hydra_quoted("file://" + str(Path(d).resolve())) for d in dirs if Path(d).resolve() != primary]
     out, user = [], ""
     for o in overrides:
         key, sep, value = o.partition("=")

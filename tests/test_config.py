@@ -113,7 +113,24 @@ def test_plugin_settings_are_typed_and_unknown_keys_named():
 def test_searchpath_override_quotes_and_keeps_the_users():
     assert searchpath_override([config_dir()], ["a=1"]) == ["a=1"]
     out = searchpath_override([config_dir(), Path("/tmp/it's here")], ["hydra.searchpath=[pkg://x]", "a=1"])
-    assert out == ["a=1", "hydra.searchpath=[pkg://x,'file:///tmp/it%27s%20here']"]
+    assert out == ["a=1", "hydra.searchpath=[pkg://x,'file:///tmp/it\\'s here']"]
+
+
+def test_a_plugin_config_dir_with_odd_characters(tmp_path):
+    from kv3d_core import hookimpl
+    from kv3d_core.plugins import make_plugin_manager
+
+    odd = tmp_path / "it's a dir, [with] odd chars = yes"
+    (odd / "codec").mkdir(parents=True)
+    (odd / "codec" / "odd.yaml").write_text("name: odd\nlevel: 1\n")
+
+    class Odd:
+        @hookimpl
+        def config_dir(self):
+            return str(odd)
+
+    pm = make_plugin_manager(extra=[("odd", Odd())])
+    assert dict(compose(["codec=odd"], plugins=pm).codec) == {"name": "odd", "level": 1}
 
 
 def test_bad_values_are_config_errors():
