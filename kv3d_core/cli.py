@@ -22,7 +22,7 @@ commands:
   serve         start the server                       kv3d serve --model ./model.gguf
   config        print the composed configuration       kv3d config server.port=9000
   doctor        check this machine and configuration (exit 1 on a blocking problem)
-  plugins       installed plugins as JSON
+  plugins       installed plugins (and their settings) as JSON
   quality       codec quality harness: KL, top-1 agreement, perplexity change after spill/restore
   bench         benchmark kv3d against llama-cpp-python's own server (docs/BENCHMARKS.md)
   synth-model   write a synthetic GGUF of a named shape (GPU benchmarks)
@@ -215,7 +215,8 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 def _command_help(cmd: str, rest: Sequence[str]) -> bool:
     """``kv3d config --help`` and the like for commands without options of their own."""
     if cmd == "plugins" and any(a in ("-h", "--help") for a in rest):
-        print("usage: kv3d plugins\n\nInstalled plugins as JSON: name, kind, version, distribution.")
+        print("usage: kv3d plugins\n\nInstalled plugins as JSON: name, kind, version, distribution, settings; the\n"
+              "commands and doctor checks plugins add; broken plugins with the reason.")
         return True
     return False
 
