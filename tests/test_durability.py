@@ -273,13 +273,34 @@ def _fault_window(srv, cold: Path, reason: str, expect: str) -> dict:
     return h
 
 
+def _rmtree(d: Path) -> None:
+    """``rm -rf d`` while the server may still be writing into it: a file created during the
+    walk makes the last rmdir fail (ENOTEMPTY), so go again, as an operator would."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            shutil.rmtree(d)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def test_file_in_place_of_the_directory(tmp_path):
     cold = tmp_path / "cold"
     with running_server(tmp_path, ssd(cold, *FAST_RETRY)) as srv:
         _fill_hot(srv.url, 0)
         assert entry_files(cold)["session"]
-        shutil.rmtree(cold)
-        cold.write_text("not a directory")                                   # cannot be re-created either
+        for _ in range(100):                 # (the tier may re-create the directory between the two)
+            _rmtree(cold)
+            try:
+                cold.write_text("not a directory")
+                break
+            except IsADirectoryError:
+                continue                                   # cannot be re-created either
         h = _fault_window(srv, cold, "io_error", "not a directory")
         time.sleep(1.5)
         assert _degraded(srv.url), "stays degraded while the path is a file"
@@ -293,7 +314,7 @@ def test_deleted_directory_is_recreated(tmp_path):
     cold = tmp_path / "cold"
     with running_server(tmp_path, ssd(cold, *FAST_RETRY)) as srv:
         _fill_hot(srv.url, 0)
-        shutil.rmtree(cold)
+        _rmtree(cold)                                                       # (spills may still be landing)
         _fill_hot(srv.url, 100)                                             # the next write fails ...
         wait_for(lambda: metric(srv, 'kv3d_tier_dropped_writes_total{reason="io_error",tier="cold"}') >= 1,
                  30, "a failed write counted")
