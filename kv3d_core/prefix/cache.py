@@ -476,32 +476,7 @@ class PrefixCache:
             need += len(entry.snapshot.tokens)   # its spilled family snapshot comes back first
         if not self.ensure_cells(need, protect):
             return None
-        seq = self.alloc_seq(protect)
-        if seq is None:
-            return None
-        tier = entry.state.value
-        try:
-            restored_snap = self._restore_with_room(entry, seq, protect)
-            if entry.kind == "session" and self.tiers.should_check_quality():
-                self._quality_check(entry, seq, restored_snap, protect)
-        except CacheFault:
-            self._free_seq(seq)
-            self._drop_entry(entry)
-            raise
-        entry.pending = None
-        if n < len(entry.tokens):
-            self.backend.seq_remove(seq, n, -1)
-            self.ledger.truncate(seq, n)
-        else:
-            self.tiers.discard(entry)            # the session continues; its stored copy is stale
-            self._forget(entry)
-            entry.state = SessionState.PREFILL
-        if restored_snap is not None and n >= len(restored_snap.tokens):
-            self._ref(restored_snap)
-            snap = restored_snap
-        else:
-            snap = None
-        return Lease(seq, n, tier, snap)
+        return self._restore_spilled(entry, n, protect)
 
     def _acquire_stream(self, entry: CacheEntry | None, n: int) -> Lease | None:
         """:meth:`_acquire_from` with a KV stream per sequence: the request gets a stream of its
@@ -548,6 +523,12 @@ class PrefixCache:
         # a spilled session: one blob of its family prefix and its delta, into a fresh stream
         assert self.tiers is not None
         protect = {entry} | ({entry.snapshot} if entry.snapshot is not None else set())
+        return self._restore_spilled(entry, n, protect)
+
+    def _restore_spilled(self, entry: CacheEntry, n: int, protect: set[CacheEntry]) -> Lease | None:
+        """Both layouts: a warm or cold entry (and its family snapshot) restored into a fresh
+        sequence, quality-checked when sampled, cut to the ``n`` positions the request reuses."""
+        assert self.tiers is not None
         seq = self.alloc_seq(protect)
         if seq is None:
             return None
@@ -568,8 +549,10 @@ class PrefixCache:
             self.tiers.discard(entry)            # the session continues; its stored copy is stale
             self._forget(entry)
             entry.state = SessionState.PREFILL
-        snap = restored_snap if restored_snap is not None and n >= len(restored_snap.tokens) else None
-        return Lease(seq, n, tier, snap)
+        if restored_snap is None or n < len(restored_snap.tokens):
+            return Lease(seq, n, tier, None)
+        self._ref(restored_snap)                 # (a no-op with streams: snapshots hold no cells there)
+        return Lease(seq, n, tier, restored_snap)
 
     # -- KV stream per sequence: moving cells through host memory -------------------------
     def _load_prefix(self, snap: CacheEntry, seq: int, n: int) -> None:
