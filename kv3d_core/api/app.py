@@ -345,7 +345,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
                 i, ev = got
                 if ev[0] == "token" and len(ev) == 2 and choices[i].plain:
                     text = ev[1] + run.more_text(i)
-                    choices[i].feed(text)
+                    choices[i].record(text)
                     if text:
                         render = fast.get(i)
                         if render is None:

@@ -38,6 +38,10 @@ class ChatChoice:
         """The stream entry of a plain choice for ``text``."""
         return {"index": self.index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
 
+    def record(self, text: str) -> None:
+        """A plain choice's text, sent by the caller as :meth:`text_entry` chunks."""
+        self.content.append(text)
+
     def first(self) -> dict:
         return {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
@@ -112,6 +116,9 @@ class CompletionChoice:
 
     def text_entry(self, text: str) -> dict:
         return {"index": self.index, "text": text, "logprobs": None, "finish_reason": None}
+
+    def record(self, text: str) -> None:
+        self.text.append(text)
 
     def first(self) -> dict | None:
         if not self.echo:
