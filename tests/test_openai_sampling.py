@@ -158,3 +158,14 @@ def test_echo_and_several_prompts(client, tok):
     stream = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=2, temperature=0, echo=True, stream=True)
     assert "".join(c.choices[0].text for c in stream) == e.choices[0].text
     assert e.choices[0].text.startswith(PROMPT)
+
+
+def test_ignore_eos_generates_to_the_limit(client):
+    """kv3d's (and vLLM's, llama-server's) ``ignore_eos``: the reply goes on past the model's
+    end-of-generation token, to max_tokens; without it the same greedy reply stops early."""
+    ask = dict(model=MODEL_ID, messages=[{"role": "user", "content": "Say hi."}], max_tokens=96, temperature=0)
+    plain = client.chat.completions.create(**ask)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 96
+    forced = client.chat.completions.create(**ask, extra_body={"ignore_eos": True})
+    assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 96
+    assert forced.choices[0].message.content.startswith(plain.choices[0].message.content.rstrip()[:20])
