@@ -18,11 +18,28 @@ TURNS = ["Which huts are open in June?", "Can I book two beds at the Lakeside hu
          "Is breakfast included?", "Where do I leave my boots?", "And when is it quiet?"]
 
 
+def spy_on_spills(eng) -> list[tuple[str, int, int, int]]:
+    """Record (kind, family prefix length, tokens, cells in the blob read) of every spill."""
+    from kv3d_core.kv import state_format
+
+    tiers, info, seen = eng.cache.tiers, eng.backend.info, []
+    spill_blob = tiers.spill_blob
+
+    def spy(e, blob, **kw):
+        cells = state_format.parse(blob, head_dim_k=info.head_dim_k, head_dim_v=info.head_dim_v).n_cells
+        seen.append((e.kind, len(e.snapshot.tokens) if e.kind == "session" and e.snapshot is not None else 0,
+                     len(e.tokens), cells))
+        return spill_blob(e, blob, **kw)
+    tiers.spill_blob = spy
+    return seen
+
+
 def test_a_long_conversation_resumed_after_every_turn_left_its_stream():
     """Five turns; after each one the session leaves its stream (``hot_sessions=0``) for the warm
     tier (int8 delta past the family prefix) and the next turn restores prefix + delta into a
-    stream. Every turn's first greedy token equals a cold (safe-mode) run's, and every resume
-    reused the whole earlier conversation."""
+    stream. Every turn's first greedy token equals a cold (safe-mode) run's, every resume
+    reused the whole earlier conversation, and each spill read only the session's own cells
+    from the device (the prefix is stored once, in the family snapshot)."""
     from kv3d_core.config import compose
     from kv3d_core.engine.engine import Engine
 
@@ -37,8 +54,13 @@ def test_a_long_conversation_resumed_after_every_turn_left_its_stream():
 
     common = ["server.threads=2", "cache.stream_ctx=1024", "scheduler.n_seq_max=4", "safety.quality_sample_every=0"]
     with Engine(compose([*common, "cache.hot_sessions=0", "+codec=int8"])) as eng:
+        spills = spy_on_spills(eng)
         warm = converse(eng)
         restores = eng.metrics.restores.labels("warm")._value.get()
+    # a session leaving its stream is read from the device without its family prefix
+    sessions = [s for s in spills if s[0] == "session"]
+    assert len(sessions) >= len(TURNS) and all(s[1] > 0 for s in sessions), spills
+    assert all(cells == n - n_prefix for _, n_prefix, n, cells in sessions), spills
     with Engine(compose([*common, "safe_mode=true"])) as eng:
         cold = converse(eng)
     assert restores >= len(TURNS) - 1, "every later turn was restored from the warm tier"

@@ -396,32 +396,47 @@ class TierStack:
 
     # -- spill (scheduler thread, then writer thread) -------------------------------------
     def spill(self, e: "CacheEntry", seq: int) -> bool:
-        return self.spill_blob(e, self.cache.backend.seq_state_get(seq))
+        """Store session or snapshot ``e`` from sequence ``seq``, which is freed right after.
+        With a KV stream per sequence, a session whose family prefix its snapshot holds is
+        read from the device without the prefix: those cells are dropped from its stream
+        first, so only the delta's bytes are copied to the host (the prefix is most of a
+        session's cells)."""
+        n_prefix = self._delta_start(e) if self.cache.streams else 0
+        if n_prefix:
+            self.cache.backend.seq_remove(seq, 0, n_prefix)
+        return self.spill_blob(e, self.cache.backend.seq_state_get(seq), delta_only=n_prefix > 0)
 
-    def spill_blob(self, e: "CacheEntry", blob) -> bool:
-        """Store ``e`` from its state blob (a sequence's, or a snapshot's host copy)."""
+    def _delta_start(self, e: "CacheEntry") -> int:
+        """Cells of ``e`` its stored form leaves to its family snapshot (0: stored whole)."""
+        if e.kind != "session" or e.snapshot is None:
+            return 0
+        if self.cache.streams and self.info.sliding_window:
+            # a sliding-window model's state has a second section holding only a window of
+            # cells, which a prefix + delta blob cannot rebuild: such sessions are stored whole
+            return 0
+        return len(e.snapshot.tokens)
+
+    def spill_blob(self, e: "CacheEntry", blob, *, delta_only: bool = False) -> bool:
+        """Store ``e`` from its state blob (a sequence's, or a snapshot's host copy;
+        ``delta_only``: a session's blob without its family prefix's cells)."""
         if e.kind == "session" and e.snapshot is not None:
             self._persist_snapshot(e.snapshot)      # queued ahead of the delta that needs it
-        ok = self._submit(e, blob, to_cold=self.write_through)
+        ok = self._submit(e, blob, to_cold=self.write_through, delta_only=delta_only)
         if ok and e.kind == "snapshot" and self.write_through:
             self._snap_writes[e.key] = e.pending    # (a streams snapshot, stored when it is made)
         return ok
 
-    def _submit(self, e: "CacheEntry", blob, *, to_cold: bool) -> bool:
+    def _submit(self, e: "CacheEntry", blob, *, to_cold: bool, delta_only: bool = False) -> bool:
         with self._pending_lock:
             if self._pending_bytes + len(blob) > self.max_pending:
                 self._dropped("warm", "backlog")
                 return False
             self._pending_bytes += len(blob)
-        n_prefix = len(e.snapshot.tokens) if (e.kind == "session" and e.snapshot is not None) else 0
-        if n_prefix and self.cache.streams and self.info.sliding_window:
-            # a sliding-window model's state has a second section holding only a window of
-            # cells, which a prefix + delta blob cannot rebuild: store such sessions whole
-            n_prefix = 0
+        n_prefix = self._delta_start(e)
         e.n_prefix = n_prefix
         meta_base = dict(key=e.key, kind=e.kind, namespace=e.namespace, family=e.family,
                          tokens=np.asarray(e.tokens, np.int32).copy(), model_fingerprint=self.info.fingerprint)
-        e.pending = self._writer.submit(self._encode_and_store, blob, n_prefix, meta_base, to_cold)
+        e.pending = self._writer.submit(self._encode_and_store, blob, n_prefix, meta_base, to_cold, delta_only)
         if self.warm is not None:
             self.metrics.spills.labels("warm").inc()
         return True
@@ -455,7 +470,8 @@ class TierStack:
             return got is not None and self._put_cold(got)
         self._snap_writes[key] = self._writer.submit(copy)
 
-    def _encode_and_store(self, blob, n_prefix: int, meta_base: dict, to_cold: bool = False) -> bool:
+    def _encode_and_store(self, blob, n_prefix: int, meta_base: dict, to_cold: bool = False,
+                          delta_only: bool = False) -> bool:
         try:
             try:
                 arrays = state_format.parse(blob, head_dim_k=self.info.head_dim_k, head_dim_v=self.info.head_dim_v,
@@ -469,8 +485,12 @@ class TierStack:
                 payload = codec.encode(arrays)
                 codec_id, version, f16 = codec.codec_id, codec.version, arrays.f16_bytes()
             except StateFormatError as exc:
-                log.debug("state layout not understood (%s): storing the opaque blob", exc)
                 self.metrics.codec_fallback.inc()
+                if delta_only:                  # an opaque blob must hold every cell: not storable
+                    log.debug("state layout not understood (%s): session %s not stored", exc, meta_base["key"][:8])
+                    self._gone.put(meta_base["key"])
+                    return False
+                log.debug("state layout not understood (%s): storing the opaque blob", exc)
                 payload = opaque.encode(blob)
                 codec_id, version, f16, n_prefix = opaque.CODEC_ID, opaque.VERSION, len(blob), 0
             entry = TierEntry(EntryMeta(**meta_base, n_prefix=n_prefix, codec_id=codec_id, codec_version=version,

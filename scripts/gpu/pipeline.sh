@@ -6,13 +6,18 @@
 #      (.whl) -- it finds nvcc and the GPU, so it builds llama-cpp-python AND llama-server with CUDA
 #   2. a synthetic Qwen2.5-1.5B-shaped model (the machine has no model hub)
 #   3. the README's serve command on it: the model on the GPU, one request, kv3d doctor
+#      (KV3D_GPU_SKIP_SERVE=1 skips it)
 #   4. kv3d bench, side by side with llama-server (KV3D_GPU_STAGES picks; default all, in order):
 #        side     256 new sessions (80 % one 1,024-token prefix) then 128 second turns, token ids,
 #                 64 generated, greedy; 32 and 64 clients, two rounds; kv3d vs llama-server (per-slot
 #                 streams) vs llama-server --kv-unified
+#        side2    the same without the --kv-unified variant (shorter)
 #        unified  the same workload, kv3d with cache.layout=unified (the layout before issue 15)
 #        decode   benchmarks/decode_overhead.py: kv3d vs raw batched llama_decode, 32 and 64 seqs
 #        seed     the seed chat workload (100 requests) on the synthetic model
+#        profile  one round of the side workload at 32 clients, kv3d under py-spy (every thread, idle
+#                 samples too: where the scheduler thread's wall time goes) and GPU utilisation sampled
+#                 every 100 ms
 set -u
 W=${KV3D_GPU_WORK:-/tmp/kv3d-gpu}
 REPO=$(pwd)
@@ -32,12 +37,14 @@ if ! scripts/setup.sh > "$W/setup.log" 2>&1; then tail -n 60 "$W/setup.log"; exi
 tail -n 3 "$W/setup.log"
 PY="$KV3D_VENV/bin/python"
 "$PY" -m pip install -q --no-deps gguf openai distro jiter sniffio httpx2 httpcore2 truststore 2>&1 | tail -n 3
+ls "$REPO"/.whl/py_spy-*.whl > /dev/null 2>&1 && "$PY" -m pip install -q --no-deps py-spy 2>&1 | tail -n 1
 cat "$W"/wheelhouse/*/llama-server-*/BUILD-INFO
 
 MODEL=$W/qwen2.5-1.5b.gguf
 stamp "synthetic model"
 [ -f "$MODEL" ] || "$PY" -m kv3d_core.cli synth-model --shape qwen2.5-1.5b --out "$MODEL" | tail -1
 
+if [ "${KV3D_GPU_SKIP_SERVE:-0}" != 1 ]; then
 stamp "README serve on the GPU"
 (scripts/serve.sh model.path="$MODEL" server.port=8090 > "$W/serve.log" 2>&1 &)
 for _ in $(seq 120); do curl -sf localhost:8090/health > /dev/null && break; sleep 1; done
@@ -47,6 +54,7 @@ curl -s localhost:8090/v1/completions -H 'Content-Type: application/json' \
 grep -m1 -E "kv3d serving" "$W/serve.log"
 "$KV3D_VENV/bin/kv3d" doctor model.path="$MODEL" 2>&1 | grep -E "^(llama-cpp-python|gpu|llama-server|hot KV)" -A1
 pkill -f "server.port=8090"; sleep 2
+fi
 
 SIDE=(prompts=token_ids model.path="$MODEL" requests=384 turns=0.3334 followups_last=true families=1
       shared_ratio=0.8 system_prompt_tokens=1024 unique_tokens=128 max_tokens=64 temperature=0 max_turns=2
@@ -55,8 +63,12 @@ SIDE=(prompts=token_ids model.path="$MODEL" requests=384 turns=0.3334 followups_
 run_bench() {   # name, clients, extra overrides...
   local name=$1 c=$2; shift 2
   stamp "bench $name c=$c"
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 200 \
+      > "$W/results/gpu-$name-c$c.csv" 2>&1 &
+  local smi=$!
   "$KV3D_VENV/bin/kv3d" bench "${SIDE[@]}" concurrency="$c" scheduler.max_running="$c" \
       scheduler.n_seq_max=$((c + 8)) "$@" hydra.run.dir="$W/results/$name-c$c" > "$W/results/$name-c$c.log" 2>&1
+  kill $smi 2>/dev/null
   tail -n 2 "$W/results/$name-c$c.log" | cut -c1-300
   "$PY" - "$W/results/$name-c$c/report.json" <<'EOF' || true
 import json, sys
@@ -73,11 +85,29 @@ EOF
 for stage in ${KV3D_GPU_STAGES:-side unified seed decode}; do
   case $stage in
     side)    for c in 32 64; do run_bench side "$c" "systems=[kv3d,llama_server,llama_server_unified]"; done ;;
+    side2)   for c in 32 64; do run_bench side "$c" "systems=[kv3d,llama_server]"; done ;;
     unified) for c in 32 64; do run_bench unified "$c" "systems=[kv3d]" cache.layout=unified cache.gpu_hot_mb=4096; done ;;
     decode)  stamp "decode overhead"
              "$PY" benchmarks/decode_overhead.py --model "$MODEL" --n-gpu-layers -1 --seqs 32,64 --gen 512 \
                  --stream-ctx 1024 --out "$W/results/decode.json" > "$W/results/decode.log" 2>&1
              grep -E "sequences:" "$W/results/decode.log" || tail -n 20 "$W/results/decode.log" ;;
+    profile) for sys in kv3d; do
+               stamp "profile $sys"
+               nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 100 \
+                   > "$W/results/gpu-util-$sys.csv" 2>&1 &
+               smi=$!
+               "$KV3D_VENV/bin/kv3d" bench "${SIDE[@]}" rounds=1 concurrency=32 scheduler.max_running=32 \
+                   scheduler.n_seq_max=40 "systems=[$sys]" hydra.run.dir="$W/results/profile-$sys" \
+                   > "$W/results/profile-$sys.log" 2>&1 &
+               bench=$!
+               if [ "$sys" = kv3d ] && command -v py-spy > /dev/null; then
+                 for _ in $(seq 300); do pid=$(pgrep -f "kv3d_core.cli serve" | head -n 1); [ -n "$pid" ] && break; sleep 0.2; done
+                 py-spy record --pid "$pid" --idle --threads --nonblocking -r 200 -f raw \
+                     -o "$W/results/pyspy-kv3d.txt" > "$W/results/pyspy.log" 2>&1 &
+               fi
+               wait $bench; kill $smi 2>/dev/null; sleep 1
+               tail -n 2 "$W/results/profile-$sys.log" | cut -c1-300
+             done ;;
     seed)    stamp "seed workload"
              "$KV3D_VENV/bin/kv3d" bench model.path="$MODEL" requests=100 +codec=int8 quality=false progress=false \
                  "systems=[kv3d,llama_server]" cache.ram_warm_mb=16384 hydra.run.dir="$W/results/seed" \
