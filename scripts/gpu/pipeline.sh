@@ -11,7 +11,7 @@
 #        side     256 new sessions (80 % one 1,024-token prefix) then 128 second turns, token ids,
 #                 64 generated, greedy; 32 and 64 clients, two rounds; kv3d vs llama-server (per-slot
 #                 streams) vs llama-server --kv-unified
-#        side2    the same without the --kv-unified variant (shorter)
+#        side2    the same without the --kv-unified variant (shorter; KV3D_GPU_CLIENTS="32" picks the client counts)
 #        unified  the same workload, kv3d with cache.layout=unified (the layout before issue 15)
 #        decode   benchmarks/decode_overhead.py: kv3d vs raw batched llama_decode, 32 and 64 seqs
 #        seed     the seed chat workload (100 requests) on the synthetic model
@@ -85,7 +85,7 @@ EOF
 for stage in ${KV3D_GPU_STAGES:-side unified seed decode}; do
   case $stage in
     side)    for c in 32 64; do run_bench side "$c" "systems=[kv3d,llama_server,llama_server_unified]"; done ;;
-    side2)   for c in 32 64; do run_bench side "$c" "systems=[kv3d,llama_server]"; done ;;
+    side2)   for c in ${KV3D_GPU_CLIENTS:-32 64}; do run_bench side "$c" "systems=[kv3d,llama_server]"; done ;;
     unified) for c in 32 64; do run_bench unified "$c" "systems=[kv3d]" cache.layout=unified cache.gpu_hot_mb=4096; done ;;
     decode)  stamp "decode overhead"
              "$PY" benchmarks/decode_overhead.py --model "$MODEL" --n-gpu-layers -1 --seqs 32,64 --gen 512 \
