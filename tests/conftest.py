@@ -37,15 +37,16 @@ TEST_OVERRIDES = [
 def engine_chat(eng, messages: list[dict], max_tokens: int = 8) -> tuple[str, dict]:
     """One greedy chat request straight to an in-process Engine: (text, usage)."""
     from kv3d_core.contracts import SamplingParams
+    from kv3d_core.engine.events import Done, Token
     q: queue.Queue = queue.Queue()
     eng.submit(eng.prepare_chat(messages), SamplingParams(temperature=0), max_tokens, [], q.put)
     text = ""
     while True:
         ev = q.get(timeout=300)
-        if ev[0] == "token":
-            text += ev[1]
-        elif ev[0] == "done":
-            return text, ev[2]
+        if isinstance(ev, Token):
+            text += ev.text
+        elif isinstance(ev, Done):
+            return text, ev.usage
         else:
             raise AssertionError(f"request failed: {ev}")
 

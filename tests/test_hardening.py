@@ -274,14 +274,14 @@ def test_an_unexpected_exception_is_one_500_and_one_traceback(caplog):
     handler is logged and answered (an ASGI app that raises stands in for a bug)."""
     import asyncio
 
-    from kv3d_core.api.app import _ObserveMiddleware
+    from kv3d_core.api.middleware import ObserveMiddleware
     from kv3d_core.metrics import Metrics
 
     async def broken(scope, receive, send):
         raise RuntimeError("a bug")
 
     async def call() -> httpx.Response:
-        transport = httpx.ASGITransport(app=_ObserveMiddleware(broken, Metrics(), {}))
+        transport = httpx.ASGITransport(app=ObserveMiddleware(broken, Metrics(), {}))
         async with httpx.AsyncClient(transport=transport, base_url="http://kv3d") as c:
             return await c.post(CHAT, json=GOOD)
 
@@ -347,6 +347,7 @@ def test_a_preempted_request_is_looked_up_once():
     from kv3d_core.config import compose
     from kv3d_core.contracts import SamplingParams
     from kv3d_core.engine.engine import Engine
+    from kv3d_core.engine.events import Done, Failed
 
     # (the unified layout: one cache of 256 cells that the five requests outgrow together)
     cfg = compose(["server.threads=2", "cache.layout=unified", "cache.gpu_hot_mb=4", "scheduler.n_seq_max=8",
@@ -361,9 +362,9 @@ def test_a_preempted_request_is_looked_up_once():
         ends = []
         while len(ends) < n:
             ev = q.get(timeout=600)
-            if ev[0] in ("done", "error"):
+            if isinstance(ev, (Done, Failed)):
                 ends.append(ev)
-        assert all(e[0] == "done" for e in ends), ends
+        assert all(isinstance(e, Done) for e in ends), ends
         sample = eng.metrics.registry.get_sample_value
         assert sample("kv3d_preemptions_total") > 0, "the test needs preemptions to mean anything"
         assert sample("kv3d_prefix_requests_total") == n

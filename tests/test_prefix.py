@@ -198,6 +198,7 @@ def test_hash_collision_never_serves_another_prefix(monkeypatch):
     from kv3d_core.config import compose
     from kv3d_core.contracts import SamplingParams
     from kv3d_core.engine.engine import Engine
+    from kv3d_core.engine.events import Done, Failed
     from kv3d_core.prefix import detectors
 
     monkeypatch.setattr(detectors, "family_digest", lambda ns, toks: "0" * 32)
@@ -211,9 +212,9 @@ def test_hash_collision_never_serves_another_prefix(monkeypatch):
             eng.submit(p, SamplingParams(temperature=0), 2, [], q.put)
             while True:
                 ev = q.get(timeout=120)
-                if ev[0] == "done":
-                    return ev[2]
-                assert ev[0] != "error", ev
+                if isinstance(ev, Done):
+                    return ev.usage
+                assert not isinstance(ev, Failed), ev
 
         assert run(SYSTEMS[1])["cached_tokens"] == 0
         u = run(SYSTEMS[2])          # same (forged) digest, different tokens

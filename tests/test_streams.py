@@ -116,6 +116,7 @@ def test_raw_prompts_sharing_a_prefix_get_an_implicit_family(layout):
     from kv3d_core.config import compose
     from kv3d_core.contracts import SamplingParams
     from kv3d_core.engine.engine import Engine
+    from kv3d_core.engine.events import Done, Token
 
     shared = list(range(1000, 1096))                 # a 96-token prefix, then 16 tokens of each request
 
@@ -124,9 +125,9 @@ def test_raw_prompts_sharing_a_prefix_get_an_implicit_family(layout):
         eng.submit(eng.prepare_completion(shared + tail), SamplingParams(temperature=0), 4, [], q.put)
         while True:
             ev = q.get(timeout=300)
-            if ev[0] == "done":
-                return ev[2]
-            assert ev[0] == "token", ev
+            if isinstance(ev, Done):
+                return ev.usage
+            assert isinstance(ev, Token), ev
 
     cfg = ["server.threads=2", f"cache.layout={layout}", "cache.stream_ctx=512", "scheduler.n_seq_max=4",
            "cache.gpu_hot_mb=16", "cache.hot_sessions=0", "safety.quality_sample_every=0"]

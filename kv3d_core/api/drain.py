@@ -25,13 +25,14 @@ import weakref
 from typing import Any, Callable
 
 from kv3d_core.api.errors import APIError
+from kv3d_core.engine.events import Failed, FailureKind
 
 log = logging.getLogger("kv3d.api.drain")
 
 RETRY_AFTER_S = 5
 CUT_GRACE_S = 5.0           # after the cut: time for the handlers to send their last bytes
-SHUTDOWN_EVENT = ("error", 503, "the server is shutting down; retry on another server or later",
-                  "server_error", "shutting_down", RETRY_AFTER_S)
+SHUTDOWN_EVENT = Failed(FailureKind.SHUTTING_DOWN, "the server is shutting down; retry on another server or later",
+                        RETRY_AFTER_S)
 
 
 class Drainer:

@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 from kv3d_core.contracts.backend import ExecutionBackend, SamplingParams
 from kv3d_core.contracts.detector import FamilyKey, PrefixDetector, PromptView
 from kv3d_core.engine.prompt import ChatPrompter
-from kv3d_core.engine.scheduler import Job, JobHandle, Scheduler, SchedulerConfig, Sink
+from kv3d_core.engine.events import Sink
+from kv3d_core.engine.scheduler import Job, JobHandle, Scheduler, SchedulerConfig
 from kv3d_core.errors import PluginError
 from kv3d_core.metrics import Metrics
 from kv3d_core.plugins import PluginManager, make_plugin_manager

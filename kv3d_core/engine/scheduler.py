@@ -4,7 +4,8 @@ One thread owns the execution backend (the asyncio server never blocks on
 llama.cpp). Each step it:
 
 1. takes new requests and cancellations from the intake queue, expires queued
-   requests past their timeout (503), cancels requests whose client went away;
+   requests past their timeout (a failure the API answers with 503), cancels requests
+   whose client went away;
 2. admits queued requests while sequences are free (``max_running``), asking
    the prefix cache for a sequence that already holds as much of the prompt as
    can be reused;
@@ -19,12 +20,13 @@ llama.cpp). Each step it:
    the newest request, which is resumed later from its own cached state);
 5. decodes, samples each sequence with its own sampler chain, streams text.
 
-Every request ends with exactly one ``done`` or ``error`` event. Two per-job hooks serve
+Every request ends with exactly one :class:`~kv3d_core.engine.events.Done` or
+:class:`~kv3d_core.engine.events.Failed` event (``engine/events.py``). Two per-job hooks serve
 OpenAI's ``n`` and ``logprobs``: a job with ``forks`` (the other choices of one prompt) is
 prefilled once; when its prompt is done each fork gets a sequence sharing the prompt's
 cells (``seq_cp``, no copy) and samples its first token from the same logits with its own
 sampler, then decodes on its own. A job with ``logprobs`` sends the log-probability of
-each token with the text it produced: ``("token", text, [TokenLogprob, ...])``.
+each token with the text it produced: ``Token(text, [TokenLogprob, ...])``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any, Callable
 
 from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, Sampler, SamplingParams, TokenLogprob
 from kv3d_core.contracts.detector import FamilyKey, PromptView
+from kv3d_core.engine.events import Done, Event, Failed, FailureKind, Sink, Token
 from kv3d_core.engine.session import SessionState, check_transition
 from kv3d_core.engine.textstream import TextStream
 from kv3d_core.errors import BackendError, KVCacheFullError
@@ -48,7 +51,6 @@ from kv3d_core.prefix.cache import CacheEntry, PrefixCache
 
 log = logging.getLogger("kv3d.scheduler")
 
-Sink = Callable[[tuple], None]
 GAUGE_INTERVAL_S = 0.5
 
 
@@ -56,7 +58,7 @@ def _cancelled(job: "Job") -> bool:
     return job.cancelled or (job.parent is not None and job.parent.cancelled)
 
 
-def _emit_to(sink: Sink, event: tuple) -> None:
+def _emit_to(sink: Sink, event: Event) -> None:
     try:
         sink(event)
     except Exception:  # a closed client must not break the scheduler
@@ -238,7 +240,7 @@ class Scheduler:
             except Exception:  # never let the thread die: fail what was running, go on
                 log.exception("scheduler step failed")
                 for job in list(self._running):
-                    self._fail(job, 500, "internal error in the scheduler", "server_error", None)
+                    self._fail(job, FailureKind.INTERNAL, "internal error in the scheduler")
             if self.steps > steps_before:       # a step ran: what it spent outside decode and sampling
                 other = time.perf_counter() - t_step - (self.step_split["decode"] + self.step_split["sample"] - before)
                 self.step_split["other"] += other
@@ -250,16 +252,16 @@ class Scheduler:
                     if not self._intake and not self._calls:
                         self._cond.wait(0.05)
         for job in list(self._running) + list(self._waiting) + list(self._intake):
-            self._emit_all(job, ("error", 503, "the server is shutting down", "server_error", "shutting_down"))
+            self._emit_all(job, Failed(FailureKind.SHUTTING_DOWN, "the server is shutting down"))
             self._release(job, keep=False)
 
-    def _emit(self, job: Job, event: tuple) -> None:
+    def _emit(self, job: Job, event: Event) -> None:
         try:
             job.sink(event)
         except Exception:  # a closed client must not break the scheduler
             job.cancelled = True
 
-    def _emit_all(self, job: Job, event: tuple) -> None:
+    def _emit_all(self, job: Job, event: Event) -> None:
         """An ending event for ``job`` and for the choices still waiting to fork from it."""
         self._emit(job, event)
         for _, sink in job.forks:
@@ -278,8 +280,8 @@ class Scheduler:
         if job in self._running:
             self._running.remove(job)
 
-    def _fail(self, job: Job, status: int, message: str, etype: str, code: str | None) -> None:
-        self._emit_all(job, ("error", status, message, etype, code))
+    def _fail(self, job: Job, kind: FailureKind, message: str, retry_after: int | None = None) -> None:
+        self._emit_all(job, Failed(kind, message, retry_after))
         self._release(job, keep=False)
         if job.state is not SessionState.DROPPED:
             job.state = SessionState.DROPPED
@@ -290,7 +292,7 @@ class Scheduler:
             self._emit_text(job, tail)
         usage = {"prompt_tokens": job.n_prompt, "completion_tokens": job.generated,
                  "total_tokens": job.n_prompt + job.generated, "cached_tokens": job.n_cached}
-        self._emit(job, ("done", reason, usage))
+        self._emit(job, Done(reason, usage))
         job.move(SessionState.IDLE)
         self._release(job, keep=True)
 
@@ -307,8 +309,9 @@ class Scheduler:
         while self._waiting and now - self._waiting[0].t_submit > self.cfg.queue_timeout_s:
             job = self._waiting.popleft()
             self.metrics.rejected.labels("queue_timeout").inc()
-            self._emit_all(job, ("error", 503, f"no sequence became free within {self.cfg.queue_timeout_s:g} s; retry later",
-                                 "server_error", "queue_timeout", self.cfg.retry_after_s))
+            self._emit_all(job, Failed(FailureKind.QUEUE_TIMEOUT,
+                                       f"no sequence became free within {self.cfg.queue_timeout_s:g} s; retry later",
+                                       self.cfg.retry_after_s))
             self._release(job, keep=False)
             job.state = SessionState.DROPPED
         self._admit()
@@ -331,7 +334,7 @@ class Scheduler:
                 log.exception("admission of request %s failed", job.id)
                 if job in self._waiting:
                     self._waiting.remove(job)
-                self._fail(job, 500, f"internal error while starting the request: {exc}", "server_error", None)
+                self._fail(job, FailureKind.INTERNAL, f"internal error while starting the request: {exc}")
                 continue
             if not admitted:
                 break
@@ -343,8 +346,8 @@ class Scheduler:
             if not self._running:
                 # nothing runs and still no room: the cache cannot hold this prompt at all
                 self._waiting.popleft()
-                self._fail(job, 503, "not enough KV cache for this prompt; retry later or raise cache.gpu_hot_mb",
-                           "server_error", "kv_cache_full")
+                self._fail(job, FailureKind.KV_CACHE_FULL,
+                           "not enough KV cache for this prompt; retry later or raise cache.gpu_hot_mb")
                 return True
             return False
         self._waiting.popleft()
@@ -420,12 +423,12 @@ class Scheduler:
                 if self.cache.ensure_cells(self.cache.ledger.free + n_tokens, protect) or self._preempt_newest():
                     continue
                 for job, _ in plan:
-                    self._fail(job, 503, "the KV cache is full; retry later", "server_error", "kv_cache_full")
+                    self._fail(job, FailureKind.KV_CACHE_FULL, "the KV cache is full; retry later")
                 return
             except BackendError as exc:
                 log.error("decode failed: %s", exc)
                 for job, _ in plan:
-                    self._fail(job, 500, f"the model failed to decode: {exc}", "server_error", None)
+                    self._fail(job, FailureKind.MODEL, f"the model failed to decode: {exc}")
                 return
             break
         dt = time.perf_counter() - t0
@@ -494,7 +497,7 @@ class Scheduler:
 
     def _emit_text(self, job: Job, text: str) -> None:
         if job.logprobs is None:
-            self._emit(job, ("token", text))
+            self._emit(job, Token(text))
             return
         sent = len(job.stream.text.encode("utf-8", "replace")) if job.stream else job.n_bytes
         k = 0
@@ -505,7 +508,7 @@ class Scheduler:
         if job.stream is not None and job.stream.stopped:
             job.lp_pending.clear()           # tokens wholly past a stop string are not part of the reply
         if text or lps:
-            self._emit(job, ("token", text, lps))
+            self._emit(job, Token(text, lps))
 
     def _on_token(self, job: Job, token: int, out: int) -> None:
         job.generated += 1
