@@ -42,8 +42,8 @@ from typing import Any, Callable
 
 from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, Sampler, SamplingParams, TokenLogprob
 from kv3d_core.contracts.detector import FamilyKey, PromptView
+from kv3d_core.contracts.session import SessionState, check_transition
 from kv3d_core.engine.events import Done, Event, Failed, FailureKind, Sink, Token
-from kv3d_core.engine.session import SessionState, check_transition
 from kv3d_core.engine.textstream import TextStream
 from kv3d_core.errors import BackendError, KVCacheFullError
 from kv3d_core.metrics import Metrics

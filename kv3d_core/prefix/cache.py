@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView, family_digest
-from kv3d_core.engine.session import SessionState
+from kv3d_core.contracts.session import SessionState
 from kv3d_core.contracts.backend import BatchEntry
 from kv3d_core.errors import BackendError, CacheFault, NoFreeCells, QualityGuardTripped, StateFormatError
 from kv3d_core.kv import state_format

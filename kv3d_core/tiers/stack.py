@@ -62,8 +62,8 @@ from omegaconf import DictConfig
 
 from kv3d_core.contracts.backend import ModelInfo
 from kv3d_core.contracts.codec import DeltaCodec, KVArrays
+from kv3d_core.contracts.session import SessionState
 from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
-from kv3d_core.engine.session import SessionState
 from kv3d_core.errors import (CacheFault, CodecError, StateFormatError, StateRestoreError,
                               TierError)
 from kv3d_core.kv import framing, opaque, state_format
