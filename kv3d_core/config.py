@@ -318,11 +318,3 @@ def validated(cfg: DictConfig) -> DictConfig:
     out = OmegaConf.merge(cfg, typed)
     assert isinstance(out, DictConfig)
     return out
-
-
-def plugin_settings(node: DictConfig | dict | None) -> tuple[str, dict[str, Any]]:
-    """``(name, settings)`` of a plugin node: every key but ``name``."""
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-    assert isinstance(data, dict)
-    name = str(data.pop("name"))
-    return name, data
