@@ -47,7 +47,8 @@ from kv3d_core.engine.events import Done, Event, Failed, FailureKind, Sink, Toke
 from kv3d_core.engine.textstream import TextStream
 from kv3d_core.errors import BackendError, KVCacheFullError
 from kv3d_core.metrics import Metrics
-from kv3d_core.prefix.cache import CacheEntry, PrefixCache
+from kv3d_core.prefix.cache import PrefixCache
+from kv3d_core.tiers.entry import CacheEntry
 
 log = logging.getLogger("kv3d.scheduler")
 
