@@ -206,7 +206,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "plugins": cmd_plugins,
     "config": cmd_config,
     "doctor": _lazy("kv3d_core.doctor"),
-    "quality": _lazy("kv3d_core.kv.quality"),
+    "quality": _lazy("kv3d_core.tools.quality"),
     "bench": _lazy("kv3d_core.bench.cli"),
     "synth-model": _lazy("kv3d_core.tools.synth_model"),
 }

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from kv3d_core import userconfig
 from kv3d_core.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -216,9 +217,7 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True, user_config
     from hydra.errors import HydraException
 
     if user_config:
-        from kv3d_core.userconfig import user_overrides
-
-        overrides = [*user_overrides(), *overrides]
+        overrides = [*userconfig.user_overrides(), *overrides]
     dirs = search_path(plugins)
     options = {g: set(group_options(g, dirs)) for g in GROUPS}
     overrides = normalize_overrides(list(overrides), options)
@@ -237,6 +236,19 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True, user_config
         with open_dict(cfg):
             cfg[group] = {k: v for k, v in node.items() if k in keys}
     return validated(cfg) if validate else cfg
+
+
+def default_user_config() -> dict[str, dict[str, Any]]:
+    """Every key of the user config file's schema (:data:`kv3d_core.userconfig.SCHEMA`)
+    with its value from ``configs/config.yaml``: what
+    :func:`~kv3d_core.userconfig.ensure_user_config` writes into a new file."""
+    cfg = compose([], validate=False, user_config=False)
+    out: dict[str, dict[str, Any]] = {}
+    for section, keys in userconfig.SCHEMA.items():
+        node = OmegaConf.to_container(cfg[section], resolve=True)
+        assert isinstance(node, dict)
+        out[section] = {key: node.get(key) for key in keys}
+    return out
 
 
 def validated(cfg: DictConfig) -> DictConfig:
@@ -306,11 +318,3 @@ def validated(cfg: DictConfig) -> DictConfig:
     out = OmegaConf.merge(cfg, typed)
     assert isinstance(out, DictConfig)
     return out
-
-
-def plugin_settings(node: DictConfig | dict | None) -> tuple[str, dict[str, Any]]:
-    """``(name, settings)`` of a plugin node: every key but ``name``."""
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-    assert isinstance(data, dict)
-    name = str(data.pop("name"))
-    return name, data

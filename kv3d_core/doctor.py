@@ -80,12 +80,13 @@ def check_python() -> Check:
 def check_user_config() -> tuple[Check, bool]:
     """The row, and whether the file may be used for composing."""
     from kv3d_core import userconfig as uc
+    from kv3d_core.config import default_user_config
 
     path = uc.user_config_path()
     if path is None:
         return Check("user config", INFO, f"disabled ({uc.ENV_VAR}={uc.DISABLED})"), True
     try:
-        _, created = uc.ensure_user_config(path)
+        _, created = uc.ensure_user_config(path, defaults=default_user_config)
     except ConfigError as exc:
         return Check("user config", WARN, str(exc),
                      f"without it kv3d uses configs/config.yaml and the command line; set {uc.ENV_VAR} "
@@ -99,7 +100,7 @@ def check_user_config() -> tuple[Check, bool]:
     if created:
         return Check("user config", OK, f"created {path} with the defaults (mode 0600); "
                                         "edit it to keep your own settings"), True
-    defaults = uc.default_user_config()
+    defaults = default_user_config()
     n = sum(len(body) for body in data.values())
     changed = [f"{s}.{k}={'***' if k == 'api_key' and v else json.dumps(v)}"
                for s, body in data.items() for k, v in body.items() if defaults[s].get(k) != v]

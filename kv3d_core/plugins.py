@@ -50,6 +50,17 @@ CONTRACTS = {
 }
 
 
+def plugin_settings(node: Any) -> tuple[str, dict[str, Any]]:
+    """``(name, settings)`` of a plugin's config node (a ``DictConfig`` or a dict):
+    every key but ``name``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    assert isinstance(data, dict)
+    name = str(data.pop("name"))
+    return name, data
+
+
 def contract_of(kind: str) -> type:
     """The contract class implementations of ``kind`` must be instances of."""
     module, cls = CONTRACTS[kind]
@@ -308,8 +319,6 @@ class PluginManager:
         """``(name, settings)`` of a plugin's config node (``cfg.codec``...), the settings
         checked against what implementation ``name`` declares
         (:meth:`Implementation.check_settings`)."""
-        from kv3d_core.config import plugin_settings
-
         name, given = plugin_settings(node)
         return name, self.get(kind, name).check_settings(given)
 

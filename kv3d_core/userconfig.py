@@ -19,9 +19,11 @@ Contract:
   override strings (``server.port=9000``, ``model.path='/my models/m.gguf'``,
   ``model.id=null``) that ``compose`` puts before the command line's. Strings are
   literal: quotes, backslashes and ``${`` are escaped for Hydra's grammar.
-* :func:`ensure_user_config` creates a missing file holding every default
-  (:func:`default_user_config`, read from the composed yaml so the two never
-  disagree), with mode 0600 because it may hold an API key.
+* :func:`ensure_user_config` creates a missing file holding every default, with
+  mode 0600 because it may hold an API key. The caller hands it the defaults
+  (:func:`kv3d_core.config.default_user_config`, read from the composed yaml so the
+  two never disagree): this module sits below :mod:`kv3d_core.config` and never
+  imports it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kv3d_core.errors import ConfigError
 
@@ -59,21 +61,6 @@ def user_config_path() -> Path | None:
     if env.lower() == DISABLED:
         return None
     return Path(env).expanduser() if env else default_path()
-
-
-def default_user_config() -> dict[str, dict[str, Any]]:
-    """Every key of :data:`SCHEMA` with its value from ``configs/config.yaml``."""
-    from omegaconf import OmegaConf
-
-    from kv3d_core.config import compose
-
-    cfg = compose([], validate=False, user_config=False)
-    out: dict[str, dict[str, Any]] = {}
-    for section, keys in SCHEMA.items():
-        node = OmegaConf.to_container(cfg[section], resolve=True)
-        assert isinstance(node, dict)
-        out[section] = {key: node.get(key) for key in keys}
-    return out
 
 
 def _fix_hint(path: Path) -> str:
@@ -160,8 +147,10 @@ def load_user_config(path: Path | None = None) -> dict[str, dict[str, Any]] | No
     return validate_user_config(data, path)
 
 
-def ensure_user_config(path: Path | None = None) -> tuple[Path, bool]:
-    """Create the file with the defaults when missing: ``(path, created)``.
+def ensure_user_config(path: Path | None = None, *,
+                       defaults: Callable[[], dict[str, dict[str, Any]]]) -> tuple[Path, bool]:
+    """Create the file when missing, holding ``defaults()`` (every key of :data:`SCHEMA`,
+    e.g. :func:`kv3d_core.config.default_user_config`; called only then): ``(path, created)``.
 
     Raises ConfigError when the file is disabled (``KV3D_USER_CONFIG=none`` and no
     ``path``) or cannot be written.
@@ -172,7 +161,7 @@ def ensure_user_config(path: Path | None = None) -> tuple[Path, bool]:
             raise ConfigError(f"the user config file is disabled ({ENV_VAR}={DISABLED})")
     if path.exists():
         return path, False
-    text = json.dumps(default_user_config(), indent=2) + "\n"
+    text = json.dumps(defaults(), indent=2) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

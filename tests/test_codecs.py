@@ -134,7 +134,8 @@ def test_bad_settings_are_refused(pm, name, bad):
 
 @pytest.mark.parametrize("name", ["int8", "block"])
 def test_config_group_creates_the_codec(pm, name):
-    from kv3d_core.config import compose, plugin_settings
+    from kv3d_core.config import compose
+    from kv3d_core.plugins import plugin_settings
 
     cname, settings = plugin_settings(compose([f"+codec={name}"]).codec)
     assert cname == name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kv3d_core.engine.session import InvalidTransition, SessionState as S, check_transition
+from kv3d_core.contracts.session import InvalidTransition, SessionState as S, check_transition
 from kv3d_core.engine.textstream import TextStream
 from kv3d_core.prefix.radix import RadixIndex
 from kv3d_core.tiers.hot import CellLedger, SeqPool

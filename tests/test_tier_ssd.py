@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kv3d_core.config import compose, plugin_settings
+from kv3d_core.config import compose
 from kv3d_core.contracts.tier import EntryMeta, TierEntry
 from kv3d_core.errors import ConfigError, PluginError
-from kv3d_core.plugins import make_plugin_manager
+from kv3d_core.plugins import make_plugin_manager, plugin_settings
 from kv3d_tier_ssd import fileformat as ff
 from kv3d_tier_ssd import tier as tier_mod
 from kv3d_tier_ssd.tier import SsdTier

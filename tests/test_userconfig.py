@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kv3d_core import userconfig as uc
-from kv3d_core.config import compose
+from kv3d_core.config import compose, default_user_config
 from kv3d_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ def write(path: Path, data) -> Path:
 
 
 def test_defaults_mirror_the_yaml():
-    d = uc.default_user_config()
+    d = default_user_config()
     assert {s: set(keys) for s, keys in d.items()} == {s: set(keys) for s, keys in uc.SCHEMA.items()}
     cfg = compose([], user_config=False)
     for section, body in d.items():
@@ -51,10 +51,10 @@ def test_path_env_default_and_none(tmp_path, monkeypatch):
 
 
 def test_ensure_creates_0600_with_defaults_and_never_overwrites(cfg_file):
-    path, created = uc.ensure_user_config()
+    path, created = uc.ensure_user_config(defaults=default_user_config)
     assert (path, created) == (cfg_file, True)
     assert stat.S_IMODE(cfg_file.stat().st_mode) == 0o600
-    assert json.loads(cfg_file.read_text()) == uc.default_user_config()
+    assert json.loads(cfg_file.read_text()) == default_user_config()
     assert uc.user_overrides() == [  # every default, as overrides that change nothing
         "server.host='127.0.0.1'", "server.port=8080", "server.threads=null", "server.api_key=null",
         "cache.gpu_hot_mb=256", "cache.ram_warm_mb=1024", "cache.ssd_cold_path='~/.cache/kv3d/cold'",
@@ -62,14 +62,14 @@ def test_ensure_creates_0600_with_defaults_and_never_overwrites(cfg_file):
     assert compose([]) == compose([], user_config=False)
 
     write(cfg_file, {"server": {"port": 9000}})
-    assert uc.ensure_user_config() == (cfg_file, False)
+    assert uc.ensure_user_config(defaults=default_user_config) == (cfg_file, False)
     assert json.loads(cfg_file.read_text()) == {"server": {"port": 9000}}
 
 
 def test_ensure_reports_an_unwritable_location(tmp_path):
     blocker = write(tmp_path / "file", "x")
     with pytest.raises(ConfigError, match="cannot create the user config"):
-        uc.ensure_user_config(blocker / "sub" / "config.json")
+        uc.ensure_user_config(blocker / "sub" / "config.json", defaults=default_user_config)
 
 
 def test_file_values_become_overrides_and_the_command_line_wins(cfg_file):
@@ -140,5 +140,5 @@ def test_absent_or_disabled_file_gives_no_overrides(cfg_file, monkeypatch):
     assert uc.user_overrides() == [] and uc.load_user_config() is None
     assert compose([]).server.port == 8080
     with pytest.raises(ConfigError, match="disabled"):
-        uc.ensure_user_config()
+        uc.ensure_user_config(defaults=default_user_config)
     assert compose([], user_config=False).server.port == 8080

@@ -188,7 +188,7 @@ def quality(cfg: DictConfig, overrides: list[str], cache_dir: Path | None) -> tu
     codec = str(cfg.codec.name)
     if not cfg.quality:
         return None, "quality=false"
-    if find_spec("kv3d_core.kv.quality") is None:
+    if find_spec("kv3d_core.tools.quality") is None:
         return None, "kv3d quality is not available in this installation"
     passed = [o for o in overrides if override_key(o).split(".")[0] in ("model", "codec", "backend")
               or override_key(o) == "server.threads"]

@@ -6,6 +6,10 @@
 - :mod:`.tier`     -- :class:`StorageTier`: keeps encoded KV entries under a byte budget
 
 The docstring of each class is the specification an implementation must meet.
+
+:mod:`.session` is no plugin kind: it is the session life cycle (:class:`SessionState`),
+vocabulary shared by the engine, the prefix cache and the storage tiers, so it lives
+at the bottom of the layers where every one of them may import it.
 """
 
 from kv3d_core.contracts.backend import (

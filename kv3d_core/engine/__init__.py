@@ -1,2 +1,3 @@
-"""Session & scheduler layer: the life cycle of a session, prompt rendering,
-and the continuous-batching scheduler that owns the execution backend."""
+"""Session & scheduler layer: prompt rendering and the continuous-batching
+scheduler that owns the execution backend and drives each session through its
+life cycle (:mod:`kv3d_core.contracts.session`)."""

@@ -42,12 +42,13 @@ from typing import Any, Callable
 
 from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, Sampler, SamplingParams, TokenLogprob
 from kv3d_core.contracts.detector import FamilyKey, PromptView
+from kv3d_core.contracts.session import SessionState, check_transition
 from kv3d_core.engine.events import Done, Event, Failed, FailureKind, Sink, Token
-from kv3d_core.engine.session import SessionState, check_transition
 from kv3d_core.engine.textstream import TextStream
 from kv3d_core.errors import BackendError, KVCacheFullError
 from kv3d_core.metrics import Metrics
-from kv3d_core.prefix.cache import CacheEntry, PrefixCache
+from kv3d_core.prefix.cache import PrefixCache
+from kv3d_core.tiers.entry import CacheEntry
 
 log = logging.getLogger("kv3d.scheduler")
 

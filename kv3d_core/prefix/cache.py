@@ -10,6 +10,9 @@ It owns, for one backend:
 - the hot tier's sequence ids and cell ledger, and the LRU of idle entries,
 - the storage tiers below (warm/cold), through a :class:`~kv3d_core.tiers.stack.TierStack`.
 
+Its entries are :class:`~kv3d_core.tiers.entry.CacheEntry` records, which the tier stack
+spills, restores and re-indexes as well.
+
 Two KV layouts (the backend's ``info.build["kv_unified"]``):
 
 - **a KV stream per sequence** (``cache.layout=streams``, the default): every running
@@ -35,17 +38,18 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
 from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView, family_digest
-from kv3d_core.engine.session import SessionState
+from kv3d_core.contracts.session import SessionState
 from kv3d_core.contracts.backend import BatchEntry
 from kv3d_core.errors import BackendError, CacheFault, NoFreeCells, QualityGuardTripped, StateFormatError
 from kv3d_core.kv import state_format
 from kv3d_core.prefix.radix import RadixIndex
+from kv3d_core.tiers.entry import CacheEntry
 from kv3d_core.tiers.hot import CellLedger, SeqPool, StreamLedger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,33 +70,6 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     lq = q_logits - q_logits.max()
     lq -= np.log(np.exp(lq).sum())
     return float(np.sum(np.exp(lp) * (lp - lq)))
-
-
-@dataclass(eq=False)
-class CacheEntry:
-    """A cached sequence: a family snapshot or an idle session."""
-
-    key: str
-    kind: str                      # "snapshot" | "session"
-    namespace: str
-    family: str
-    tokens: np.ndarray             # int32, the positions its KV covers
-    n_prefix: int = 0              # leading tokens shared with its family snapshot
-    state: SessionState = SessionState.IDLE
-    seq: int | None = None         # hot only
-    snapshot: "CacheEntry | None" = None
-    refs: int = 0                  # snapshots: hot sequences sharing its cells
-    last_used: float = field(default_factory=time.monotonic)
-    idle_since: float = field(default_factory=time.monotonic)  # when it last became evictable
-    pending: object | None = None  # the spill in flight (a Future), if any
-    blob: np.ndarray | None = None  # snapshots, KV stream per sequence: the prefix's state in host memory
-
-    @property
-    def hot(self) -> bool:
-        return self.state is SessionState.IDLE and (self.seq is not None or self.blob is not None)
-
-    def __hash__(self) -> int:
-        return id(self)
 
 
 @dataclass

@@ -55,25 +55,26 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 import numpy as np
 from omegaconf import DictConfig
 
-from kv3d_core.contracts.backend import ModelInfo
+from kv3d_core.contracts.backend import ExecutionBackend, ModelInfo
 from kv3d_core.contracts.codec import DeltaCodec, KVArrays
+from kv3d_core.contracts.session import SessionState
 from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
-from kv3d_core.engine.session import SessionState
 from kv3d_core.errors import (CacheFault, CodecError, StateFormatError, StateRestoreError,
                               TierError)
 from kv3d_core.kv import framing, opaque, state_format
 from kv3d_core.metrics import Metrics
+from kv3d_core.tiers.entry import CacheEntry
 from kv3d_core.tiers.health import SYSTEMIC, TierWatch
+from kv3d_core.tiers.hot import CellLedger, StreamLedger
 
 if TYPE_CHECKING:  # pragma: no cover
     from kv3d_core.plugins import PluginManager
     from kv3d_core.safety import FailureMonitor
-    from kv3d_core.prefix.cache import CacheEntry, PrefixCache
 
 log = logging.getLogger("kv3d.tiers")
 
@@ -90,6 +91,25 @@ class DamagedEntry(CacheFault):
 
     reason = "tier_damaged"
     component = "entry"
+
+
+class CacheView(Protocol):
+    """What the tier stack uses of the prefix cache that attaches it
+    (:class:`kv3d_core.prefix.cache.PrefixCache`, one layer up, which this module does
+    not import). The stack works on the cache's own state: it adds the entries it
+    re-indexes, drops and forgets entries a tier lost, and restores into the cache's
+    backend and cell ledger. Only the scheduler thread touches it."""
+
+    backend: ExecutionBackend
+    streams: bool                           # a KV stream per sequence (else one unified pool)
+    ledger: CellLedger | StreamLedger
+    _by_key: dict[str, CacheEntry]
+
+    def _add(self, e: CacheEntry) -> None: ...
+    def _drop_entry(self, e: CacheEntry) -> None: ...
+    def _forget(self, e: CacheEntry) -> None: ...
+    def ensure_hot_snapshot(self, snap: CacheEntry, exclude: Iterable[CacheEntry] = ()) -> bool: ...
+    def snapshot_arrays(self, snap: CacheEntry) -> KVArrays: ...
 
 
 class TierStack:
@@ -112,7 +132,7 @@ class TierStack:
         self._gone: queue.SimpleQueue[str] = queue.SimpleQueue()    # keys no tier holds any more
         self._f16 = 0
         self._stored = 0
-        self.cache: PrefixCache | None = None
+        self.cache: CacheView | None = None
         self.monitor = monitor
         self.disabled_codecs: set[str] = set()
         self._to_disable: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -137,15 +157,13 @@ class TierStack:
                 monitor.on_disable(component, lambda c=component: self._to_disable.put(c))
 
     # -- wiring ---------------------------------------------------------------------------
-    def attach(self, cache: "PrefixCache") -> None:
+    def attach(self, cache: CacheView) -> None:
         """Called by the prefix cache; re-indexes what a persistent tier kept across a restart."""
         self.cache = cache
         if self.cold is not None and self.cold.persistent:
             self._reindex(self.cold, SessionState.COLD)
 
     def _reindex(self, tier: StorageTier, state: SessionState) -> None:
-        from kv3d_core.prefix.cache import CacheEntry
-
         assert self.cache is not None
         metas = [m for m in tier.entries() if m.model_fingerprint == self.info.fingerprint]
         snaps: dict[tuple[str, str], CacheEntry] = {}
@@ -345,7 +363,7 @@ class TierStack:
         if lost:
             log.warning("%d stored entries were lost with the tier's old directory", len(lost))
 
-    def _orphan_dependents(self, snap: "CacheEntry") -> None:
+    def _orphan_dependents(self, snap: CacheEntry) -> None:
         """``snap`` is dropped: its stored sessions wait for it to be recomputed."""
         cache = self.cache
         deps = [e for e in cache._by_key.values() if e.kind == "session" and e.snapshot is snap
@@ -395,7 +413,7 @@ class TierStack:
         self.metrics.tier_orphans.set(self._n_orphans())
 
     # -- spill (scheduler thread, then writer thread) -------------------------------------
-    def spill(self, e: "CacheEntry", seq: int) -> bool:
+    def spill(self, e: CacheEntry, seq: int) -> bool:
         """Store session or snapshot ``e`` from sequence ``seq``, which is freed right after.
         With a KV stream per sequence, a session whose family prefix its snapshot holds is
         read from the device without the prefix: those cells are dropped from its stream
@@ -406,7 +424,7 @@ class TierStack:
             self.cache.backend.seq_remove(seq, 0, n_prefix)
         return self.spill_blob(e, self.cache.backend.seq_state_get(seq), delta_only=n_prefix > 0)
 
-    def _delta_start(self, e: "CacheEntry") -> int:
+    def _delta_start(self, e: CacheEntry) -> int:
         """Cells of ``e`` its stored form leaves to its family snapshot (0: stored whole)."""
         if e.kind != "session" or e.snapshot is None:
             return 0
@@ -416,7 +434,7 @@ class TierStack:
             return 0
         return len(e.snapshot.tokens)
 
-    def spill_blob(self, e: "CacheEntry", blob, *, delta_only: bool = False) -> bool:
+    def spill_blob(self, e: CacheEntry, blob, *, delta_only: bool = False) -> bool:
         """Store ``e`` from its state blob (a sequence's, or a snapshot's host copy;
         ``delta_only``: a session's blob without its family prefix's cells)."""
         if e.kind == "session" and e.snapshot is not None:
@@ -426,7 +444,7 @@ class TierStack:
             self._snap_writes[e.key] = e.pending    # (a streams snapshot, stored when it is made)
         return ok
 
-    def _submit(self, e: "CacheEntry", blob, *, to_cold: bool, delta_only: bool = False) -> bool:
+    def _submit(self, e: CacheEntry, blob, *, to_cold: bool, delta_only: bool = False) -> bool:
         with self._pending_lock:
             if self._pending_bytes + len(blob) > self.max_pending:
                 self._dropped("warm", "backlog")
@@ -441,7 +459,7 @@ class TierStack:
             self.metrics.spills.labels("warm").inc()
         return True
 
-    def _persist_snapshot(self, snap: "CacheEntry") -> None:
+    def _persist_snapshot(self, snap: CacheEntry) -> None:
         """Scheduler thread: make the persistent tier hold family snapshot ``snap`` --
         once per family, not once per session. A hot snapshot is written from its
         sequence (it stays hot; when it leaves the hot tier later, this copy is kept)."""
@@ -520,7 +538,7 @@ class TierStack:
                 self._pending_bytes -= len(blob)
 
     # -- restore (scheduler thread) ----------------------------------------------------------
-    def _fetch(self, e: "CacheEntry") -> tuple[TierEntry, str]:
+    def _fetch(self, e: CacheEntry) -> tuple[TierEntry, str]:
         pending = getattr(e, "pending", None)
         if pending is not None:
             try:
@@ -548,7 +566,7 @@ class TierStack:
                 return got, tier.level
         raise TierMiss(f"{e.key[:8]} is in no tier")
 
-    def restore(self, e: "CacheEntry", seq: int) -> "CacheEntry | None":
+    def restore(self, e: CacheEntry, seq: int) -> CacheEntry | None:
         """Load ``e`` into the empty sequence ``seq``; returns the snapshot whose cells
         it now shares (None when it holds all its cells itself)."""
         assert self.cache is not None
@@ -584,7 +602,7 @@ class TierStack:
         self.metrics.restore_seconds.labels(level).observe(dt)
         return snap
 
-    def load_blob(self, e: "CacheEntry") -> np.ndarray:
+    def load_blob(self, e: CacheEntry) -> np.ndarray:
         """The stored state of ``e`` (a family snapshot, kept whole) as a blob in memory the
         backend loads fast from (a KV stream per sequence keeps snapshots in host memory)."""
         got, level = self._fetch(e)
@@ -604,8 +622,8 @@ class TierStack:
         self.metrics.restores.labels(level).inc()
         return arr
 
-    def _decode(self, e: "CacheEntry", got: TierEntry,
-                joined: bool = False) -> tuple[bytes | memoryview, "CacheEntry | None"]:
+    def _decode(self, e: CacheEntry, got: TierEntry,
+                joined: bool = False) -> tuple[bytes | memoryview, CacheEntry | None]:
         """The blob to load for ``e`` and the snapshot whose prefix it needs. ``joined``: the
         blob holds the prefix's rows too (a KV stream per sequence cannot share them)."""
         cache = self.cache
@@ -636,7 +654,7 @@ class TierStack:
             blob = writer.finish()
         return blob, snap
 
-    def _decode_to_blob(self, e: "CacheEntry", got: TierEntry,
+    def _decode_to_blob(self, e: CacheEntry, got: TierEntry,
                         head: KVArrays | None = None) -> state_format.BlobWriter:
         """The codec decodes the delta straight into the K/V rows of the blob for
         ``seq_state_set`` (:func:`state_format.allocate`): no separate build copy. With
@@ -673,7 +691,7 @@ class TierStack:
             raise CodecError(f"{e.key[:8]}: codec {self.codec.codec_id} did not decode into the arrays it was given")
         return writers[0]
 
-    def discard(self, e: "CacheEntry") -> None:
+    def discard(self, e: CacheEntry) -> None:
         """Remove an entry's stored copies (it was resumed, or is gone). A dropped family
         snapshot leaves its stored sessions as orphans (they wait for it to be recomputed)."""
         if e.kind == "snapshot" and self.cache is not None:
@@ -691,7 +709,7 @@ class TierStack:
             if tier is not None:
                 tier.delete(key)
 
-    def holds(self, e: "CacheEntry") -> bool:
+    def holds(self, e: CacheEntry) -> bool:
         pending = getattr(e, "pending", None)
         if pending is not None and not pending.done():
             return True
@@ -783,7 +801,7 @@ def build_tier_stack(cfg: DictConfig, plugins: "PluginManager", info: ModelInfo,
                      retry_max_s=float(safety.get("tier_retry_max_s", 60.0)))
 
 
-def _prefix_of(snap: "CacheEntry", e: "CacheEntry") -> bool:
+def _prefix_of(snap: CacheEntry, e: CacheEntry) -> bool:
     """``snap`` holds exactly the first ``e.n_prefix`` tokens of session ``e``."""
     n = e.n_prefix
     return len(snap.tokens) == n and np.array_equal(snap.tokens, e.tokens[:n])

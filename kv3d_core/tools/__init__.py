@@ -1,1 +1,2 @@
-"""Developer tools shipped with kv3d (e.g. the synthetic GGUF writer)."""
+"""Developer tools shipped with kv3d, outside the serving core: the synthetic GGUF writer
+(``kv3d synth-model``) and the codec quality harness (``kv3d quality``)."""
