@@ -110,7 +110,8 @@ def test_raw_prompts_sharing_a_prefix_get_an_implicit_family(layout):
     """Token-id completions have no system message to name a family. When one shares a long
     prefix with a cached conversation it does not continue, that prefix becomes a family of its
     own (snapshotted once): later prompts load it instead of restoring whole conversations, and
-    conversations store only their deltas past it."""
+    conversations store only their deltas past it. A conversation going on without its reply
+    resent (token-id follow-ups) shares its own prompt with its cached state: no family."""
     import queue
 
     from kv3d_core.config import compose
@@ -147,3 +148,10 @@ def test_raw_prompts_sharing_a_prefix_get_an_implicit_family(layout):
         sessions = eng.scheduler.call(lambda: [e.n_prefix for e in eng.cache._by_key.values()
                                                if e.kind == "session"]).result(60)
         assert 96 in sessions, "conversations after it store only their delta past the prefix"
+        # the first conversation goes on, resending its prompt but not its reply: it resumes that
+        # conversation, and its own prompt (one conversation's, not shared) makes no family
+        fourth = complete(eng, list(range(2000, 2016)) + list(range(5000, 5016)))
+        assert fourth["cached_tokens"] > 96, fourth
+        assert eng.metrics.derived_families._value.get() == 1
+        snaps = eng.scheduler.call(lambda: [len(s.tokens) for s in eng.cache.snapshots.values()]).result(60)
+        assert snaps == [96]

@@ -275,7 +275,7 @@ class Scheduler:
             job.sampler = None
         if job.seq is not None:
             self.cache.release(job.seq, job.context, job.n_past, job.family, job.snapshot,
-                               keep=keep and job.keep_cache)
+                               keep=keep and job.keep_cache, n_prompt=job.n_prompt)
             job.seq = None
             job.snapshot = None
         if job in self._running:

@@ -385,7 +385,8 @@ class PrefixCache:
             if lease is None:
                 return None
             if (lease.snapshot is None and family.length == 0 and entry is not None and entry.kind == "session"
-                    and self.min_snapshot_tokens <= lease.n_cached < len(entry.tokens)):
+                    and self.min_snapshot_tokens <= lease.n_cached < len(entry.tokens)
+                    and not _same_conversation(entry, lease.n_cached)):
                 lease.snapshot = self._derive_snapshot(lease.seq, prompt.tokens, lease.n_cached, family)
             if record:
                 self.metrics.record_prefix(lease.n_cached > 0, lease.n_cached)
@@ -818,15 +819,15 @@ class PrefixCache:
         return snap if snap.blob is not None else None
 
     def release(self, seq: int, tokens: list[int], n_past: int, family: FamilyKey,
-                snapshot: CacheEntry | None, keep: bool) -> None:
+                snapshot: CacheEntry | None, keep: bool, n_prompt: int = 0) -> None:
         """A request is done with its sequence: keep it as an idle session (resumable
-        by the next turn) or free it."""
+        by the next turn) or free it. ``n_prompt``: how many of ``tokens`` its prompt sent."""
         if keep and self.enabled and n_past > 0:
             entry = CacheEntry(
                 key=uuid.uuid4().hex, kind="session", namespace=family.namespace, family=family.digest,
                 tokens=np.asarray(tokens[:n_past], dtype=np.int32),
                 n_prefix=len(snapshot.tokens) if snapshot is not None else 0,
-                seq=seq, snapshot=snapshot,
+                seq=seq, snapshot=snapshot, n_prompt=min(n_prompt, n_past),
             )
             self._add(entry)
             self._make_idle(entry)
@@ -881,3 +882,11 @@ class PrefixCache:
         """Drop everything cached (hot and below)."""
         for e in list(self._by_key.values()):
             self._drop_entry(e)
+
+
+def _same_conversation(entry: CacheEntry, n: int) -> bool:
+    """A request sharing ``n`` tokens with session ``entry`` holds all (or all but the last
+    token) of the prompt that made it: it goes on with, or regenerates, that conversation,
+    and differs from it only in what the conversation generated. Such a prefix belongs to one
+    conversation, not to a family several share."""
+    return entry.n_prompt > 0 and n >= entry.n_prompt - 1

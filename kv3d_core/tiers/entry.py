@@ -34,6 +34,8 @@ class CacheEntry:
     idle_since: float = field(default_factory=time.monotonic)  # when it last became evictable
     pending: object | None = None  # the spill in flight (a Future), if any
     blob: np.ndarray | None = None  # snapshots, KV stream per sequence: the prefix's state in host memory
+    n_prompt: int = 0              # sessions: tokens of the prompt its last request sent (0: unknown); the
+                                   # rest of ``tokens`` is what that request generated
 
     @property
     def hot(self) -> bool:
