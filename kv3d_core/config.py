@@ -289,8 +289,8 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("scheduler.max_running and prefill_chunk must be >= 1, max_waiting >= 0")
     if s.scheduler.step_tokens is not None and s.scheduler.step_tokens < 1:
         problems.append("scheduler.step_tokens must be >= 1 (or null: the backend's batch size)")
-    if s.scheduler.prefill_order not in ("shortest", "fifo"):
-        problems.append(f"scheduler.prefill_order must be 'shortest' or 'fifo', not {s.scheduler.prefill_order!r}")
+    if s.scheduler.prefill_order not in ("shortest", "fifo", "fair"):
+        problems.append(f"scheduler.prefill_order must be 'shortest', 'fifo' or 'fair', not {s.scheduler.prefill_order!r}")
     if s.scheduler.prefill_aging_s < 0:
         problems.append("scheduler.prefill_aging_s must be >= 0")
     if s.server.cached_tokens not in ("block", "exact", "off"):

@@ -170,3 +170,31 @@ def test_the_core_keeps_a_detectors_family_in_the_prompts_namespace():
     with pytest.raises(PluginError, match="not a FamilyKey"):
         Engine._family(eng, view)
     assert isinstance(Engine._family(SimpleNamespace(detector=ExactDetector(), cfg=None), view), FamilyKey)
+
+
+@pytest.mark.parametrize("order, expected", [
+    ("shortest", ["short", "shorter", "long"]),
+    ("fair", ["long", "short", "shorter"]),
+    ("fifo", ["short", "long", "shorter"]),
+])
+def test_prefill_order(order, expected):
+    """Which pending prefill a step fills first: ``shortest`` puts the long miss last (only
+    ``prefill_aging_s`` saves it), ``fair`` gives the oldest prefill the step's first chunk and
+    the rest shortest first, ``fifo`` keeps admission order."""
+    from types import SimpleNamespace
+
+    from kv3d_core.contracts.backend import SamplingParams
+    from kv3d_core.contracts.detector import FamilyKey, PromptView
+    from kv3d_core.engine.scheduler import Job, Scheduler, SchedulerConfig
+
+    def job(name: str, n: int, t: float) -> Job:
+        j = Job(name, PromptView(list(range(n)), 0, "m"), FamilyKey("ns", "", 0), SamplingParams(), 1, [],
+                lambda ev: None, t_submit=t, state=S.PREFILL)
+        j.context = list(range(n))
+        return j
+
+    import time
+    now = time.monotonic()
+    running = [job("short", 140, now - 0.5), job("long", 1152, now - 2.0), job("shorter", 150, now - 0.1)]
+    sched = SimpleNamespace(cfg=SchedulerConfig(prefill_order=order, prefill_aging_s=30.0), _running=running)
+    assert [j.id for j in Scheduler._prefill_order(sched)] == expected

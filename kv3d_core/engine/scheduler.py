@@ -15,7 +15,8 @@ llama.cpp). Each step it:
    shortest remaining first (``prefill_order``): a prompt whose prefix was cached
    gets its first token without waiting behind long uncached prompts; a prefill
    older than ``prefill_aging_s`` goes ahead of younger ones (oldest first), so a
-   long prompt is never starved by a stream of short ones;
+   long prompt is never starved by a stream of short ones (``fair``: the oldest
+   prefill gets the first chunk of every step, the rest goes shortest first);
 4. makes room for the batch's cells (evicting idle sessions, then preempting
    the newest request, which is resumed later from its own cached state);
 5. decodes, samples each sequence with its own sampler chain, streams text.
@@ -82,7 +83,7 @@ class SchedulerConfig:
     prefill_chunk: int = 256
     retry_after_s: int = 2
     step_tokens: int | None = None     # None: the backend's batch size
-    prefill_order: str = "shortest"    # or "fifo"
+    prefill_order: str = "shortest"    # or "fifo", or "fair" (the oldest first, then shortest)
     prefill_aging_s: float = 30.0
 
 
@@ -391,7 +392,14 @@ class Scheduler:
             if now - j.t_submit >= self.cfg.prefill_aging_s:
                 return (0, 0, j.t_submit)              # aged: oldest first, ahead of the rest
             return (1, len(j.context) - j.n_past, j.t_submit)
-        return sorted(jobs, key=key)
+        order = sorted(jobs, key=key)
+        if self.cfg.prefill_order == "fair":
+            # the oldest prefill gets the first chunk of every step, so a long one (a miss) is
+            # never starved by a stream of short ones; the rest of the budget goes shortest first
+            oldest = min(jobs, key=lambda j: j.t_submit)
+            order.remove(oldest)
+            order.insert(0, oldest)
+        return order
 
     def _preempt_newest(self) -> bool:
         if len(self._running) <= 1:
