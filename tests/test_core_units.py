@@ -198,3 +198,20 @@ def test_prefill_order(order, expected):
     running = [job("short", 140, now - 0.5), job("long", 1152, now - 2.0), job("shorter", 150, now - 0.1)]
     sched = SimpleNamespace(cfg=SchedulerConfig(prefill_order=order, prefill_aging_s=30.0), _running=running)
     assert [j.id for j in Scheduler._prefill_order(sched)] == expected
+
+
+def test_a_failure_maps_to_its_http_answer():
+    """The scheduler says what went wrong; the API alone picks status, code and Retry-After."""
+    from kv3d_core.api.run import error_of
+    from kv3d_core.engine.events import Failed, FailureKind
+
+    e = error_of(Failed(FailureKind.QUEUE_TIMEOUT, "no sequence became free", 7))
+    assert (e.status, e.code, e.etype, e.headers) == (503, "queue_timeout", "server_error", {"Retry-After": "7"})
+    e = error_of(Failed(FailureKind.KV_CACHE_FULL, "full"))
+    assert (e.status, e.code, e.headers) == (503, "kv_cache_full", {"Retry-After": "2"})
+    e = error_of(Failed(FailureKind.SHUTTING_DOWN, "bye", 5))
+    assert (e.status, e.code, e.headers) == (503, "shutting_down", {"Retry-After": "5"})
+    for kind in (FailureKind.MODEL, FailureKind.INTERNAL):
+        e = error_of(Failed(kind, "broken"))
+        assert (e.status, e.code, e.headers) == (500, None, None)
+        assert e.body() == {"error": {"message": "broken", "type": "server_error", "param": None, "code": None}}
