@@ -63,8 +63,7 @@ class ChatCompletions:
             raise APIError(400, f"'{exc.path}': {exc.detail}", param=exc.path, code="unsupported_schema") from exc
         except TemplateError as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
-        forced = mode == "required" or (mode or "").startswith("function:")
-        grammar = await svc.checked_grammar(grammar, "tools" if forced else "response_format")
+        grammar = await svc.checked_grammar(grammar, "tools" if req.tools_forced else "response_format")
         try:
             prepared = await preparer.run(size, self.engine.prepare_chat, messages, template_tools, req.cache_salt,
                                           _tenant(request))
@@ -82,7 +81,7 @@ class ChatCompletions:
         """The grammar of a chat reply: forced tool calls, a response format, or either."""
         builder = GrammarBuilder()
         answer = response_format_rule(builder, req.response_format)
-        if tools and (mode == "required" or (mode or "").startswith("function:")):
+        if tools and req.tools_forced:
             return builder.grammar(self.tools.calls_rule(builder, tools, mode, req.parallel_tool_calls))
         if answer is None:
             return None

@@ -300,6 +300,12 @@ class ChatCompletionRequest(_Sampling):
             return "auto"
         return c if isinstance(c, str) else "function:" + c["function"]["name"]
 
+    @property
+    def tools_forced(self) -> bool:
+        """The reply must be tool calls: ``tool_choice`` "required" or a named function."""
+        mode = self.tool_mode
+        return mode == "required" or (mode or "").startswith("function:")
+
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]

@@ -91,23 +91,21 @@ for stage in ${KV3D_GPU_STAGES:-side unified seed decode}; do
              "$PY" benchmarks/decode_overhead.py --model "$MODEL" --n-gpu-layers -1 --seqs 32,64 --gen 512 \
                  --stream-ctx 1024 --out "$W/results/decode.json" > "$W/results/decode.log" 2>&1
              grep -E "sequences:" "$W/results/decode.log" || tail -n 20 "$W/results/decode.log" ;;
-    profile) for sys in kv3d; do
-               stamp "profile $sys"
-               nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 100 \
-                   > "$W/results/gpu-util-$sys.csv" 2>&1 &
-               smi=$!
-               "$KV3D_VENV/bin/kv3d" bench "${SIDE[@]}" rounds=1 concurrency=32 scheduler.max_running=32 \
-                   scheduler.n_seq_max=40 "systems=[$sys]" hydra.run.dir="$W/results/profile-$sys" \
-                   > "$W/results/profile-$sys.log" 2>&1 &
-               bench=$!
-               if [ "$sys" = kv3d ] && command -v py-spy > /dev/null; then
-                 for _ in $(seq 300); do pid=$(pgrep -f "kv3d_core.cli serve" | head -n 1); [ -n "$pid" ] && break; sleep 0.2; done
-                 py-spy record --pid "$pid" --idle --threads --nonblocking -r 200 -f raw \
-                     -o "$W/results/pyspy-kv3d.txt" > "$W/results/pyspy.log" 2>&1 &
-               fi
-               wait $bench; kill $smi 2>/dev/null; sleep 1
-               tail -n 2 "$W/results/profile-$sys.log" | cut -c1-300
-             done ;;
+    profile) stamp "profile kv3d"
+             nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 100 \
+                 > "$W/results/gpu-util-kv3d.csv" 2>&1 &
+             smi=$!
+             "$KV3D_VENV/bin/kv3d" bench "${SIDE[@]}" rounds=1 concurrency=32 scheduler.max_running=32 \
+                 scheduler.n_seq_max=40 "systems=[kv3d]" hydra.run.dir="$W/results/profile-kv3d" \
+                 > "$W/results/profile-kv3d.log" 2>&1 &
+             bench=$!
+             if command -v py-spy > /dev/null; then
+               for _ in $(seq 300); do pid=$(pgrep -f "kv3d_core.cli serve" | head -n 1); [ -n "$pid" ] && break; sleep 0.2; done
+               py-spy record --pid "$pid" --idle --threads --nonblocking -r 200 -f raw \
+                   -o "$W/results/pyspy-kv3d.txt" > "$W/results/pyspy.log" 2>&1 &
+             fi
+             wait $bench; kill $smi 2>/dev/null; sleep 1
+             tail -n 2 "$W/results/profile-kv3d.log" | cut -c1-300 ;;
     seed)    stamp "seed workload"
              "$KV3D_VENV/bin/kv3d" bench model.path="$MODEL" requests=100 +codec=int8 quality=false progress=false \
                  "systems=[kv3d,llama_server]" cache.ram_warm_mb=16384 hydra.run.dir="$W/results/seed" \
