@@ -542,8 +542,11 @@ def test_state_staging_pool_round_trips_and_reuses_its_buffers(smol, chat, blob)
     try:
         assert b.info.build["state_staging"] == "pooled"
         decode(b, 0, chat.tokens[:N_CELLS])
-        got = bytes(b.seq_state_get(0))
+        lent = b.seq_state_get(0)
+        assert b._staging.owns(lent), "a staged get hands over the staging buffer itself (no second copy)"
+        got = bytes(lent)
         assert got == blob, "the staged get gives the plain path's bytes"
+        del lent                                   # back to the pool
         arrays = parse(b, got)
         for rep in range(4):
             w = sf.allocate(arrays, b.state_buffer)

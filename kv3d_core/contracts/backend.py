@@ -243,8 +243,13 @@ class ExecutionBackend(abc.ABC):
         """Largest position held by ``seq``; -1 when it holds none."""
 
     @abc.abstractmethod
-    def seq_state_get(self, seq: int) -> bytes:
-        """Serialize the cells of ``seq`` (llama.cpp's per-sequence state format)."""
+    def seq_state_get(self, seq: int) -> bytes | bytearray | np.ndarray:
+        """Serialize the cells of ``seq`` (llama.cpp's per-sequence state format).
+
+        Any bytes-like object: ``bytes``, ``bytearray``, or a 1-D uint8 array over memory
+        the backend lends (e.g. a page-locked buffer from :meth:`state_buffer`'s pool, so a
+        spill copies the cells off the device once); it is the caller's until dropped, and
+        may be handed to another thread."""
 
     @abc.abstractmethod
     def seq_state_set(self, seq: int, blob: bytes | bytearray | memoryview) -> None:

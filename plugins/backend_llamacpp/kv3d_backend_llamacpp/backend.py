@@ -619,20 +619,21 @@ class LlamaCppBackend(ExecutionBackend):
     def seq_pos_min(self, seq: int) -> int:
         return int(L.llama_memory_seq_pos_min(self._mem, seq))
 
-    def seq_state_get(self, seq: int) -> bytes:
+    def seq_state_get(self, seq: int) -> bytes | np.ndarray:
         size = L.llama_state_seq_get_size(self._ctx, seq)
-        buf = bytearray(size)
-        if size:
-            if self._staging is not None:        # device -> page-locked staging, then a host copy
-                stage = self._staging.lend(size)
-                dst = stage.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-            else:
-                stage, dst = None, (ctypes.c_uint8 * size).from_buffer(buf)
-            n = L.llama_state_seq_get_data(self._ctx, dst, size, seq)
+        if self._staging is not None and size:
+            # device -> page-locked memory, handed over as it is (no second host copy): the
+            # pool takes the buffer back once the caller (the spill's writer thread) drops it
+            stage = self._staging.lend(size)
+            n = L.llama_state_seq_get_data(self._ctx, stage.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq)
             if n != size:
                 raise BackendError(f"llama_state_seq_get_data wrote {n} of {size} bytes")
-            if stage is not None:
-                np.frombuffer(buf, dtype=np.uint8)[:] = stage
+            return stage
+        buf = bytearray(size)
+        if size:
+            n = L.llama_state_seq_get_data(self._ctx, (ctypes.c_uint8 * size).from_buffer(buf), size, seq)
+            if n != size:
+                raise BackendError(f"llama_state_seq_get_data wrote {n} of {size} bytes")
         return bytes(buf) if size < (1 << 16) else buf  # bytearray avoids a copy of large blobs
 
     def state_buffer(self, nbytes: int) -> np.ndarray:
