@@ -34,12 +34,16 @@ def spy_on_spills(eng) -> list[tuple[str, int, int, int]]:
     return seen
 
 
-def test_a_long_conversation_resumed_after_every_turn_left_its_stream():
+@pytest.mark.parametrize("staging", ["off", "on"])
+def test_a_long_conversation_resumed_after_every_turn_left_its_stream(staging):
     """Five turns; after each one the session leaves its stream (``hot_sessions=0``) for the warm
     tier (int8 delta past the family prefix) and the next turn restores prefix + delta into a
     stream. Every turn's first greedy token equals a cold (safe-mode) run's, every resume
     reused the whole earlier conversation, and each spill read only the session's own cells
-    from the device (the prefix is stored once, in the family snapshot)."""
+    from the device (the prefix is stored once, in the family snapshot). Each resume's state
+    was decoded off the scheduler thread while its request waited, and admission loaded that
+    blob. ``staging=on``: spills hand the staging buffer itself to the writer thread (the
+    GPU default; ordinary memory here)."""
     from kv3d_core.config import compose
     from kv3d_core.engine.engine import Engine
 
@@ -53,10 +57,13 @@ def test_a_long_conversation_resumed_after_every_turn_left_its_stream():
         return out
 
     common = ["server.threads=2", "cache.stream_ctx=1024", "scheduler.n_seq_max=4", "safety.quality_sample_every=0"]
-    with Engine(compose([*common, "cache.hot_sessions=0", "+codec=int8"])) as eng:
+    with Engine(compose([*common, "cache.hot_sessions=0", "+codec=int8",
+                         f"backend.state_staging={staging}"])) as eng:
         spills = spy_on_spills(eng)
         warm = converse(eng)
         restores = eng.metrics.restores.labels("warm")._value.get()
+        prepared = {k: eng.metrics.restores_prepared.labels(k)._value.get() for k in ("started", "used")}
+    assert prepared["started"] >= len(TURNS) - 1 and prepared["used"] == restores, (prepared, restores)
     # a session leaving its stream is read from the device without its family prefix
     sessions = [s for s in spills if s[0] == "session"]
     assert len(sessions) >= len(TURNS) and all(s[1] > 0 for s in sessions), spills
@@ -69,6 +76,48 @@ def test_a_long_conversation_resumed_after_every_turn_left_its_stream():
         if i:
             prev_prompt = warm[i - 1][1]["prompt_tokens"]
             assert wu["cached_tokens"] >= prev_prompt, (i, wu, prev_prompt)
+
+
+def test_a_request_behind_a_restore_being_prepared_is_not_held_up(monkeypatch):
+    """While a resume's state is decoded off the scheduler thread, the requests queued behind it
+    are admitted and served; the resume then loads the prepared blob and answers as a cold
+    server does."""
+    import threading
+    import time
+
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TURNS[0]}]
+    with Engine(compose(["server.threads=2", "cache.stream_ctx=1024", "scheduler.n_seq_max=4",
+                         "cache.hot_sessions=0", "+codec=int8", "safety.quality_sample_every=0"])) as eng:
+        reply, _ = engine_chat(eng, first, max_tokens=12)
+        eng.tiers.flush()
+        gate, prepare = threading.Event(), eng.tiers._prepare
+
+        def slow_prepare(*args):
+            assert gate.wait(60), "the other request was never served"
+            return prepare(*args)
+        monkeypatch.setattr(eng.tiers, "_prepare", slow_prepare)
+        second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": TURNS[1]}]
+        resumed: dict = {}
+        t = threading.Thread(target=lambda: resumed.update(out=engine_chat(eng, second, max_tokens=12)))
+        t.start()
+        started = eng.metrics.restores_prepared.labels("started")
+        deadline = time.monotonic() + 30
+        while started._value.get() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert started._value.get() == 1, "the resume's restore was not prepared ahead"
+        other, _ = engine_chat(eng, [{"role": "user", "content": "Name a colour."}], max_tokens=4)
+        assert "out" not in resumed, "the resume finished before its restore was prepared"
+        gate.set()
+        t.join(120)
+        text, usage = resumed["out"]
+        assert eng.metrics.restores_prepared.labels("used")._value.get() == 1
+        assert usage["cached_tokens"] > 0
+    with Engine(compose(["server.threads=2", "safe_mode=true"])) as eng:
+        expected, _ = engine_chat(eng, second, max_tokens=12)
+    assert text.split()[:1] == expected.split()[:1]
 
 
 def test_a_request_longer_than_a_stream_is_refused_not_crashed(tmp_path):

@@ -121,6 +121,10 @@ def test_corrupted_warm_entry_is_a_miss_with_correct_output():
         text, usage = run(eng, second_turn(0, reply0))
         assert eng.metrics.tier_errors.labels("warm", "checksum")._value.get() >= 1
         assert usage["cached_tokens"] < usage["prompt_tokens"] - 30, "the damaged delta was not used"
+        # the damage was found off the scheduler thread (the restore prepared while the request
+        # waited) and reached admission as the miss it is
+        assert eng.metrics.restores_prepared.labels("started")._value.get() >= 1
+        assert eng.metrics.restores_prepared.labels("used")._value.get() == 0
     cold_cfg = compose(["server.threads=2", "cache.gpu_hot_mb=96", "safe_mode=true"])
     with Engine(cold_cfg) as cold:
         expected, _ = run(cold, second_turn(0, reply0))

@@ -8,7 +8,10 @@ llama.cpp). Each step it:
    whose client went away;
 2. admits queued requests while sequences are free (``max_running``), asking
    the prefix cache for a sequence that already holds as much of the prompt as
-   can be reused;
+   can be reused. A request that resumes a session stored below the hot tier has
+   its state decoded off this thread first (``PrefixCache.prepare``, at most
+   ``PREPARE_AHEAD`` at a time); it is admitted once that is ready, and requests
+   behind it are not held up meanwhile;
 3. builds one batch of at most ``step_tokens``: the next token of every decoding
    sequence, then chunks of pending prefills (at most ``prefill_chunk`` tokens
    each), so decoding sequences are never starved by a long prompt. Prefills go
@@ -35,6 +38,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -54,6 +58,7 @@ from kv3d_core.tiers.entry import CacheEntry
 log = logging.getLogger("kv3d.scheduler")
 
 GAUGE_INTERVAL_S = 0.5
+PREPARE_AHEAD = 8          # restores being decoded off the scheduler thread at once (each holds a blob)
 
 
 def _cancelled(job: "Job") -> bool:
@@ -118,6 +123,8 @@ class Job:
     parent: "Job | None" = None       # the job a fork was made from (its cancellation is the fork's)
     lp_pending: list[tuple[int, TokenLogprob]] = field(default_factory=list)  # (first byte, logprob) unsent
     n_bytes: int = 0                  # bytes of generated text so far
+    prep: Any = None                  # PrefixCache.prepare's handle: its restore, decoded ahead
+    prep_asked: bool = False
 
     @property
     def n_prompt(self) -> int:
@@ -328,31 +335,62 @@ class Scheduler:
         self._decode_step()
 
     def _admit(self) -> None:
-        while self._waiting and len(self._running) < self.cfg.max_running:
-            job = self._waiting[0]
+        if self._waiting and len(self._running) < self.cfg.max_running:
+            self._prepare_ahead()
+        i = 0
+        while i < len(self._waiting) and len(self._running) < self.cfg.max_running:
+            job = self._waiting[i]
+            if job.prep is not None and not job.prep.done():
+                i += 1                 # its restore is still being decoded: the next request goes first
+                continue
             try:
                 admitted = self._admit_one(job)
             except Exception as exc:   # a failure here concerns this request only
                 log.exception("admission of request %s failed", job.id)
                 if job in self._waiting:
                     self._waiting.remove(job)
+                job.prep = None
                 self._fail(job, FailureKind.INTERNAL, f"internal error while starting the request: {exc}")
                 continue
             if not admitted:
                 break
 
+    def _prepare_ahead(self) -> None:
+        """Start decoding the stored sessions the next requests to admit resume (off this
+        thread), as many at once as ``PREPARE_AHEAD``, among as many requests as could be
+        admitted now and the few after them."""
+        busy = sum(1 for j in self._waiting if j.prep is not None and not j.prep.done())
+        room = self.cfg.max_running - len(self._running) + PREPARE_AHEAD
+        for job in list(itertools.islice(self._waiting, room)):
+            if busy >= PREPARE_AHEAD:
+                return
+            if job.prep_asked or _cancelled(job):
+                continue
+            job.prep_asked = True
+            try:
+                job.prep = self.cache.prepare(dataclasses.replace(job.prompt, tokens=job.context), job.family)
+            except Exception:          # preparing is an optimisation: admission restores itself
+                log.exception("preparing the restore of request %s failed", job.id)
+                job.prep = None
+            if job.prep is not None:
+                busy += 1
+                job.prep.future.add_done_callback(lambda _f: self.wake())
+
     def _admit_one(self, job: Job) -> bool:
         view = dataclasses.replace(job.prompt, tokens=job.context)
-        lease = self.cache.acquire(view, job.family, record=job.preemptions == 0)   # one lookup per request
+        prep, job.prep = job.prep, None
+        lease = self.cache.acquire(view, job.family, record=job.preemptions == 0,   # one lookup per request
+                                   prepared=prep)
         if lease is None:
             if not self._running:
                 # nothing runs and still no room: the cache cannot hold this prompt at all
-                self._waiting.popleft()
+                self._waiting.remove(job)
                 self._fail(job, FailureKind.KV_CACHE_FULL,
                            "not enough KV cache for this prompt; retry later or raise cache.gpu_hot_mb")
                 return True
+            job.prep = prep            # (ready: kept for the next try)
             return False
-        self._waiting.popleft()
+        self._waiting.remove(job)
         job.seq, job.n_past, job.snapshot = lease.seq, lease.n_cached, lease.snapshot
         self._running.append(job)        # from here on a failure releases the sequence
         if job.preemptions == 0:

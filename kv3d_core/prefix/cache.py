@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kv3d_core.contracts.backend import ExecutionBackend
     from kv3d_core.safety import FailureMonitor
     from kv3d_core.metrics import Metrics
-    from kv3d_core.tiers.stack import TierStack
+    from kv3d_core.tiers.stack import Prepared, TierStack
 
 log = logging.getLogger("kv3d.prefix")
 
@@ -360,10 +360,25 @@ class PrefixCache:
         return self.pool.alloc()
 
     # -- request life cycle ----------------------------------------------------------
-    def acquire(self, prompt: PromptView, family: FamilyKey, record: bool = True) -> Lease | None:
+    def prepare(self, prompt: PromptView, family: FamilyKey) -> "Prepared | None":
+        """A request is waiting for admission: when it will resume a session stored below
+        the hot tier (KV stream per sequence), start decoding that session's state off the
+        scheduler thread (:meth:`TierStack.prepare`); :meth:`acquire` given the handle then
+        only loads the blob. None when there is nothing to prepare."""
+        if not (self.streams and self.enabled and self.tiers is not None) or self._restore_off:
+            return None
+        entry, _ = self.plan(prompt, family)
+        if (entry is None or entry.kind != "session" or entry.seq is not None
+                or entry.state not in (SessionState.WARM, SessionState.COLD)):
+            return None
+        return self.tiers.prepare(entry)
+
+    def acquire(self, prompt: PromptView, family: FamilyKey, record: bool = True,
+                prepared: "Prepared | None" = None) -> Lease | None:
         """A sequence for a request, with as much of its prompt as can be reused
         already in it. None when no sequence or cells can be freed now. ``record``: count
-        the lookup in the prefix metrics (a preempted request resuming is not counted again)."""
+        the lookup in the prefix metrics (a preempted request resuming is not counted again).
+        ``prepared``: from :meth:`prepare`, used when the lookup still picks its entry."""
         if self.tiers is not None:
             self.tiers.apply_disables()
             self._apply_restore_off()
@@ -374,7 +389,7 @@ class PrefixCache:
         for _attempt in range(3):
             entry, n = self.plan(prompt, family)
             try:
-                lease = self._acquire_from(entry, n, prompt)
+                lease = self._acquire_from(entry, n, prompt, prepared)
             except CacheFault as exc:
                 # restore failed: that entry is gone; try the next best (or recompute)
                 if exc.reason == "tier_miss":
@@ -408,9 +423,10 @@ class PrefixCache:
             self.metrics.derived_families.inc()
         return snap
 
-    def _acquire_from(self, entry: CacheEntry | None, n: int, prompt: PromptView) -> Lease | None:
+    def _acquire_from(self, entry: CacheEntry | None, n: int, prompt: PromptView,
+                      prepared: "Prepared | None" = None) -> Lease | None:
         if self.streams:
-            return self._acquire_stream(entry, n)
+            return self._acquire_stream(entry, n, prepared)
         uncached = len(prompt.tokens) - n
         protect = {entry} if entry is not None else set()
         if entry is not None and entry.snapshot is not None:
@@ -456,7 +472,7 @@ class PrefixCache:
             return None
         return self._restore_spilled(entry, n, protect)
 
-    def _acquire_stream(self, entry: CacheEntry | None, n: int) -> Lease | None:
+    def _acquire_stream(self, entry: CacheEntry | None, n: int, prepared: "Prepared | None" = None) -> Lease | None:
         """:meth:`_acquire_from` with a KV stream per sequence: the request gets a stream of its
         own, filled with what it reuses (a hot session's stream is taken over as it is)."""
         if entry is not None and not self._prefix_loads and not (
@@ -501,9 +517,10 @@ class PrefixCache:
         # a spilled session: one blob of its family prefix and its delta, into a fresh stream
         assert self.tiers is not None
         protect = {entry} | ({entry.snapshot} if entry.snapshot is not None else set())
-        return self._restore_spilled(entry, n, protect)
+        return self._restore_spilled(entry, n, protect, prepared)
 
-    def _restore_spilled(self, entry: CacheEntry, n: int, protect: set[CacheEntry]) -> Lease | None:
+    def _restore_spilled(self, entry: CacheEntry, n: int, protect: set[CacheEntry],
+                         prepared: "Prepared | None" = None) -> Lease | None:
         """Both layouts: a warm or cold entry (and its family snapshot) restored into a fresh
         sequence, quality-checked when sampled, cut to the ``n`` positions the request reuses."""
         assert self.tiers is not None
@@ -512,7 +529,7 @@ class PrefixCache:
             return None
         tier = entry.state.value
         try:
-            restored_snap = self._restore_with_room(entry, seq, protect)
+            restored_snap = self._restore_with_room(entry, seq, protect, prepared)
             if entry.kind == "session" and self.tiers.should_check_quality():
                 self._quality_check(entry, seq, restored_snap, protect)
         except CacheFault:
@@ -606,7 +623,8 @@ class PrefixCache:
             done += 1
         return done
 
-    def _restore_with_room(self, entry: CacheEntry, seq: int, exclude: set[CacheEntry]) -> CacheEntry | None:
+    def _restore_with_room(self, entry: CacheEntry, seq: int, exclude: set[CacheEntry],
+                           prepared: "Prepared | None" = None) -> CacheEntry | None:
         """Restore ``entry`` into ``seq``; when the backend finds too few free cells for the
         state, make room and try once more.
 
@@ -617,7 +635,7 @@ class PrefixCache:
         shortfall, it never switches restoring off."""
         assert self.tiers is not None
         try:
-            return self.tiers.restore(entry, seq)
+            return self.tiers.restore(entry, seq, prepared)
         except NoFreeCells:
             need = len(entry.tokens)
             target = min(self.ledger.n_cells, self.ledger.free + need)
@@ -632,7 +650,7 @@ class PrefixCache:
             log.info("restore of %s found too few free cells: evicted %d idle entries, retrying",
                      entry.key[:8], evicted)
             self.metrics.restore_retries.inc()
-            return self.tiers.restore(entry, seq)
+            return self.tiers.restore(entry, seq, prepared)
 
     def _quality_check(self, entry: CacheEntry, seq: int, snap: CacheEntry | None,
                        protect: set[CacheEntry]) -> None:

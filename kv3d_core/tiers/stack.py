@@ -9,13 +9,15 @@ as it must touch the context::
       -> codec.encode -> framed -> warm.put  writer thread (the core's header: kv/framing.py)
            warm evicts LRU -> cold.put       writer thread (fsync'd files)
 
-Restore (a request resumes the entry), scheduler thread::
+Restore (a request resumes the entry)::
 
+    [prepared ahead: restore pool, while the request waits for admission (streams layout)]
     warm.get or cold.get -> header checked -> codec.decode_into the blob's K/V rows (state_format.allocate)
       unified layout:    -> seq_state_set(seq) -> seq_cp(snapshot seq, seq, 0, n_prefix)
                                                      (the family prefix is shared, not stored)
       a stream per seq:  the blob holds the family prefix's rows (copied from the snapshot's
                          host copy) then the delta's -> one seq_state_set(seq)
+    [scheduler thread: seq_state_set, and the whole path when nothing was prepared]
 
 A session's stored state is a reference to its family snapshot plus its delta;
 the snapshot is stored once per family in every tier. A state whose layout the
@@ -52,6 +54,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import os
 import queue
 import threading
 import time
@@ -93,6 +96,21 @@ class DamagedEntry(CacheFault):
     component = "entry"
 
 
+class Prepared:
+    """A restore decoded ahead of admission (:meth:`TierStack.prepare`): the blob for
+    ``entry`` is being built on the restore pool. ``done()`` says whether it is ready;
+    the restore that uses it gets what preparing raised, as if it had decoded itself."""
+
+    __slots__ = ("entry", "future")
+
+    def __init__(self, entry: CacheEntry, future: concurrent.futures.Future) -> None:
+        self.entry = entry
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
 class CacheView(Protocol):
     """What the tier stack uses of the prefix cache that attaches it
     (:class:`kv3d_core.prefix.cache.PrefixCache`, one layer up, which this module does
@@ -129,6 +147,10 @@ class TierStack:
         self._pending_bytes = 0
         self._pending_lock = threading.Lock()
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv3d-spill")
+        # restores decoded ahead of admission (streams layout); numpy releases the GIL while it copies
+        self.prepare_workers = max(1, min(4, (os.cpu_count() or 2) // 2))
+        self._preparer = concurrent.futures.ThreadPoolExecutor(max_workers=self.prepare_workers,
+                                                               thread_name_prefix="kv3d-restore")
         self._gone: queue.SimpleQueue[str] = queue.SimpleQueue()    # keys no tier holds any more
         self._f16 = 0
         self._stored = 0
@@ -566,19 +588,76 @@ class TierStack:
                 return got, tier.level
         raise TierMiss(f"{e.key[:8]} is in no tier")
 
-    def restore(self, e: CacheEntry, seq: int) -> CacheEntry | None:
+    def prepare(self, e: CacheEntry) -> Prepared | None:
+        """Scheduler thread, streams layout: start building the blob that restores stored
+        session ``e`` (fetch, checks, the codec decoding into page-locked memory, the family
+        prefix's rows copied in) on the restore pool, while its request waits for admission;
+        :meth:`restore` then only loads it. None when nothing can be prepared."""
+        cache = self.cache
+        if cache is None or not cache.streams or e.kind != "session":
+            return None
+        snap = e.snapshot
+        head_blob = snap.blob if snap is not None else None   # held here: the host copy may go meanwhile
+        fut = self._preparer.submit(self._prepare, e, snap, head_blob)
+        self.metrics.restores_prepared.labels("started").inc()
+        return Prepared(e, fut)
+
+    def _prepare(self, e: CacheEntry, snap: CacheEntry | None,
+                 head_blob) -> tuple[bytes | memoryview, str, CacheEntry | None] | None:
+        """Restore pool: :meth:`prepare`'s work. None when the entry needs its family prefix
+        and that was not in host memory (the restore then brings it back itself)."""
+        got, level = self._fetch(e)
+        try:
+            head = None
+            if got.meta.n_prefix and got.meta.codec_id != opaque.CODEC_ID:
+                if snap is None or len(snap.tokens) != got.meta.n_prefix:
+                    raise TierMiss(f"{e.key[:8]}: its family snapshot is gone")
+                if head_blob is None:
+                    return None
+                info = self.info
+                head = state_format.parse(head_blob, head_dim_k=info.head_dim_k, head_dim_v=info.head_dim_v,
+                                          n_layer=info.n_layer)
+            blob, snap = self._decode(e, got, joined=True, head=head, snap=snap)
+        except CacheFault:
+            raise
+        except Exception as exc:
+            raise CodecError(f"decoding {e.key[:8]} raised {type(exc).__name__}: {exc}") from exc
+        return blob, level, snap
+
+    def _prepared(self, e: CacheEntry, prepared: Prepared | None):
+        """The prepared blob of ``e`` (waiting for it if still in the works), or None."""
+        if prepared is None or prepared.entry is not e:
+            return None
+        try:
+            ready = prepared.future.result(timeout=60)
+        except CacheFault:
+            raise
+        except Exception as exc:       # (the pool shut down, a timeout): decode here instead
+            log.debug("prepared restore of %s unusable: %r", e.key[:8], exc)
+            return None
+        if ready is None or (ready[2] is not None and ready[2] is not e.snapshot):
+            return None                # no prefix in host memory then, or the family snapshot changed
+        self.metrics.restores_prepared.labels("used").inc()
+        return ready
+
+    def restore(self, e: CacheEntry, seq: int, prepared: Prepared | None = None) -> CacheEntry | None:
         """Load ``e`` into the empty sequence ``seq``; returns the snapshot whose cells
-        it now shares (None when it holds all its cells itself)."""
+        it now shares (None when it holds all its cells itself). ``prepared``: the blob
+        :meth:`prepare` built for ``e`` (raises what building it raised)."""
         assert self.cache is not None
         cache = self.cache
         t0 = time.perf_counter()
-        got, level = self._fetch(e)
-        try:
-            blob, snap = self._decode(e, got, joined=cache.streams)
-        except CacheFault:
-            raise
-        except Exception as exc:       # a codec plugin failing in a way its contract does not allow
-            raise CodecError(f"decoding {e.key[:8]} raised {type(exc).__name__}: {exc}") from exc
+        ready = self._prepared(e, prepared)
+        if ready is not None:
+            blob, level, snap = ready
+        else:
+            got, level = self._fetch(e)
+            try:
+                blob, snap = self._decode(e, got, joined=cache.streams)
+            except CacheFault:
+                raise
+            except Exception as exc:       # a codec plugin failing in a way its contract does not allow
+                raise CodecError(f"decoding {e.key[:8]} raised {type(exc).__name__}: {exc}") from exc
         try:
             cache.backend.seq_state_set(seq, blob)    # raises StateRestoreError (the seq is then empty)
         except CacheFault:
@@ -586,7 +665,7 @@ class TierStack:
         except Exception as exc:
             raise StateRestoreError(f"set_data raised {type(exc).__name__}: {exc}") from exc
         n = len(e.tokens)
-        n_prefix = got.meta.n_prefix if snap is not None else 0
+        n_prefix = len(snap.tokens) if snap is not None else 0
         if cache.streams:
             cache.ledger.extend(seq, n)           # the blob held the prefix too
         elif snap is not None:
@@ -622,13 +701,15 @@ class TierStack:
         self.metrics.restores.labels(level).inc()
         return arr
 
-    def _decode(self, e: CacheEntry, got: TierEntry,
-                joined: bool = False) -> tuple[bytes | memoryview, CacheEntry | None]:
+    def _decode(self, e: CacheEntry, got: TierEntry, joined: bool = False, *, head: KVArrays | None = None,
+                snap: CacheEntry | None = None) -> tuple[bytes | memoryview, CacheEntry | None]:
         """The blob to load for ``e`` and the snapshot whose prefix it needs. ``joined``: the
-        blob holds the prefix's rows too (a KV stream per sequence cannot share them)."""
+        blob holds the prefix's rows too (a KV stream per sequence cannot share them).
+        ``head``, ``snap``: the prefix's cells and its snapshot, given (off the scheduler
+        thread, which alone may bring a snapshot back); else taken from the cache."""
         cache = self.cache
         meta = got.meta
-        snap = None
+        ahead = head is not None
         if meta.codec_id == opaque.CODEC_ID:
             blob = opaque.decode(got.payload)
         else:
@@ -641,8 +722,9 @@ class TierStack:
                                f"the active codec is {self.codec.codec_id} v{self.codec.version}")
             if framing.peek_codec(got.payload) != (meta.codec_id, meta.codec_version):
                 raise CodecError(f"{e.key[:8]}: payload header and index disagree on the codec")
-            head = None
-            if meta.n_prefix:
+            if not meta.n_prefix:
+                snap = None
+            elif not ahead:
                 snap = e.snapshot
                 if snap is None or len(snap.tokens) != meta.n_prefix:
                     raise TierMiss(f"{e.key[:8]}: its family snapshot is gone")
@@ -650,8 +732,10 @@ class TierStack:
                     raise TierMiss(f"{e.key[:8]}: no room to restore its family snapshot")
                 if joined:
                     head = cache.snapshot_arrays(snap)
-            writer = self._decode_to_blob(e, got, head)
+            writer = self._decode_to_blob(e, got, head if meta.n_prefix else None)
             blob = writer.finish()
+        if meta.codec_id == opaque.CODEC_ID:
+            snap = None
         return blob, snap
 
     def _decode_to_blob(self, e: CacheEntry, got: TierEntry,
@@ -775,6 +859,7 @@ class TierStack:
         except Exception:
             pass
         self._writer.shutdown(wait=True)
+        self._preparer.shutdown(wait=True, cancel_futures=True)
         self.watch.close()
         for tier in (self.warm, self.cold):
             if tier is not None:
