@@ -83,6 +83,7 @@ class SchedulerSchema:
     step_tokens: Optional[int] = None
     prefill_order: str = "shortest"
     prefill_aging_s: float = 30
+    prefill_seqs: Optional[int] = None
 
 
 @dataclass
@@ -293,6 +294,8 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append(f"scheduler.prefill_order must be 'shortest', 'fifo' or 'fair', not {s.scheduler.prefill_order!r}")
     if s.scheduler.prefill_aging_s < 0:
         problems.append("scheduler.prefill_aging_s must be >= 0")
+    if s.scheduler.prefill_seqs is not None and s.scheduler.prefill_seqs < 1:
+        problems.append("scheduler.prefill_seqs must be >= 1 (or null: no limit)")
     if s.server.cached_tokens not in ("block", "exact", "off"):
         problems.append(f"server.cached_tokens must be 'block', 'exact' or 'off', not {s.server.cached_tokens!r}")
     if s.server.drain_s < 0:

@@ -92,6 +92,7 @@ class Engine:
                 step_tokens=cfg.scheduler.step_tokens,
                 prefill_order=cfg.scheduler.prefill_order,
                 prefill_aging_s=cfg.scheduler.prefill_aging_s,
+                prefill_seqs=cfg.scheduler.prefill_seqs,
             ))
         except BaseException:
             self.backend.close()

@@ -20,6 +20,8 @@ llama.cpp). Each step it:
    older than ``prefill_aging_s`` goes ahead of younger ones (oldest first), so a
    long prompt is never starved by a stream of short ones (``fair``: the oldest
    prefill gets the first chunk of every step, the rest goes shortest first);
+   at most ``prefill_seqs`` sequences prefill in one step (with a KV stream per
+   sequence llama.cpp runs each prefilling sequence as a micro-batch of its own);
 4. makes room for the batch's cells (evicting idle sessions, then preempting
    the newest request, which is resumed later from its own cached state);
 5. decodes, samples each sequence with its own sampler chain, streams text.
@@ -90,6 +92,7 @@ class SchedulerConfig:
     step_tokens: int | None = None     # None: the backend's batch size
     prefill_order: str = "shortest"    # or "fifo", or "fair" (the oldest first, then shortest)
     prefill_aging_s: float = 30.0
+    prefill_seqs: int | None = None    # most sequences one step prefills (None: as many as fit)
 
 
 @dataclass(eq=False)
@@ -410,7 +413,10 @@ class Scheduler:
             if job.state is SessionState.DECODE and budget > 0:
                 plan.append((job, BatchEntry(job.seq, job.context[job.n_past:job.n_past + 1], job.n_past, True)))
                 budget -= 1
-        for job in self._prefill_order():              # then prefill chunks
+        prefills = self._prefill_order()               # then prefill chunks
+        if self.cfg.prefill_seqs is not None:
+            prefills = prefills[:self.cfg.prefill_seqs]
+        for job in prefills:
             if budget > 0:
                 k = min(len(job.context) - job.n_past, self.cfg.prefill_chunk, budget)
                 if job.family.length > job.n_past and job.snapshot is None:

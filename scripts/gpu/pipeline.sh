@@ -12,7 +12,12 @@
 #                 64 generated, greedy; 32 and 64 clients, two rounds; kv3d vs llama-server (per-slot
 #                 streams) vs llama-server --kv-unified
 #        side2    the same without the --kv-unified variant (shorter; KV3D_GPU_CLIENTS="32" picks the client counts)
+#        side32, side64   side2 at one client count (to order the stages freely)
 #        unified  the same workload, kv3d with cache.layout=unified (the layout before issue 15)
+#        ab       kv3d alone, one round per variant and client count: KV3D_GPU_AB holds the variants,
+#                 ';'-separated, each a space-separated list of overrides (e.g.
+#                 "scheduler.prefill_order=shortest;scheduler.prefill_order=fair")
+#        stepmix  benchmarks/step_mix.py: a step's time by how its prefill tokens spread over sequences
 #        decode   benchmarks/decode_overhead.py: kv3d vs raw batched llama_decode, 32 and 64 seqs
 #        seed     the seed chat workload (100 requests) on the synthetic model
 #        profile  one round of the side workload at 32 clients, kv3d under py-spy (every thread, idle
@@ -59,14 +64,14 @@ fi
 SIDE=(prompts=token_ids model.path="$MODEL" requests=384 turns=0.3334 followups_last=true families=1
       shared_ratio=0.8 system_prompt_tokens=1024 unique_tokens=128 max_tokens=64 temperature=0 max_turns=2
       cache.stream_ctx=2048 cache.ram_warm_mb=16384 cache.hot_sessions=0 cache.free_streams=2
-      +codec=int8 quality=false progress=false rounds=2 request_timeout_s=900)
+      +codec=int8 quality=false progress=false request_timeout_s=900)
 run_bench() {   # name, clients, extra overrides...
   local name=$1 c=$2; shift 2
   stamp "bench $name c=$c"
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 200 \
       > "$W/results/gpu-$name-c$c.csv" 2>&1 &
   local smi=$!
-  "$KV3D_VENV/bin/kv3d" bench "${SIDE[@]}" concurrency="$c" scheduler.max_running="$c" \
+  "$KV3D_VENV/bin/kv3d" bench "${SIDE[@]}" rounds="${ROUNDS:-2}" concurrency="$c" scheduler.max_running="$c" \
       scheduler.n_seq_max=$((c + 8)) "$@" hydra.run.dir="$W/results/$name-c$c" > "$W/results/$name-c$c.log" 2>&1
   kill $smi 2>/dev/null
   tail -n 2 "$W/results/$name-c$c.log" | cut -c1-300
@@ -86,6 +91,21 @@ for stage in ${KV3D_GPU_STAGES:-side unified seed decode}; do
   case $stage in
     side)    for c in 32 64; do run_bench side "$c" "systems=[kv3d,llama_server,llama_server_unified]"; done ;;
     side2)   for c in ${KV3D_GPU_CLIENTS:-32 64}; do run_bench side "$c" "systems=[kv3d,llama_server]"; done ;;
+    side64)  run_bench side 64 "systems=[kv3d,llama_server]" ;;
+    side32)  run_bench side 32 "systems=[kv3d,llama_server]" ;;
+    ab)      i=0; IFS=';' read -ra variants <<< "${KV3D_GPU_AB:-}"
+             for v in "${variants[@]}"; do
+               i=$((i + 1))
+               for c in ${KV3D_GPU_CLIENTS:-32 64}; do
+                 echo "  variant $i: $v"
+                 # shellcheck disable=SC2086  # the overrides are words
+                 ROUNDS=${KV3D_GPU_AB_ROUNDS:-1} run_bench "ab$i" "$c" "systems=[kv3d]" $v
+               done
+             done ;;
+    stepmix) stamp "step mix"
+             "$PY" benchmarks/step_mix.py --model "$MODEL" --n-gpu-layers -1 --seqs 32,64 --context 1152 \
+                 --out "$W/results/stepmix.json" > "$W/results/stepmix.log" 2>&1
+             grep "ms/step" "$W/results/stepmix.log" || tail -n 20 "$W/results/stepmix.log" ;;
     unified) for c in 32 64; do run_bench unified "$c" "systems=[kv3d]" cache.layout=unified cache.gpu_hot_mb=4096; done ;;
     decode)  stamp "decode overhead"
              "$PY" benchmarks/decode_overhead.py --model "$MODEL" --n-gpu-layers -1 --seqs 32,64 --gen 512 \
