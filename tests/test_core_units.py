@@ -215,3 +215,31 @@ def test_a_failure_maps_to_its_http_answer():
         e = error_of(Failed(kind, "broken"))
         assert (e.status, e.code, e.headers) == (500, None, None)
         assert e.body() == {"error": {"message": "broken", "type": "server_error", "param": None, "code": None}}
+
+
+@pytest.mark.parametrize("limit, prefilled", [(None, ["short", "long", "shorter"]), (1, ["short"]), (2, ["short", "long"])])
+def test_prefill_seqs_caps_the_sequences_a_step_prefills(limit, prefilled):
+    """``scheduler.prefill_seqs``: a step takes one token of every decoding sequence, then
+    prefill chunks of at most that many sequences (in prefill order), within its budget."""
+    from types import SimpleNamespace
+
+    from kv3d_core.contracts.backend import SamplingParams
+    from kv3d_core.contracts.detector import FamilyKey, PromptView
+    from kv3d_core.engine.scheduler import Job, Scheduler, SchedulerConfig
+
+    def job(name: str, n: int, state, seq: int) -> Job:
+        j = Job(name, PromptView(list(range(n)), 0, "m"), FamilyKey("ns", "", 0), SamplingParams(), 1, [],
+                lambda ev: None, state=state, seq=seq)
+        j.context = list(range(n))
+        return j
+
+    decoding = [job(f"d{i}", 10, S.DECODE, i) for i in range(3)]
+    for j in decoding:
+        j.n_past = 9
+    prefills = [job("short", 100, S.PREFILL, 3), job("long", 1152, S.PREFILL, 4), job("shorter", 90, S.PREFILL, 5)]
+    sched = SimpleNamespace(cfg=SchedulerConfig(prefill_seqs=limit, prefill_chunk=256), _running=decoding + prefills,
+                            backend=SimpleNamespace(max_batch_tokens=512), _prefill_order=lambda: prefills)
+    plan = Scheduler._build_batch(sched)
+    assert [j.id for j, _ in plan[:3]] == ["d0", "d1", "d2"] and all(len(e.tokens) == 1 for _, e in plan[:3])
+    assert [j.id for j, _ in plan[3:]] == prefilled
+    assert sum(len(e.tokens) for _, e in plan) <= 512
