@@ -18,6 +18,10 @@ and provides one fixture::
   with a small capacity; hooks ``reopen`` (persistent tiers) and ``damage``
 - :class:`DetectorContract` -- fixture ``detector``: a :class:`~kv3d_core.contracts.PrefixDetector`
 
+:class:`FakeBackend` is no contract suite: an in-memory :class:`~kv3d_core.contracts.ExecutionBackend`
+(synthetic K/V and logits, llama.cpp's state blobs) on which the prefix cache, the tiers and the
+scheduler run without a model, in milliseconds (:mod:`kv3d_core.testing.backend`).
+
 Class attributes state the documented choices the contract cannot guess (error bound,
 handling of inf/NaN, whether damage is detected); each class's docstring lists them.
 This package imports pytest; the rest of ``kv3d_core`` never imports it.
@@ -29,8 +33,9 @@ import pytest
 pytest.register_assert_rewrite("kv3d_core.testing.codec", "kv3d_core.testing.tier",
                                "kv3d_core.testing.detector")
 
+from kv3d_core.testing.backend import FakeBackend  # noqa: E402
 from kv3d_core.testing.codec import CodecContract, kv_cases  # noqa: E402
 from kv3d_core.testing.detector import DetectorContract  # noqa: E402
 from kv3d_core.testing.tier import TierContract  # noqa: E402
 
-__all__ = ["CodecContract", "DetectorContract", "TierContract", "kv_cases"]
+__all__ = ["CodecContract", "DetectorContract", "FakeBackend", "TierContract", "kv_cases"]

@@ -1,0 +1,574 @@
+"""The in-memory fake backend (:class:`kv3d_core.testing.FakeBackend`): its contract
+behaviour, then the prefix cache, the tier stack and the scheduler running their real logic
+on it. No model is loaded; the whole file runs in about a second."""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import pytest
+
+from kv3d_core.contracts import BatchEntry, FamilyKey, PromptView, SamplingParams
+from kv3d_core.engine.events import Done, Failed, Token
+from kv3d_core.engine.prompt import ChatPrompter
+from kv3d_core.engine.scheduler import Job, Scheduler, SchedulerConfig
+from kv3d_core.errors import BackendError, KVCacheFullError, ModelLoadError, NoFreeCells, StateRestoreError
+from kv3d_core.kv import state_format
+from kv3d_core.kv.codec_none import NoneCodec
+from kv3d_core.metrics import Metrics
+from kv3d_core.prefix.cache import Lease, PrefixCache
+from kv3d_core.prefix.detectors import ExactDetector
+from kv3d_core.testing import FakeBackend
+from kv3d_core.testing.backend import BOS, EOS, IM_END, IM_START
+from kv3d_core.tiers.entry import CacheEntry
+from kv3d_core.tiers.ram import RamTier
+from kv3d_core.tiers.stack import TierStack
+
+LAYOUTS = pytest.mark.parametrize("unified", [True, False], ids=["unified", "streams"])
+SYSTEM = "You are a careful assistant. Answer briefly and cite the manual."
+OTHER_SYSTEM = "You translate everything into French, politely."
+
+
+def toks(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 256, n).tolist()
+
+
+def fill(b: FakeBackend, seq: int, tokens: list[int], pos0: int = 0, chunk: int | None = None) -> np.ndarray:
+    """Decode ``tokens`` into ``seq`` from ``pos0`` in chunks; a copy of the last logits."""
+    step = chunk or b.max_batch_tokens
+    out = None
+    for i in range(0, len(tokens), step):
+        part = tokens[i:i + step]
+        out = b.decode([BatchEntry(seq, part, pos0 + i, i + len(part) == len(tokens))])[0]
+    return np.array(b.logits(out))
+
+
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    lp = p_logits.astype(np.float64) - p_logits.max()
+    lp -= np.log(np.exp(lp).sum())
+    lq = q_logits.astype(np.float64) - q_logits.max()
+    lq -= np.log(np.exp(lq).sum())
+    return float(np.sum(np.exp(lp) * (lp - lq)))
+
+
+# -- the fake's own contract --------------------------------------------------------------
+def test_tokenizer_is_byte_level_and_parses_control_tokens_only_when_asked():
+    b = FakeBackend()
+    text = "héllo <|im_start|>✓"
+    special = b.tokenize(text)
+    plain = b.tokenize(text, parse_special=False)
+    assert special == list("héllo ".encode()) + [IM_START] + list("✓".encode())
+    assert IM_START not in plain and b"".join(map(b.token_piece, plain)).decode() == text
+    assert b"".join(map(b.token_piece, special)).decode() == "héllo ✓"     # control pieces are empty
+    assert b.control_tokens() == {"<s>": BOS, "</s>": EOS, "<|im_start|>": IM_START, "<|im_end|>": IM_END}
+    assert b.is_eog(EOS) and b.is_eog(IM_END) and not b.is_eog(IM_START) and not b.is_eog(ord("a"))
+    assert b.tokenize("a", add_special=True) == [97]
+    assert FakeBackend(add_bos=True).tokenize("a", add_special=True) == [BOS, 97]
+    assert b.token_piece(b.info.n_vocab - 1).isalpha()
+    with pytest.raises(BackendError):
+        b.token_piece(b.info.n_vocab)
+    # chat prompts render with the ChatML fallback; the family ends where the user's text starts
+    r = ChatPrompter.for_backend(b).chat([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
+    assert r.tokens == b.tokenize("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+                                  "<|im_start|>assistant\n")
+    assert r.family_len == len(b.tokenize("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n"))
+
+
+def test_decode_continues_positions_and_returns_llama_output_rows():
+    b = FakeBackend()
+    outs = b.decode([BatchEntry(3, [1, 2, 3, 4], 0, True), BatchEntry(1, [5, 6], 0, True),
+                     BatchEntry(2, [7], 0, False)])
+    assert outs == [6, 1, None]              # batch rows in sequence order: 1 (0-1), 2 (2), 3 (3-6)
+    assert b.seq_tokens(3) == [1, 2, 3, 4] and b.seq_pos_min(3) == 0 and b.seq_pos_max(3) == 3
+    assert b.seq_pos_max(0) == -1 and b.seq_pos_min(0) == -1
+    assert (b.decode_calls, b.decoded_tokens, b.cells_used) == (1, 7, 7)
+    row = b.logits(6)
+    assert row.dtype == np.float32 and row.shape == (b.info.n_vocab,)
+    with pytest.raises(BackendError):
+        b.logits(2)                          # that entry asked for no logits
+    before = (b.cells_used, b.seq_tokens(1), b.seq_tokens(3))
+    for bad in ([BatchEntry(1, [9], 3, True)],                    # leaves a gap
+                [BatchEntry(1, [9], 1, True)],                    # a position the sequence holds
+                [BatchEntry(1, [9], 2), BatchEntry(3, [9], 5)],   # one good entry, one gap
+                [BatchEntry(1, [b.info.n_vocab], 2)],             # outside the vocabulary
+                [BatchEntry(0, list(range(65)), 0)],              # past max_batch_tokens
+                [BatchEntry(8, [1], 0)]):                         # no such sequence
+        with pytest.raises(BackendError):
+            b.decode(bad)
+    assert (b.cells_used, b.seq_tokens(1), b.seq_tokens(3)) == before and b.decode_calls == 1
+    assert b.logits(6) is row                # a refused batch keeps the last outputs
+    assert b.decode([BatchEntry(1, [9], 2), BatchEntry(1, [10], 3, True)]) == [None, 1]
+    assert b.seq_tokens(1) == [5, 6, 9, 10] and b.decoded_tokens == 9
+
+
+def test_seq_copy_shares_cells_and_frees_them_with_the_last_holder():
+    b = FakeBackend(kv_unified=True)
+    fill(b, 0, toks(1, 10))
+    b.seq_copy(0, 1, 0, 6)
+    assert b.cells_used == 10                # shared, not copied
+    assert b.cell_holders(0, 5) == {0, 1} and b.cell_holders(0, 6) == {0} and b.seq_pos_max(1) == 5
+    assert np.array_equal(b.seq_kv(1)[1], b.seq_kv(0)[1][:6])
+    fill(b, 1, [7, 8, 9, 10], pos0=6)
+    assert b.cells_used == 14
+    b.seq_remove(0)
+    assert b.cells_used == 10 and b.cell_holders(1, 0) == {1}    # the shared cells live on in seq 1
+    b.seq_copy(1, 2, 0, -1)
+    assert b.cells_used == 10 and b.cell_holders(2, 9) == {1, 2}
+    with pytest.raises(BackendError):
+        b.seq_copy(1, 2, 0, 3)               # seq 2 holds those positions already
+    b.seq_remove(1)
+    assert b.cells_used == 10
+    b.seq_remove(2)
+    assert b.cells_used == 0 and b.cells_free == b.info.n_ctx
+
+
+def test_seq_copy_between_streams_copies_the_cells():
+    b = FakeBackend(kv_unified=False, n_ctx_seq=16)
+    fill(b, 0, toks(1, 10))
+    b.seq_copy(0, 1, 0, 6)
+    assert b.cells_used == 16 and b.cell_holders(0, 0) == {0} and b.cell_holders(1, 0) == {1}
+    assert np.array_equal(b.seq_kv(1)[1], b.seq_kv(0)[1][:6])
+    b.seq_remove(0)
+    assert b.cells_used == 6
+    fill(b, 2, toks(2, 16))
+    b.seq_remove(2, 0, 9)
+    fill(b, 2, toks(3, 9), pos0=16)          # seq 2: positions 9..24, a full stream
+    with pytest.raises(KVCacheFullError):
+        b.seq_copy(2, 1, 9, -1)              # 6 + 16 cells: more than a stream holds
+    assert b.cells_used == 22 and b.seq_pos_max(1) == 5
+
+
+def test_seq_remove_ranges_and_position_bounds():
+    b = FakeBackend()
+    t = toks(2, 10)
+    full = fill(b, 0, t)
+    b.seq_remove(0, 3, 6)
+    assert b.seq_kv(0)[0].tolist() == [0, 1, 2, 6, 7, 8, 9] and b.cells_used == 7
+    assert (b.seq_pos_min(0), b.seq_pos_max(0)) == (0, 9)
+    b.seq_remove(0, -1, 2)
+    assert b.seq_kv(0)[0].tolist() == [2, 6, 7, 8, 9] and b.seq_pos_min(0) == 2
+    b.seq_remove(0, 8, -1)
+    assert b.seq_kv(0)[0].tolist() == [2, 6, 7] and b.seq_pos_max(0) == 7
+    b.seq_remove(0)
+    assert (b.seq_pos_min(0), b.seq_pos_max(0), b.cells_used) == (-1, -1, 0)
+    # cutting the last cell and decoding its token again gives the same logits (the quality guard's move)
+    fill(b, 1, t)
+    b.seq_remove(1, 9, -1)
+    out = b.decode([BatchEntry(1, t[9:], 9, True)])[0]
+    assert np.array_equal(b.logits(out), full)
+
+
+def test_cells_and_logits_are_a_function_of_the_token_history():
+    a, c = FakeBackend(), FakeBackend()
+    t = toks(3, 40)
+    la = fill(a, 0, t)
+    # the same tokens in another sequence of another instance, in other chunks, beside other work
+    other = toks(4, 40)
+    out = None
+    for i in range(0, 40, 7):
+        out = c.decode([BatchEntry(1, other[i:i + 7], i, True), BatchEntry(5, t[i:i + 7], i, i + 7 >= 40)])[1]
+    assert np.array_equal(c.logits(out), la)
+    assert np.array_equal(c.seq_kv(5)[1], a.seq_kv(0)[1])
+    # another first token: another first cell, other logits at the end
+    lb = fill(a, 2, [t[0] ^ 1] + t[1:])
+    assert not np.array_equal(a.seq_kv(2)[1][0], a.seq_kv(0)[1][0])
+    assert not np.array_equal(lb, la)
+    # another token in the middle: the cells before it are the same, the ones from it differ
+    mid = t[:20] + [(t[20] + 1) % 256] + t[21:]
+    lm = fill(a, 3, mid)
+    kv0, kv3 = a.seq_kv(0)[1], a.seq_kv(3)[1]
+    assert np.array_equal(kv3[:20], kv0[:20]) and not np.array_equal(kv3[20], kv0[20])
+    assert not np.array_equal(lm, la)
+    assert not np.array_equal(fill(FakeBackend(seed=1), 0, t), la)     # another model
+
+
+@LAYOUTS
+@pytest.mark.parametrize("v_trans", [False, True], ids=["v", "v_trans"])
+def test_state_blob_round_trips_exactly(unified, v_trans):
+    b = FakeBackend(kv_unified=unified, v_trans=v_trans)
+    fill(b, 0, toks(4, 50))
+    blob = b.seq_state_get(0)
+    arrays = state_format.parse(blob, head_dim_k=8, head_dim_v=8, n_layer=2)
+    assert arrays.positions.tolist() == list(range(50))
+    assert arrays.extra["n_stream"] == (1 if unified else 8)
+    assert arrays.extra["sections"][0]["v_trans"] == int(v_trans)
+    assert arrays.f16_bytes() == 50 * b.info.kv_bytes_per_token
+    assert state_format.build(arrays) == blob
+    b.seq_state_set(5, blob)
+    assert b.seq_kv(5)[0].tolist() == list(range(50))
+    assert np.array_equal(b.seq_kv(5)[1], b.seq_kv(0)[1])
+    assert b.seq_tokens(5) == [-1] * 50                  # a blob holds no tokens
+    assert b.cells_used == 100 and b.state_gets == 1 and b.state_sets == 1
+    outs = b.decode([BatchEntry(0, [1, 2], 50, True), BatchEntry(5, [1, 2], 50, True)])
+    assert np.array_equal(b.logits(outs[0]), b.logits(outs[1]))
+    # a set replaces whatever the sequence held
+    fill(b, 6, toks(5, 70))
+    b.seq_state_set(6, blob)
+    assert np.array_equal(b.seq_kv(6)[1], b.seq_kv(0)[1][:50]) and b.cells_used == 52 + 52 + 50
+    # the empty state round-trips too
+    empty = b.seq_state_get(7)
+    b.seq_state_set(6, empty)
+    assert b.seq_pos_max(6) == -1 and b.cells_used == 104
+
+
+def test_a_refused_blob_leaves_the_sequence_empty():
+    b = FakeBackend()
+    fill(b, 0, toks(6, 30))
+    blob = b.seq_state_get(0)
+    damaged = bytearray(blob)
+    damaged[8:12] = b"\xff\xff\xff\xff"                  # the stream count of the only section
+    others = [FakeBackend(kv_unified=False), FakeBackend(v_trans=True), FakeBackend(head_dim=4)]
+    for o in others:
+        fill(o, 0, toks(6, 30))
+    bad_blobs = [blob[:-3], b"\x00" * 16, bytes(damaged)] + [o.seq_state_get(0) for o in others]
+    for bad in bad_blobs:
+        fill(b, 2, toks(7, 10))
+        assert b.cells_used == 40
+        with pytest.raises(StateRestoreError) as info:
+            b.seq_state_set(2, bad)
+        assert not isinstance(info.value, NoFreeCells)
+        assert b.seq_pos_max(2) == -1 and b.cells_used == 30
+
+
+def test_damaged_kv_values_load_but_change_the_logits():
+    b = FakeBackend()
+    fill(b, 0, toks(8, 40))
+    blob = bytearray(b.seq_state_get(0))
+    blob[-1] ^= 0x40                          # an exponent bit of the last V value of the last cell
+    b.seq_state_set(1, bytes(blob))          # values are not checked (llama.cpp does not either)
+    kv0, kv1 = b.seq_kv(0)[1], b.seq_kv(1)[1]
+    assert int((kv0 != kv1).sum()) == 1
+    outs = b.decode([BatchEntry(0, [9], 40, True), BatchEntry(1, [9], 40, True)])
+    assert not np.array_equal(b.logits(outs[0]), b.logits(outs[1]))
+
+
+def test_the_unified_pool_runs_out_of_cells():
+    b = FakeBackend(n_ctx=48)
+    fill(b, 0, toks(9, 30))
+    b.seq_copy(0, 1, 0, 30)
+    assert b.cells_free == 18
+    with pytest.raises(KVCacheFullError):
+        b.decode([BatchEntry(2, toks(10, 19), 0, True)])
+    assert b.seq_pos_max(2) == -1 and b.cells_free == 18 and b.decode_calls == 1
+    fill(b, 2, toks(10, 18))
+    assert b.cells_free == 0
+    blob = b.seq_state_get(0)
+    with pytest.raises(NoFreeCells):
+        b.seq_state_set(3, blob)
+    assert b.seq_pos_max(3) == -1
+    b.seq_remove(2)
+    b.seq_remove(0)                          # seq 1 still holds the 30 shared cells
+    with pytest.raises(NoFreeCells):
+        b.seq_state_set(3, blob)
+    assert b.cells_free == 18
+    b.seq_remove(1)
+    b.seq_state_set(3, blob)
+    assert b.cells_used == 30
+    b.seq_state_set(3, blob)                 # its own 30 cells are dropped first: fits again
+    assert b.cells_used == 30
+
+
+def test_a_stream_runs_out_of_cells_on_its_own():
+    b = FakeBackend(kv_unified=False, n_seq_max=4, n_ctx_seq=16)
+    assert (b.info.n_ctx, b.info.n_ctx_seq) == (64, 16)
+    fill(b, 0, toks(11, 16))
+    with pytest.raises(KVCacheFullError):
+        b.decode([BatchEntry(0, [1], 16, True)])
+    assert b.seq_pos_max(0) == 15
+    fill(b, 1, toks(12, 16))                 # the other streams are untouched
+    b.seq_remove(0, 0, 4)                    # cells, not positions, are what a stream holds
+    fill(b, 0, [1, 2, 3, 4], pos0=16)
+    assert b.seq_kv(0)[0].tolist() == list(range(4, 20))
+    small = FakeBackend(kv_unified=False, n_seq_max=4, n_ctx_seq=8)
+    with pytest.raises(NoFreeCells):
+        small.seq_state_set(2, b.seq_state_get(1))
+    assert small.seq_pos_max(2) == -1
+
+
+def test_greedy_sampling_is_argmax_and_seeded_sampling_repeats():
+    b = FakeBackend()
+    o = b.decode([BatchEntry(0, toks(12, 20), 0, True)])[0]
+    row = b.logits(o).copy()
+    first, second = (int(x) for x in np.argsort(-row)[:2])
+    assert b.make_sampler(SamplingParams(temperature=0)).sample(o) == first
+    ban = b.make_sampler(SamplingParams(temperature=0, logit_bias=((first, float("-inf")),)))
+    assert ban.sample(o) == second
+    pen = b.make_sampler(SamplingParams(temperature=0, presence_penalty=100.0))
+    pen.accept(first)
+    assert pen.sample(o) == second
+
+    def draws(**kw) -> list[int]:
+        s = b.make_sampler(SamplingParams(**kw))
+        return [s.sample(o) for _ in range(20)]
+
+    assert draws(temperature=1.0, seed=7) == draws(temperature=1.0, seed=7)
+    assert draws(temperature=1.0, seed=7) != draws(temperature=1.0, seed=8)
+    assert len(set(draws(temperature=1.0, seed=7))) > 5
+    assert set(draws(temperature=1.0, seed=7, top_k=1)) == {first}
+    assert set(draws(temperature=1.0, seed=7, top_p=1e-6)) == {first}
+    assert set(draws(temperature=1.0, seed=7, min_p=0.999)) == {first}
+    assert set(draws(temperature=5.0, seed=7, top_k=2)) <= {first, second}
+    # sample_many: the same tokens as sampling one by one
+    outs = b.decode([BatchEntry(0, [1], 20, True), BatchEntry(1, toks(13, 5), 0, True)])
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.9, seed=3)]
+    many = b.sample_many([b.make_sampler(p) for p in params], outs)
+    assert many == [b.make_sampler(p).sample(out) for p, out in zip(params, outs)]
+    assert many[0] == int(b.logits(outs[0]).argmax())
+    assert b.token_logprob(outs[0], many[0], 3).top[0][0] == many[0]
+    with pytest.raises(BackendError):
+        b.make_sampler(SamplingParams(grammar='root ::= "a"'))
+    assert b.check_grammar('root ::= "a"')
+    with pytest.raises(BackendError):
+        b.make_sampler(SamplingParams(logit_bias=((b.info.n_vocab, 1.0),)))
+    closed = b.make_sampler(SamplingParams(temperature=0))
+    closed.close()
+    with pytest.raises(BackendError):
+        closed.sample(outs[0])
+
+
+def test_model_info_and_fingerprint():
+    for unified in (True, False):
+        info = FakeBackend(kv_unified=unified).info
+        assert info.build["kv_unified"] is unified
+        assert info.kv_bytes_per_token == 2 * 2 * 2 * (8 + 8)
+        assert (info.n_ctx, info.n_ctx_seq, info.n_seq_max, info.n_vocab) == (8 * 256, 256, 8, 512)
+        assert info.chat_template is None and info.eos_token == "</s>"
+    assert FakeBackend().info.fingerprint == FakeBackend().info.fingerprint
+    variants = ({}, {"kv_unified": False}, {"n_layer": 3}, {"head_dim": 16}, {"seed": 1}, {"v_trans": True})
+    fps = {FakeBackend(**kw).info.fingerprint for kw in variants}
+    assert len(fps) == len(variants) and all(len(f) == 32 and int(f, 16) >= 0 for f in fps)
+    assert FakeBackend(hot_mb=1).info.n_ctx == 2**20 // 128
+    with pytest.raises(ModelLoadError):
+        FakeBackend(model_path="model.gguf")
+    b = FakeBackend()
+    b.close()
+    b.close()
+    with pytest.raises(BackendError):
+        b.decode([BatchEntry(0, [1], 0, True)])
+
+
+# -- the prefix cache on the fake ---------------------------------------------------------
+def chat(b: FakeBackend, system: str, user: str) -> tuple[PromptView, FamilyKey]:
+    r = ChatPrompter.for_backend(b).chat([{"role": "system", "content": system}, {"role": "user", "content": user}])
+    view = PromptView(r.tokens, r.family_len, b.info.model_id)
+    return view, ExactDetector().family(view)
+
+
+def prefill(cache: PrefixCache, b: FakeBackend, lease: Lease, view: PromptView,
+            family: FamilyKey) -> tuple[CacheEntry | None, np.ndarray]:
+    """The scheduler's prefill of one request: chunks ending at the family boundary, a
+    snapshot offered after each. Returns (the snapshot the sequence shares, last logits)."""
+    tokens = list(view.tokens)
+    n, snap, out = lease.n_cached, lease.snapshot, None
+    while n < len(tokens):
+        k = min(len(tokens) - n, b.max_batch_tokens)
+        if family.length > n and snap is None:
+            k = min(k, family.length - n)
+        out = b.decode([BatchEntry(lease.seq, tokens[n:n + k], n, n + k == len(tokens))])[0]
+        cache.note_decoded(lease.seq, k)
+        n += k
+        snap = cache.maybe_snapshot(lease.seq, n, tokens, family, snap)
+    return snap, np.array(b.logits(out))
+
+
+def run_prompt(cache: PrefixCache, b: FakeBackend, view: PromptView,
+               family: FamilyKey) -> tuple[Lease, CacheEntry | None, np.ndarray]:
+    lease = cache.acquire(view, family)
+    assert lease is not None
+    snap, logits = prefill(cache, b, lease, view, family)
+    return lease, snap, logits
+
+
+def extend_greedy(cache: PrefixCache, b: FakeBackend, seq: int, tokens: list[int], logits: np.ndarray,
+                  k: int) -> list[int]:
+    """``k`` greedy tokens decoded after ``tokens`` (a reply); the whole context."""
+    tokens = list(tokens)
+    for _ in range(k):
+        tokens.append(int(np.argmax(logits)))
+        out = b.decode([BatchEntry(seq, tokens[-1:], len(tokens) - 1, True)])[0]
+        cache.note_decoded(seq, 1)
+        logits = np.array(b.logits(out))
+    return tokens
+
+
+def hits(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("kv3d_prefix_hits_total")
+
+
+@LAYOUTS
+def test_the_prefix_cache_reuses_a_family_prefix(unified):
+    b = FakeBackend(kv_unified=unified)
+    metrics = Metrics()
+    cache = PrefixCache(b, ExactDetector(), metrics)
+    v1, f1 = chat(b, SYSTEM, "What does the manual say about fuses?")
+    v2, f2 = chat(b, SYSTEM, "And about cables?")
+    assert f1 == f2 and f1.length >= cache.min_snapshot_tokens
+    lease1, snap1, _ = run_prompt(cache, b, v1, f1)
+    assert (lease1.source, lease1.n_cached) == ("miss", 0) and snap1 is not None
+    cache.release(lease1.seq, list(v1.tokens), len(v1.tokens), f1, snap1, keep=False)   # only the snapshot stays
+    b.reset_counters()
+    lease2, snap2, logits2 = run_prompt(cache, b, v2, f2)
+    assert lease2.n_cached == f2.length and lease2.snapshot is snap1 and snap2 is snap1
+    assert b.decoded_tokens == len(v2.tokens) - f2.length          # the family prefix was not recomputed
+    if unified:
+        assert b.cell_holders(lease2.seq, 0) == {lease2.seq, snap1.seq}    # shared cells
+    else:
+        assert b.state_sets == 1                                   # loaded from the snapshot's host copy
+    ref = FakeBackend(kv_unified=unified)
+    assert np.array_equal(logits2, fill(ref, 0, list(v2.tokens)))
+    assert np.array_equal(b.seq_kv(lease2.seq)[1], ref.seq_kv(0)[1])
+    assert hits(metrics) == 1
+
+
+@LAYOUTS
+def test_the_prefix_cache_continues_a_hot_session(unified):
+    b = FakeBackend(kv_unified=unified)
+    cache = PrefixCache(b, ExactDetector(), Metrics())
+    v1, f1 = chat(b, SYSTEM, "What does the manual say about fuses?")
+    lease1, snap1, logits1 = run_prompt(cache, b, v1, f1)
+    ctx = extend_greedy(cache, b, lease1.seq, list(v1.tokens), logits1, 3)
+    cache.release(lease1.seq, ctx, len(ctx), f1, snap1, keep=True, n_prompt=len(v1.tokens))
+    turn2 = ctx + b.tokenize("<|im_end|>\n<|im_start|>user\nMore?<|im_end|>\n<|im_start|>assistant\n")
+    view2 = PromptView(turn2, f1.length, b.info.model_id)
+    b.reset_counters()
+    lease2, _, logits2 = run_prompt(cache, b, view2, f1)
+    assert (lease2.source, lease2.n_cached, lease2.seq) == ("hot", len(ctx), lease1.seq)
+    assert b.decoded_tokens == len(turn2) - len(ctx) and b.state_sets == 0
+    assert np.array_equal(logits2, fill(FakeBackend(kv_unified=unified), 0, turn2))
+
+
+# -- the tier stack on the fake --------------------------------------------------------------
+def make_codec(name: str):
+    if name == "none":
+        return NoneCodec()
+    return pytest.importorskip("kv3d_codec_int8.codec").Int8Codec()
+
+
+@LAYOUTS
+@pytest.mark.parametrize("codec_name", ["none", "int8"])
+def test_a_spilled_session_restores_from_the_ram_tier(unified, codec_name):
+    codec = make_codec(codec_name)
+    b = FakeBackend(kv_unified=unified)
+    metrics = Metrics()
+    stack = TierStack(RamTier(capacity_mb=8), None, codec, b.info, metrics)
+    try:
+        cache = PrefixCache(b, ExactDetector(), metrics, tiers=stack, hot_sessions=0)
+        v1, f1 = chat(b, SYSTEM, "What does the manual say about fuses?")
+        lease1, snap1, logits1 = run_prompt(cache, b, v1, f1)
+        ctx = extend_greedy(cache, b, lease1.seq, list(v1.tokens), logits1, 4)
+        cache.release(lease1.seq, ctx, len(ctx), f1, snap1, keep=True, n_prompt=len(v1.tokens))
+        more = b.tokenize("<|im_end|>\n<|im_start|>user\nAnd cables?<|im_end|>\n<|im_start|>assistant\n")
+        view2 = PromptView(ctx + more, f1.length, b.info.model_id)
+        if unified:
+            # idle sessions stay in the pool until their cells are needed: evict it now
+            entry, n = cache.plan(view2, f1)
+            assert entry.kind == "session" and n == len(ctx)
+            cache.evict(entry)
+        stack.flush()
+        L = f1.length
+        assert b.cells_used == (L if unified else 0)        # unified: the family snapshot's cells stay
+        assert cache.stats()["warm"]["sessions"] == 1
+        assert metrics.registry.get_sample_value("kv3d_spills_total", {"tier": "warm"}) >= 1
+
+        b.reset_counters()
+        lease2 = cache.acquire(view2, f1)
+        assert (lease2.source, lease2.n_cached) == ("warm", len(ctx))
+        assert b.decoded_tokens == 0 and b.state_sets == 1
+        ref = FakeBackend(kv_unified=unified)
+        fill(ref, 0, ctx)
+        pos, kv = b.seq_kv(lease2.seq)
+        assert pos.tolist() == ref.seq_kv(0)[0].tolist() == list(range(len(ctx)))
+        rkv = ref.seq_kv(0)[1]
+        assert np.array_equal(kv[:L], rkv[:L])              # the family prefix never went through the codec
+        if unified:
+            assert b.cell_holders(lease2.seq, 0) == {lease2.seq, snap1.seq}
+        err = np.abs(kv[L:].astype(np.float32) - rkv[L:].astype(np.float32)).max()
+        if codec.lossless:
+            assert err == 0
+        else:
+            assert 0 < err <= 0.5 / 127 * (1 + 2**-10) + 2**-11     # int8's bound for values in (-1, 1)
+        # the request goes on from the restored cells
+        _, logits2 = prefill(cache, b, lease2, view2, f1)
+        fresh = fill(ref, 0, more, pos0=len(ctx))
+        assert b.decoded_tokens == len(more)
+        if codec.lossless:
+            assert np.array_equal(logits2, fresh)
+        else:
+            assert 0 < kl(fresh, logits2) < 1e-3
+    finally:
+        stack.close()
+
+
+# -- the scheduler on the fake -------------------------------------------------------------
+def collect(q: queue.Queue) -> tuple[str, str, dict]:
+    text = ""
+    while True:
+        ev = q.get(timeout=10)
+        if isinstance(ev, Token):
+            text += ev.text
+        elif isinstance(ev, Done):
+            return text, ev.reason, ev.usage
+        else:
+            assert not isinstance(ev, Failed), f"request failed: {ev}"
+
+
+def run_jobs(unified: bool, specs: list[tuple[PromptView, FamilyKey, int]],
+             together: bool) -> tuple[list[tuple[str, str, dict]], Scheduler]:
+    """Greedy jobs on a fresh fake, engine and scheduler: all submitted at once, or each
+    after the previous one finished. Returns ([(text, reason, usage)], scheduler)."""
+    b = FakeBackend(kv_unified=unified)
+    metrics = Metrics()
+    cache = PrefixCache(b, ExactDetector(), metrics)
+    sched = Scheduler(b, cache, metrics, SchedulerConfig(max_running=8, prefill_chunk=32))
+    sched.start()
+    try:
+        def submit(i: int) -> queue.Queue:
+            view, family, max_tokens = specs[i]
+            q: queue.Queue = queue.Queue()
+            sched.submit(Job(f"job-{i}", view, family, SamplingParams(temperature=0), max_tokens, [], q.put))
+            return q
+        if together:
+            queues = [submit(i) for i in range(len(specs))]
+            return [collect(q) for q in queues], sched
+        return [collect(submit(i)) for i in range(len(specs))], sched
+    finally:
+        sched.stop()
+
+
+def greedy_reference(view: PromptView, max_tokens: int, unified: bool) -> tuple[str, str, int]:
+    """What one greedy request should answer, decoded directly (no cache, no scheduler)."""
+    b = FakeBackend(kv_unified=unified)
+    tokens = list(view.tokens)
+    logits = fill(b, 0, tokens)
+    out: list[int] = []
+    while True:
+        t = int(np.argmax(logits))
+        out.append(t)
+        if b.is_eog(t):
+            return b"".join(map(b.token_piece, out[:-1])).decode("utf-8", "replace"), "stop", len(out)
+        if len(out) >= max_tokens:
+            return b"".join(map(b.token_piece, out)).decode("utf-8", "replace"), "length", len(out)
+        logits = fill(b, 0, [t], pos0=len(tokens) + len(out) - 1)
+
+
+@LAYOUTS
+def test_the_scheduler_runs_concurrent_greedy_jobs_as_it_runs_them_alone(unified):
+    b = FakeBackend()
+    specs = []
+    for i, (system, user) in enumerate([(SYSTEM, "Fuses?"), (OTHER_SYSTEM, "Good morning."),
+                                        (SYSTEM, "Cables, and how to coil them?"), (OTHER_SYSTEM, "Thanks!"),
+                                        (SYSTEM, "Batteries?"), (OTHER_SYSTEM, "Where is the station?")]):
+        view, family = chat(b, system, user)
+        specs.append((view, family, 6 + i))
+    together, sched = run_jobs(unified, specs, together=True)
+    alone, _ = run_jobs(unified, specs, together=False)
+    assert sched.max_batch_seqs_seen > 1                      # they really ran side by side
+    for (view, family, max_tokens), t, a in zip(specs, together, alone):
+        text, reason, n = greedy_reference(view, max_tokens, unified)
+        assert (t[0], t[1], t[2]["completion_tokens"]) == (text, reason, n)
+        assert (a[0], a[1], a[2]["completion_tokens"]) == (text, reason, n)
+        assert t[2]["prompt_tokens"] == a[2]["prompt_tokens"] == len(view.tokens)
+    # one at a time, the later members of a family load its snapshot instead of computing it
+    assert [a[2]["cached_tokens"] for a in alone[:2]] == [0, 0]
+    assert all(a[2]["cached_tokens"] >= spec[1].length for a, spec in zip(alone[2:], specs[2:]))
