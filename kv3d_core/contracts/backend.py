@@ -30,7 +30,9 @@ class ModelInfo:
     (weights, KV types, layout). Storage tiers refuse entries of another fingerprint."""
     n_ctx_train: int
     n_ctx: int
-    """Cells in the KV cache (all sequences together)."""
+    """Cells in the KV cache (all sequences together). With a KV stream per sequence
+    (``build["kv_unified"]`` false) every stream has ``n_ctx // n_seq_max`` cells, so such a
+    backend reports ``n_ctx = n_seq_max * cells per stream``."""
     n_ctx_seq: int
     """Most positions one sequence may use (prompt + completion)."""
     n_seq_max: int
