@@ -152,6 +152,7 @@ class TierStack:
         self._preparer = concurrent.futures.ThreadPoolExecutor(max_workers=self.prepare_workers,
                                                                thread_name_prefix="kv3d-restore")
         self._gone: queue.SimpleQueue[str] = queue.SimpleQueue()    # keys no tier holds any more
+        self._moved: queue.SimpleQueue[tuple[str, SessionState]] = queue.SimpleQueue()  # keys now in another tier
         self._f16 = 0
         self._stored = 0
         self.cache: CacheView | None = None
@@ -336,17 +337,25 @@ class TierStack:
         self._gone.put(entry.meta.key)
 
     def _set_state(self, key: str, state: SessionState) -> None:
-        cache = self.cache
-        e = cache._by_key.get(key) if cache is not None else None
-        if e is not None and e.state in (SessionState.WARM, SessionState.COLD):
-            e.state = state
+        """Any thread (the writer's, mostly): entry ``key`` is now held by the tier of
+        ``state``; the scheduler thread, which alone changes entries, applies it
+        (:meth:`drain_gone`)."""
+        self._moved.put((key, state))
 
     def drain_gone(self) -> None:
-        """Scheduler thread, before each admission: forget entries no tier holds any more,
-        persist family snapshots the writer asked for, let orphans join a recomputed
-        family snapshot."""
+        """Scheduler thread, before each admission: apply the writer thread's results --
+        entries that moved to the cold tier, entries no tier holds any more --, persist family
+        snapshots the writer asked for, let orphans join a recomputed family snapshot."""
         cache = self.cache
         assert cache is not None
+        while True:                              # moves first: a key that moved, then went, is gone
+            try:
+                key, state = self._moved.get_nowait()
+            except queue.Empty:
+                break
+            e = cache._by_key.get(key)
+            if e is not None and e.state in (SessionState.WARM, SessionState.COLD):
+                e.state = state
         while True:
             try:
                 key = self._gone.get_nowait()
