@@ -53,6 +53,7 @@ class Metrics:
         self.restores = Counter("kv3d_restores", "Sessions or snapshots restored from a tier", ["tier"], registry=r)
         self.restore_retries = Counter("kv3d_restore_retries", "Restores the backend refused for lack of free cells, retried after evicting idle entries", registry=r)
         self.restore_seconds = Histogram("kv3d_restore_seconds", "Time to restore KV from a tier into a sequence", ["tier"], buckets=RESTORE_BUCKETS, registry=r)
+        self.snapshot_adoptions = Counter("kv3d_snapshot_adoptions", "Requests that were computing a family prefix when another request finished it, and loaded its snapshot instead", registry=r)
         self.restores_prepared = Counter("kv3d_restores_prepared", "Restores decoded off the scheduler thread while their request waited (started), and those admission loaded as prepared (used)", ["outcome"], registry=r)
         self.spills = Counter("kv3d_spills", "Entries written to a tier", ["tier"], registry=r)
         self.evictions = Counter("kv3d_evictions", "Entries evicted from a tier", ["tier"], registry=r)

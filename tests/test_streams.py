@@ -120,6 +120,54 @@ def test_a_request_behind_a_restore_being_prepared_is_not_held_up(monkeypatch):
     assert text.split()[:1] == expected.split()[:1]
 
 
+@pytest.mark.parametrize("layout", ["streams", "unified"])
+def test_requests_of_a_new_family_arriving_together_compute_its_prefix_once(layout):
+    """Four requests of a family whose snapshot does not exist yet are admitted in one step:
+    the first computes the family prefix, the others wait for it and load its snapshot
+    (``kv3d_snapshot_adoptions_total``), so the prefix is decoded once, not four times. Every
+    reply equals a cold server's."""
+    import queue
+    import threading
+
+    from kv3d_core.config import compose
+    from kv3d_core.contracts import SamplingParams
+    from kv3d_core.engine.engine import Engine
+    from kv3d_core.engine.events import Done, Token
+
+    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in TURNS[:4]]
+    with Engine(compose(["server.threads=2", f"cache.layout={layout}", "scheduler.n_seq_max=6",
+                         "scheduler.max_running=4", "cache.stream_ctx=512"])) as eng:
+        views = [eng.prepare_chat(m) for m in chats]
+        family = views[0].family.length
+        assert family >= 32 and all(v.family == views[0].family for v in views)
+        gate = threading.Event()
+        eng.scheduler.call(lambda: gate.wait(30))        # hold the scheduler: all four arrive together
+        queues = []
+        for v in views:
+            q: queue.Queue = queue.Queue()
+            eng.submit(v, SamplingParams(temperature=0), 8, [], q.put)
+            queues.append(q)
+        gate.set()
+        replies = []
+        for q in queues:
+            text = ""
+            while not isinstance(ev := q.get(timeout=300), Done):
+                assert isinstance(ev, Token), ev
+                text += ev.text
+            replies.append((text, ev.usage))
+        decoded = eng.metrics.batch_tokens._sum.get()
+        adopted = eng.metrics.snapshot_adoptions._value.get()
+    prompts = sum(u["prompt_tokens"] for _, u in replies)
+    generated = sum(u["completion_tokens"] for _, u in replies)
+    assert adopted == 3, adopted
+    assert decoded <= prompts - 3 * family + generated, (decoded, prompts, family, generated)
+    assert sum(1 for _, u in replies if u["cached_tokens"] > 0) == 3
+    with Engine(compose(["server.threads=2", "safe_mode=true"])) as cold:
+        for (text, _), messages in zip(replies, chats):
+            expected, _ = engine_chat(cold, messages, max_tokens=8)
+            assert text.split()[:1] == expected.split()[:1], (text, expected)
+
+
 def test_a_request_longer_than_a_stream_is_refused_not_crashed(tmp_path):
     with running_server(tmp_path, ["cache.stream_ctx=512"]) as srv:
         long_text = " ".join(["lantern meadow copper"] * 250)          # ~750 tokens

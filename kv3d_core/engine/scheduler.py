@@ -21,7 +21,9 @@ llama.cpp). Each step it:
    long prompt is never starved by a stream of short ones (``fair``: the oldest
    prefill gets the first chunk of every step, the rest goes shortest first);
    at most ``prefill_seqs`` sequences prefill in one step (with a KV stream per
-   sequence llama.cpp runs each prefilling sequence as a micro-batch of its own);
+   sequence llama.cpp runs each prefilling sequence as a micro-batch of its own).
+   A family prefix is computed once: requests of a family whose snapshot does
+   not exist yet wait for the one furthest along, then load its snapshot;
 4. makes room for the batch's cells (evicting idle sessions, then preempting
    the newest request, which is resumed later from its own cached state);
 5. decodes, samples each sequence with its own sampler chain, streams text.
@@ -413,7 +415,8 @@ class Scheduler:
             if job.state is SessionState.DECODE and budget > 0:
                 plan.append((job, BatchEntry(job.seq, job.context[job.n_past:job.n_past + 1], job.n_past, True)))
                 budget -= 1
-        prefills = self._prefill_order()               # then prefill chunks
+        parked = self._share_prefixes()
+        prefills = [j for j in self._prefill_order() if j not in parked]   # then prefill chunks
         if self.cfg.prefill_seqs is not None:
             prefills = prefills[:self.cfg.prefill_seqs]
         for job in prefills:
@@ -425,6 +428,32 @@ class Scheduler:
                 plan.append((job, BatchEntry(job.seq, job.context[job.n_past:end], job.n_past, end == len(job.context))))
                 budget -= k
         return plan
+
+    def _share_prefixes(self) -> set[Job]:
+        """A family prefix is computed once, also when several requests of a new family arrive
+        before its snapshot exists: a prefilling request whose family snapshot now exists adopts
+        it (its own partial prefix is dropped), and among requests still computing one family's
+        prefix all but the one furthest along wait for it (returned: not prefilled this step).
+        When the prefix gives no snapshot, the waiting ones go on by themselves once the one
+        ahead has passed it."""
+        groups: dict[tuple[str, str], list[Job]] = {}
+        for job in self._running:
+            if (job.state is not SessionState.PREFILL or job.snapshot is not None
+                    or job.n_past >= job.family.length or not self.cache.shares_prefix(job.family)):
+                continue
+            snap, n = self.cache.adopt_snapshot(job.seq, job.n_past, job.context, job.family)
+            if snap is not None or n != job.n_past:
+                job.n_past, job.snapshot = n, snap
+                if snap is not None:
+                    job.n_cached = max(job.n_cached, n)
+                continue
+            groups.setdefault((job.family.scope, job.family.digest), []).append(job)
+        parked: set[Job] = set()
+        for jobs in groups.values():
+            if len(jobs) > 1:
+                lead = max(jobs, key=lambda j: (j.n_past, -j.t_submit))
+                parked.update(j for j in jobs if j is not lead)
+        return parked
 
     def _prefill_order(self) -> list[Job]:
         jobs = [j for j in self._running if j.state is SessionState.PREFILL]

@@ -779,6 +779,42 @@ class PrefixCache:
         self._ref(snap)
         return snap
 
+    def shares_prefix(self, family: FamilyKey) -> bool:
+        """Whether the first request to compute ``family``'s prefix makes it a snapshot the
+        others can load (:meth:`maybe_snapshot`): then a request of the family that is still
+        computing the prefix may wait for the one furthest along, and adopt its snapshot."""
+        return (self.enabled and family.length >= self.min_snapshot_tokens
+                and (self._prefix_loads or not self.streams))
+
+    def adopt_snapshot(self, seq: int, n_past: int, tokens: list[int],
+                       family: FamilyKey) -> tuple[CacheEntry | None, int]:
+        """A request holds the first ``n_past`` tokens of its family prefix in ``seq`` and
+        another request has just finished that prefix: its snapshot replaces what ``seq``
+        holds, so the prefix is computed once, not once per request that arrived before it
+        existed. Returns the snapshot and the positions ``seq`` now holds: ``(None,
+        n_past)`` when there is nothing to adopt, ``(None, 0)`` when loading it failed (the
+        sequence is then empty, and the request computes its prompt itself)."""
+        L = family.length
+        snap = self.snapshot_entry(family)
+        if (snap is None or not self.enabled or n_past >= L or len(snap.tokens) != L
+                or not np.array_equal(snap.tokens, tokens[:L])):
+            return None, n_past
+        try:
+            if not self.ensure_hot_snapshot(snap):
+                return None, n_past
+            self.backend.seq_remove(seq)
+            self.ledger.truncate(seq, 0)
+            self._load_prefix(snap, seq, L)
+        except Exception as exc:                 # CacheFault, NoFreeCells, a backend refusal
+            log.warning("adopting the snapshot of family %s failed: %s", family.digest[:8], exc)
+            self.backend.seq_remove(seq)
+            self.ledger.truncate(seq, 0)
+            return None, 0
+        self._touch(snap)
+        self._ref(snap)                          # (a no-op with streams: snapshots hold no cells there)
+        self.metrics.snapshot_adoptions.inc()
+        return snap, L
+
     def fork(self, src: int, n: int, snapshot: CacheEntry | None) -> int | None:
         """A new sequence sharing the first ``n`` cells of the running sequence ``src``
         (``seq_cp``: no copy), and its family snapshot when it has one: the other choices of
