@@ -13,6 +13,7 @@
 #                 streams) vs llama-server --kv-unified
 #        side2    the same without the --kv-unified variant (shorter; KV3D_GPU_CLIENTS="32" picks the client counts)
 #        side32, side64   side2 at one client count (to order the stages freely)
+#      KV3D_GPU_SET: overrides added to every kv3d bench run of the side and ab stages
 #        unified  the same workload, kv3d with cache.layout=unified (the layout before issue 15)
 #        ab       kv3d alone, one round per variant and client count: KV3D_GPU_AB holds the variants,
 #                 ';'-separated, each a space-separated list of overrides (e.g.
@@ -72,7 +73,7 @@ run_bench() {   # name, clients, extra overrides...
       > "$W/results/gpu-$name-c$c.csv" 2>&1 &
   local smi=$!
   "$KV3D_VENV/bin/kv3d" bench "${SIDE[@]}" rounds="${ROUNDS:-2}" concurrency="$c" scheduler.max_running="$c" \
-      scheduler.n_seq_max=$((c + 8)) "$@" hydra.run.dir="$W/results/$name-c$c" > "$W/results/$name-c$c.log" 2>&1
+      scheduler.n_seq_max=$((c + 8)) "$@" ${KV3D_GPU_SET:-} hydra.run.dir="$W/results/$name-c$c" > "$W/results/$name-c$c.log" 2>&1
   kill $smi 2>/dev/null
   tail -n 2 "$W/results/$name-c$c.log" | cut -c1-300
   "$PY" - "$W/results/$name-c$c/report.json" <<'EOF' || true
