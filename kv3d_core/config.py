@@ -70,6 +70,7 @@ class CacheSchema:
     hot_sessions: Optional[int] = 2
     free_streams: int = 1
     prefix_host_mb: float = 512
+    prepare_restores: str = "auto"
     cold_write_through: bool = True
 
 
@@ -278,6 +279,8 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("cache.hot_sessions must be >= 0 (or null: idle sessions stay while streams are free)")
     if s.cache.free_streams < 0 or s.cache.prefix_host_mb < 0:
         problems.append("cache.free_streams and cache.prefix_host_mb must be >= 0")
+    if s.cache.prepare_restores not in ("auto", "on", "off"):
+        problems.append(f"cache.prepare_restores must be 'auto', 'on' or 'off', not {s.cache.prepare_restores!r}")
     if s.cache.hot_idle_s is not None and s.cache.hot_idle_s < 0:
         problems.append("cache.hot_idle_s must be >= 0 (or null: idle entries stay hot until cells are needed)")
     if not 0 <= s.cache.hot_idle_watermark <= 1:

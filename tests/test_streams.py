@@ -57,7 +57,7 @@ def test_a_long_conversation_resumed_after_every_turn_left_its_stream(staging):
         return out
 
     common = ["server.threads=2", "cache.stream_ctx=1024", "scheduler.n_seq_max=4", "safety.quality_sample_every=0"]
-    with Engine(compose([*common, "cache.hot_sessions=0", "+codec=int8",
+    with Engine(compose([*common, "cache.hot_sessions=0", "+codec=int8", "cache.prepare_restores=on",
                          f"backend.state_staging={staging}"])) as eng:
         spills = spy_on_spills(eng)
         warm = converse(eng)
@@ -78,6 +78,20 @@ def test_a_long_conversation_resumed_after_every_turn_left_its_stream(staging):
             assert wu["cached_tokens"] >= prev_prompt, (i, wu, prev_prompt)
 
 
+@pytest.mark.parametrize("setting, expected", [("auto", False), ("on", True), ("off", False)])
+def test_restores_are_prepared_ahead_only_when_the_cpu_has_room(setting, expected):
+    """``cache.prepare_restores=auto`` prepares resumes off the scheduler thread only when the model
+    runs on a GPU: on a CPU llama.cpp's threads take every core while they decode, so there is
+    no core to decode a restore beside them (docs/BENCHMARKS.md). This machine has no GPU."""
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+
+    with Engine(compose(["server.threads=2", "scheduler.n_seq_max=2", "cache.stream_ctx=512",
+                         f"cache.prepare_restores={setting}"])) as eng:
+        assert eng.backend.info.gpu_layers == 0
+        assert eng.cache.prepare_restores is expected
+
+
 def test_a_request_behind_a_restore_being_prepared_is_not_held_up(monkeypatch):
     """While a resume's state is decoded off the scheduler thread, the requests queued behind it
     are admitted and served; the resume then loads the prepared blob and answers as a cold
@@ -89,7 +103,7 @@ def test_a_request_behind_a_restore_being_prepared_is_not_held_up(monkeypatch):
     from kv3d_core.engine.engine import Engine
 
     first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TURNS[0]}]
-    with Engine(compose(["server.threads=2", "cache.stream_ctx=1024", "scheduler.n_seq_max=4",
+    with Engine(compose(["server.threads=2", "cache.stream_ctx=1024", "scheduler.n_seq_max=4", "cache.prepare_restores=on",
                          "cache.hot_sessions=0", "+codec=int8", "safety.quality_sample_every=0"])) as eng:
         reply, _ = engine_chat(eng, first, max_tokens=12)
         eng.tiers.flush()

@@ -100,7 +100,8 @@ def test_corrupted_warm_entry_is_a_miss_with_correct_output():
     from kv3d_core.config import compose
     from kv3d_core.engine.engine import Engine
 
-    cfg = compose(["server.threads=2", "cache.gpu_hot_mb=8", "scheduler.n_seq_max=4", "scheduler.max_running=1"])
+    cfg = compose(["server.threads=2", "cache.gpu_hot_mb=8", "scheduler.n_seq_max=4", "scheduler.max_running=1",
+                   "cache.prepare_restores=on"])
 
     def run(eng, messages) -> tuple[str, dict]:
         return engine_chat(eng, messages, max_tokens=10)

@@ -50,6 +50,7 @@ class ModelInfo:
     eos_token: str = ""
     add_bos: bool = False
     gpu_layers: int = 0
+    """Layers offloaded to an accelerator (-1: all); 0 when the model runs on the CPU."""
     build: dict = field(default_factory=dict)
     """Free-form facts about the backend build (version, CPU/GPU, devices)."""
 

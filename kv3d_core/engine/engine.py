@@ -82,6 +82,10 @@ class Engine:
                 hot_sessions=cfg.cache.hot_sessions,
                 free_streams=cfg.cache.free_streams,
                 prefix_host_mb=cfg.cache.prefix_host_mb,
+                # auto: when the model runs on a GPU, whose decoding leaves the CPU cores free; on a
+                # CPU, llama.cpp's threads take every core and a restore decoded beside them waits
+                prepare_restores=(cfg.cache.prepare_restores == "on" or (
+                    cfg.cache.prepare_restores == "auto" and self.backend.info.gpu_layers != 0)),
             )
             self.prompter = ChatPrompter.for_backend(self.backend)
             self.scheduler = Scheduler(self.backend, self.cache, self.metrics, SchedulerConfig(

@@ -98,6 +98,7 @@ class PrefixCache:
         hot_sessions: int | None = None,
         free_streams: int = 1,
         prefix_host_mb: float = 512,
+        prepare_restores: bool = True,
     ) -> None:
         self.backend = backend
         self.info = backend.info
@@ -124,6 +125,7 @@ class PrefixCache:
         self.hot_sessions = None if hot_sessions is None else int(hot_sessions)
         self.free_streams = max(0, int(free_streams))
         self.prefix_host_bytes = int(float(prefix_host_mb) * 2**20)
+        self.prepare_restores = bool(prepare_restores)
         self._host: OrderedDict[CacheEntry, None] = OrderedDict()   # snapshots' host copies, LRU first
         self._host_used = 0
         self._prefix_loads = True       # streams: copies into a stream (set_data) allowed
@@ -365,7 +367,8 @@ class PrefixCache:
         the hot tier (KV stream per sequence), start decoding that session's state off the
         scheduler thread (:meth:`TierStack.prepare`); :meth:`acquire` given the handle then
         only loads the blob. None when there is nothing to prepare."""
-        if not (self.streams and self.enabled and self.tiers is not None) or self._restore_off:
+        if (not (self.streams and self.enabled and self.prepare_restores and self.tiers is not None)
+                or self._restore_off):
             return None
         entry, _ = self.plan(prompt, family)
         if (entry is None or entry.kind != "session" or entry.seq is not None
