@@ -262,6 +262,22 @@ def _read_value(cur: _Cursor, vtype: int, key: str, max_array_items: int) -> Any
 
 def _parse(buf: Any, size: int, *, tensors: bool, max_array_items: int) -> GGUFHeader:
     cur = _Cursor(buf, size)
+    version, n_tensors, n_kv = _read_preamble(cur, buf, size)
+    metadata, value_types = _read_metadata(cur, buf, n_kv, max_array_items)
+    alignment = _alignment(metadata, value_types)
+    header = GGUFHeader(version=version, metadata=metadata, value_types=value_types, n_tensors=n_tensors,
+                        alignment=alignment, file_size=size)
+    if not tensors:
+        return header
+    infos, expected = _read_tensor_infos(cur, buf, n_tensors, alignment)
+    header.tensors = infos
+    header.data_offset = -(-cur.pos // alignment) * alignment if n_tensors else cur.pos
+    header.data_size = expected
+    return header
+
+
+def _read_preamble(cur: "_Cursor", buf: Any, size: int) -> tuple[int, int, int]:
+    """The magic, version, tensor count and metadata key count, each checked."""
     if size < 4:
         raise GGUFError(f"not a GGUF file: {size} bytes, too short for the magic")
     magic = bytes(buf[0:4])
@@ -286,7 +302,12 @@ def _parse(buf: Any, size: int, *, tensors: bool, max_array_items: int) -> GGUFH
                         "corrupt header")
     if n_tensors > (size - cur.pos) // 33:
         raise GGUFError(f"the header claims {n_tensors} tensors, more than a {size}-byte file can hold: corrupt header")
+    return version, n_tensors, n_kv
 
+
+def _read_metadata(cur: "_Cursor", buf: Any, n_kv: int,
+                   max_array_items: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``n_kv`` metadata keys and values, and each value's GGUF type name."""
     metadata: dict[str, Any] = {}
     value_types: dict[str, str] = {}
     for i in range(n_kv):
@@ -307,20 +328,23 @@ def _parse(buf: Any, size: int, *, tensors: bool, max_array_items: int) -> GGUFH
             value_types[key] = f"array[{TYPE_NAMES[item]}]"
         else:
             value_types[key] = TYPE_NAMES[vtype]
+    return metadata, value_types
 
-    alignment = DEFAULT_ALIGNMENT
-    if "general.alignment" in metadata:
-        if value_types["general.alignment"] != "uint32":
-            raise GGUFError(f"general.alignment must be a uint32, not {value_types['general.alignment']}")
-        alignment = metadata["general.alignment"]
-        if alignment == 0 or alignment & (alignment - 1):
-            raise GGUFError(f"general.alignment={alignment} is not a power of 2")
 
-    header = GGUFHeader(version=version, metadata=metadata, value_types=value_types, n_tensors=n_tensors,
-                        alignment=alignment, file_size=size)
-    if not tensors:
-        return header
+def _alignment(metadata: dict[str, Any], value_types: dict[str, str]) -> int:
+    """The data alignment: ``general.alignment`` (a power-of-2 uint32) or the default."""
+    if "general.alignment" not in metadata:
+        return DEFAULT_ALIGNMENT
+    if value_types["general.alignment"] != "uint32":
+        raise GGUFError(f"general.alignment must be a uint32, not {value_types['general.alignment']}")
+    alignment = metadata["general.alignment"]
+    if alignment == 0 or alignment & (alignment - 1):
+        raise GGUFError(f"general.alignment={alignment} is not a power of 2")
+    return alignment
 
+
+def _read_tensor_infos(cur: "_Cursor", buf: Any, n_tensors: int, alignment: int) -> tuple[list[TensorInfo], int]:
+    """The tensor infos, each checked, and the bytes of tensor data they lay out."""
     infos: list[TensorInfo] = []
     names: set[str] = set()
     expected = 0
@@ -330,19 +354,7 @@ def _parse(buf: Any, size: int, *, tensors: bool, max_array_items: int) -> GGUFH
         if name in names:
             raise GGUFError(f"duplicate tensor name {name!r}")
         names.add(name)
-        n_dims = cur.u32(f"the dimension count of tensor {name!r}")
-        if n_dims > GGML_MAX_DIMS:
-            raise GGUFError(f"tensor {name!r} has {n_dims} dimensions (at most {GGML_MAX_DIMS})")
-        cur.need(8 * n_dims, f"the shape of tensor {name!r}")
-        shape = struct.unpack_from(f"<{n_dims}q", buf, cur.pos)
-        cur.pos += 8 * n_dims
-        n_elem = 1
-        for d in shape:
-            if d < 0:
-                raise GGUFError(f"tensor {name!r} has a negative dimension {shape}")
-            n_elem *= d
-        if n_elem >= 2**63:
-            raise GGUFError(f"tensor {name!r} of shape {shape} has too many elements")
+        shape = _read_shape(cur, buf, name)
         ggml_type = cur.unpack("i", 4, f"the type of tensor {name!r}")
         if ggml_type not in GGML_TYPES:
             raise GGUFError(f"tensor {name!r} has ggml type {ggml_type}, unknown to llama.cpp 0.3.36")
@@ -356,10 +368,25 @@ def _parse(buf: Any, size: int, *, tensors: bool, max_array_items: int) -> GGUFH
             raise GGUFError(f"tensor {name!r} has data offset {offset}, expected {expected}: corrupt header")
         expected += -(-info.nbytes // alignment) * alignment
         infos.append(info)
-    header.tensors = infos
-    header.data_offset = -(-cur.pos // alignment) * alignment if n_tensors else cur.pos
-    header.data_size = expected
-    return header
+    return infos, expected
+
+
+def _read_shape(cur: "_Cursor", buf: Any, name: str) -> tuple[int, ...]:
+    """A tensor's dimensions: at most GGML_MAX_DIMS, none negative, a product below 2**63."""
+    n_dims = cur.u32(f"the dimension count of tensor {name!r}")
+    if n_dims > GGML_MAX_DIMS:
+        raise GGUFError(f"tensor {name!r} has {n_dims} dimensions (at most {GGML_MAX_DIMS})")
+    cur.need(8 * n_dims, f"the shape of tensor {name!r}")
+    shape = struct.unpack_from(f"<{n_dims}q", buf, cur.pos)
+    cur.pos += 8 * n_dims
+    n_elem = 1
+    for d in shape:
+        if d < 0:
+            raise GGUFError(f"tensor {name!r} has a negative dimension {shape}")
+        n_elem *= d
+    if n_elem >= 2**63:
+        raise GGUFError(f"tensor {name!r} of shape {shape} has too many elements")
+    return shape
 
 
 def read_gguf(source: Source, *, tensors: bool = True, max_array_items: int = 1024) -> GGUFHeader:
