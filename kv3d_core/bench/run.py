@@ -279,14 +279,7 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
 
     validated(cfg)   # the serve part, exactly as `kv3d serve` would check it
     systems = list(cfg.systems)
-    unknown = [s for s in systems if s not in SYSTEMS]
-    if unknown or not systems:
-        raise BenchError(f"systems={systems}: each must be one of {list(SYSTEMS)}")
-    if PEER in systems and (why := peer_available()) is not None:
-        raise BenchError(f"{PEER} cannot run: {why} (or leave it out: systems=[kv3d,kv3d_safe])")
-    for name in LLAMA_SERVERS:
-        if name in systems and (why := ls_peer.find_binary(cfg.llama_server.binary)[1]) is not None:
-            raise BenchError(f"{name} cannot run: {why}")
+    _check_systems(cfg, systems)
     out.mkdir(parents=True, exist_ok=True)
     model_path, model_id = resolve_model(cfg)
     machine = report.machine_info(model_path, model_id)
@@ -303,36 +296,9 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
     rounds = int(cfg.rounds)
     if rounds < 1:
         raise BenchError(f"rounds={rounds}: run at least one round")
-    # the systems in turn, round after round: a machine whose speed drifts slows each alike
-    by_round: list[dict[str, tuple[dict, DriveResult]]] = []
-    for r in range(rounds):
-        this: dict[str, tuple[dict, DriveResult]] = {}
-        for name in systems:
-            sys_report, run = _run_system(name, cfg, wl, out, overrides, model_path, model_id, peer, spec, n_vocab)
-            _write_requests(out / "requests.jsonl", name, run, r)
-            sys_report["round"] = r
-            if name == PEER:
-                sys_report["config"] = dict(peer)
-            elif name in LLAMA_SERVERS:
-                sys_report["config"] = sys_report.pop("ls_settings")
-            else:
-                sys_report["config"] = kv3d_config(cfg, safe=name == KV3D_SAFE)
-            this[name] = (sys_report, run)
-            log.info("%s%s: %d requests in %.1fs, hit rate %s, %s tok/s", name,
-                     f" (round {r + 1}/{rounds})" if rounds > 1 else "", sys_report["requests"], run.wall_s,
-                     sys_report.get("hit_rate"), sys_report.get("tokens_per_s"))
-        by_round.append(this)
-    # the figures reported: those of the median round, by kv3d's tokens/s over the baseline's of the
-    # same round (else by the first system's tokens/s), so the report's ratios are one round's
-    base = report.baseline_of({n: {} for n in systems})
-
-    def rank(i: int) -> float:
-        this = by_round[i]
-        if KV3D in this and base in this:
-            return (this[KV3D][0].get("tokens_per_s") or 0.0) / (this[base][0].get("tokens_per_s") or float("inf"))
-        return this[systems[0]][0].get("tokens_per_s") or 0.0
-
-    median_round = sorted(range(rounds), key=rank)[(rounds - 1) // 2]
+    by_round = [_run_round(r, rounds, systems, cfg, wl, out, overrides, model_path, model_id, peer, spec, n_vocab)
+                for r in range(rounds)]
+    median_round = _median_round(by_round, systems)
     results = {name: by_round[median_round][name][0] for name in systems}
     chosen_run = {name: by_round[median_round][name][1] for name in systems}
 
@@ -341,15 +307,7 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
         state = measure_peer_state(out, model_path, chosen_run[PEER], peer, cfg)
         peer_memory = figures.peer_memory(state)
         results[PEER].update(peer_memory)
-    q, q_why = quality(cfg, overrides, quality_cache_dir) if KV3D in results else (None, None)
-    for name, s in results.items():
-        s.setdefault("kv_bytes_per_session", None)
-        s.setdefault("sessions_per_gb", None)
-        s.setdefault("restore_p95_warm_s", None)
-        s.setdefault("restore_p95_cold_s", None)
-        s["quality"] = q if name == KV3D else None
-        if name == KV3D and q is None:
-            s["quality_note"] = q_why
+    _add_quality(results, cfg, overrides, quality_cache_dir)
 
     workload = wl.summary()
     targets, ratios = report.targets_and_ratios(results, workload, int(cfg.concurrency))
@@ -384,3 +342,67 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
     report.write_markdown(out / "report.md", rep, names)
     log.info("report: %s", out / "report.md")
     return rep
+
+
+def _check_systems(cfg: DictConfig, systems: list[str]) -> None:
+    """Every system named exists and can run here (its peer server installed or built)."""
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise BenchError(f"systems={systems}: each must be one of {list(SYSTEMS)}")
+    if PEER in systems and (why := peer_available()) is not None:
+        raise BenchError(f"{PEER} cannot run: {why} (or leave it out: systems=[kv3d,kv3d_safe])")
+    for name in LLAMA_SERVERS:
+        if name in systems and (why := ls_peer.find_binary(cfg.llama_server.binary)[1]) is not None:
+            raise BenchError(f"{name} cannot run: {why}")
+
+
+def _run_round(r: int, rounds: int, systems: list[str], cfg: DictConfig, wl, out: Path, overrides: list[str],
+               model_path: str, model_id: str, peer: dict, spec, n_vocab: int) -> dict[str, tuple[dict, DriveResult]]:
+    """Round ``r``: the systems in turn (a machine whose speed drifts slows each alike), each
+    system's report (with the configuration it ran) and its run."""
+    this: dict[str, tuple[dict, DriveResult]] = {}
+    for name in systems:
+        sys_report, run = _run_system(name, cfg, wl, out, overrides, model_path, model_id, peer, spec, n_vocab)
+        _write_requests(out / "requests.jsonl", name, run, r)
+        sys_report["round"] = r
+        if name == PEER:
+            sys_report["config"] = dict(peer)
+        elif name in LLAMA_SERVERS:
+            sys_report["config"] = sys_report.pop("ls_settings")
+        else:
+            sys_report["config"] = kv3d_config(cfg, safe=name == KV3D_SAFE)
+        this[name] = (sys_report, run)
+        log.info("%s%s: %d requests in %.1fs, hit rate %s, %s tok/s", name,
+                 f" (round {r + 1}/{rounds})" if rounds > 1 else "", sys_report["requests"], run.wall_s,
+                 sys_report.get("hit_rate"), sys_report.get("tokens_per_s"))
+    return this
+
+
+def _median_round(by_round: list[dict[str, tuple[dict, DriveResult]]], systems: list[str]) -> int:
+    """The round whose figures are reported: the median by kv3d's tokens/s over the baseline's
+    of the same round (else by the first system's tokens/s), so the report's ratios are one
+    round's; of an even count, the lower middle one."""
+    base = report.baseline_of({n: {} for n in systems})
+
+    def rank(i: int) -> float:
+        this = by_round[i]
+        if KV3D in this and base in this:
+            return (this[KV3D][0].get("tokens_per_s") or 0.0) / (this[base][0].get("tokens_per_s") or float("inf"))
+        return this[systems[0]][0].get("tokens_per_s") or 0.0
+
+    return sorted(range(len(by_round)), key=rank)[(len(by_round) - 1) // 2]
+
+
+def _add_quality(results: dict[str, dict], cfg: DictConfig, overrides: list[str],
+                 quality_cache_dir: Path | None) -> None:
+    """kv3d's codec quality (``kv3d quality``) into its report, and the keys every system's
+    report carries, None where a system has no such figure."""
+    q, q_why = quality(cfg, overrides, quality_cache_dir) if KV3D in results else (None, None)
+    for name, s in results.items():
+        s.setdefault("kv_bytes_per_session", None)
+        s.setdefault("sessions_per_gb", None)
+        s.setdefault("restore_p95_warm_s", None)
+        s.setdefault("restore_p95_cold_s", None)
+        s["quality"] = q if name == KV3D else None
+        if name == KV3D and q is None:
+            s["quality_note"] = q_why
