@@ -81,109 +81,101 @@ class _Checker:
         self.nodes = 0
 
     def check(self, schema: Any, path: str, depth: int = 0, *, where: str = "schema") -> dict:
-        self.nodes += 1
-        if self.nodes > MAX_SCHEMA_NODES:
-            raise SchemaError(path, f"the schema has more than {MAX_SCHEMA_NODES} subschemas")
-        if depth > MAX_SCHEMA_DEPTH:
-            raise SchemaError(path, f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        """The converter's copy of ``schema`` at ``path`` (SchemaError: what it cannot enforce)."""
+        self._count(path, depth)
         if schema is True:
             return {}
         if schema is False:
             raise SchemaError(path, "the schema 'false' allows no value at all")
         if not isinstance(schema, dict):
             raise SchemaError(path, f"a schema must be an object or a boolean, not {type(schema).__name__}")
-        out: dict = {}
         keys = set(schema)
-        for k in keys:
-            if not isinstance(k, str):
-                raise SchemaError(path, "schema keys must be strings")
-        unknown = sorted(k for k in keys if k not in ANNOTATIONS and k not in GENERAL and not k.startswith("x-")
-                         and not any(k in v for v in BY_TYPE.values()))
-        for k in unknown:
-            if k in KNOWN_UNSUPPORTED:
-                raise SchemaError(_join(path, k), f"'{k}' is not supported in a schema (the grammar cannot enforce it)")
-            raise SchemaError(_join(path, k), f"unknown schema keyword '{k}'")
-        # types
-        t = schema.get("type")
-        types: list[str] | None = None
-        if t is not None:
-            types = [t] if isinstance(t, str) else t if isinstance(t, list) else None
-            if not types or not all(isinstance(x, str) for x in types):
-                raise SchemaError(_join(path, "type"), "'type' must be a type name or a list of them")
-            for x in types:
-                if x not in TYPES:
-                    raise SchemaError(_join(path, "type"), f"unknown type '{x}' (known: {', '.join(TYPES)})")
-            if len(set(types)) != len(types):
-                raise SchemaError(_join(path, "type"), "'type' lists a type twice")
-        for comb in COMBINATORS:
+        _check_keywords(keys, path)
+        types = _check_types(schema.get("type"), path)
+        _check_combinator_siblings(schema, keys, path)
+        out = self._defs(schema, path, depth)
+        # the first of these that the schema has decides what it is; the rest is never read
+        if "$ref" in schema:
+            return self._ref(schema["$ref"], out, path)
+        for comb in ("anyOf", "oneOf"):
             if comb in schema:
-                others = sorted(k for k in keys if k not in ANNOTATIONS and k not in ("$defs", "definitions", comb)
-                                and not k.startswith("x-")
-                                and not (k == "type" and comb == "allOf" and schema["type"] == "object"))
-                if others:
-                    raise SchemaError(_join(path, others[0]),
-                                      f"'{others[0]}' beside '{comb}' is not supported (move it into the branches)")
+                return self._any_of(comb, schema[comb], out, path, depth)
+        if "allOf" in schema:
+            return self._all_of(schema["allOf"], out, path, depth)
+        if "enum" in schema:
+            return _enum(schema["enum"], types, schema.get("type"), out, path)
+        if "const" in schema:
+            return _const(schema["const"], types, schema.get("type"), out, path)
+        if types is not None and len(types) > 1:
+            return self._type_branches(schema, types, out, path, depth)
+        return self._single_type(schema, keys, types, out, path, depth)
+
+    def _count(self, path: str, depth: int) -> None:
+        """Counts one more subschema; refuses a schema too large or too deep."""
+        self.nodes += 1
+        if self.nodes > MAX_SCHEMA_NODES:
+            raise SchemaError(path, f"the schema has more than {MAX_SCHEMA_NODES} subschemas")
+        if depth > MAX_SCHEMA_DEPTH:
+            raise SchemaError(path, f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+
+    def _defs(self, schema: dict, path: str, depth: int) -> dict:
+        """A new output holding the checked ``$defs`` / ``definitions`` of ``schema``."""
+        out: dict = {}
         for defs in ("$defs", "definitions"):
             if defs in schema:
                 d = schema[defs]
                 if not isinstance(d, dict):
                     raise SchemaError(_join(path, defs), f"'{defs}' must be an object of schemas")
                 out[defs] = {name: self.check(sub, _join(_join(path, defs), name), depth + 1) for name, sub in d.items()}
-        if "$ref" in schema:
-            ref = schema["$ref"]
-            if not isinstance(ref, str) or not re.fullmatch(r"#/(\$defs|definitions)/[^/]+", ref):
-                raise SchemaError(_join(path, "$ref"), "only references to the root's definitions "
-                                                        "('#/$defs/name', '#/definitions/name') are supported")
-            self._resolve(ref, path)
-            out["$ref"] = ref
-            return out
-        for comb in ("anyOf", "oneOf"):
-            if comb in schema:
-                alts = schema[comb]
-                if not isinstance(alts, list) or not alts:
-                    raise SchemaError(_join(path, comb), f"'{comb}' must be a non-empty list of schemas")
-                out["anyOf"] = [self.check(a, _join(_join(path, comb), i), depth + 1) for i, a in enumerate(alts)]
-                return out
-        if "allOf" in schema:
-            parts = schema["allOf"]
-            if not isinstance(parts, list) or not parts:
-                raise SchemaError(_join(path, "allOf"), "'allOf' must be a non-empty list of schemas")
-            checked = []
-            for i, part in enumerate(parts):
-                p = _join(_join(path, "allOf"), i)
-                c = self.check(part, p, depth + 1)
-                target = self._resolve(c["$ref"], p) if "$ref" in c else c
-                if not isinstance(target, dict) or set(target) - ANNOTATIONS - {"type", "properties", "required",
-                                                                                "additionalProperties", "$ref"} \
-                        or target.get("type", "object") != "object" or target.get("additionalProperties") not in (None, False):
-                    raise SchemaError(p, "'allOf' is supported only over object schemas with 'properties' and 'required'")
-                checked.append(c)
-            out["allOf"] = checked
-            return out
-        if "enum" in schema:
-            e = schema["enum"]
-            if not isinstance(e, list) or not e:
-                raise SchemaError(_join(path, "enum"), "'enum' must be a non-empty list")
-            if types is not None:
-                for v in e:
-                    if not _is_type(v, types):
-                        raise SchemaError(_join(path, "enum"), f"enum value {json.dumps(v)} is not of type {t}")
-            out["enum"] = e
-            return out
-        if "const" in schema:
-            if types is not None and not _is_type(schema["const"], types):
-                raise SchemaError(_join(path, "const"), f"const value is not of type {t}")
-            out["const"] = schema["const"]
-            return out
-        if types is not None and len(types) > 1:
-            # ["string", "null"]: one branch per type, each with the keywords that apply to it
-            branches = []
-            for x in types:
-                sub = {k: v for k, v in schema.items() if k in BY_TYPE[x]}
-                sub["type"] = x
-                branches.append(self.check(sub, path, depth + 1))
-            out["anyOf"] = branches
-            return out
+        return out
+
+    def _ref(self, ref: Any, out: dict, path: str) -> dict:
+        """``out`` with a ``$ref`` to one of the root's definitions (which must exist)."""
+        if not isinstance(ref, str) or not re.fullmatch(r"#/(\$defs|definitions)/[^/]+", ref):
+            raise SchemaError(_join(path, "$ref"), "only references to the root's definitions "
+                                                    "('#/$defs/name', '#/definitions/name') are supported")
+        self._resolve(ref, path)
+        out["$ref"] = ref
+        return out
+
+    def _any_of(self, comb: str, alts: Any, out: dict, path: str, depth: int) -> dict:
+        """``out`` with ``anyOf`` / ``oneOf`` as checked ``anyOf`` branches."""
+        if not isinstance(alts, list) or not alts:
+            raise SchemaError(_join(path, comb), f"'{comb}' must be a non-empty list of schemas")
+        out["anyOf"] = [self.check(a, _join(_join(path, comb), i), depth + 1) for i, a in enumerate(alts)]
+        return out
+
+    def _all_of(self, parts: Any, out: dict, path: str, depth: int) -> dict:
+        """``out`` with ``allOf``, which the converter merges only over plain object schemas."""
+        if not isinstance(parts, list) or not parts:
+            raise SchemaError(_join(path, "allOf"), "'allOf' must be a non-empty list of schemas")
+        checked = []
+        for i, part in enumerate(parts):
+            p = _join(_join(path, "allOf"), i)
+            c = self.check(part, p, depth + 1)
+            target = self._resolve(c["$ref"], p) if "$ref" in c else c
+            if not isinstance(target, dict) or set(target) - ANNOTATIONS - {"type", "properties", "required",
+                                                                            "additionalProperties", "$ref"} \
+                    or target.get("type", "object") != "object" or target.get("additionalProperties") not in (None, False):
+                raise SchemaError(p, "'allOf' is supported only over object schemas with 'properties' and 'required'")
+            checked.append(c)
+        out["allOf"] = checked
+        return out
+
+    def _type_branches(self, schema: dict, types: list[str], out: dict, path: str, depth: int) -> dict:
+        """``out`` with a type list as ``anyOf`` branches, one per type."""
+        # ["string", "null"]: one branch per type, each with the keywords that apply to it
+        branches = []
+        for x in types:
+            sub = {k: v for k, v in schema.items() if k in BY_TYPE[x]}
+            sub["type"] = x
+            branches.append(self.check(sub, path, depth + 1))
+        out["anyOf"] = branches
+        return out
+
+    def _single_type(self, schema: dict, keys: set, types: list[str] | None, out: dict, path: str,
+                     depth: int) -> dict:
+        """``out`` for a schema of one type (given, or told by its keywords; none: any value)."""
         present = {k for k in keys if k not in ANNOTATIONS and k not in GENERAL and not k.startswith("x-")}
         kind = types[0] if types else next((x for x in ("object", "array", "string") if present & BY_TYPE[x]), None)
         if kind is None:
@@ -310,6 +302,66 @@ class _Checker:
             out["maxLength"] = hi
 
 
+def _check_keywords(keys: set, path: str) -> None:
+    """Refuses non-string keys, and keywords that are unknown or that the grammar cannot enforce."""
+    for k in keys:
+        if not isinstance(k, str):
+            raise SchemaError(path, "schema keys must be strings")
+    unknown = sorted(k for k in keys if k not in ANNOTATIONS and k not in GENERAL and not k.startswith("x-")
+                     and not any(k in v for v in BY_TYPE.values()))
+    for k in unknown:
+        if k in KNOWN_UNSUPPORTED:
+            raise SchemaError(_join(path, k), f"'{k}' is not supported in a schema (the grammar cannot enforce it)")
+        raise SchemaError(_join(path, k), f"unknown schema keyword '{k}'")
+
+
+def _check_types(t: Any, path: str) -> list[str] | None:
+    """The types a ``type`` keyword names (None: no ``type``)."""
+    if t is None:
+        return None
+    types = [t] if isinstance(t, str) else t if isinstance(t, list) else None
+    if not types or not all(isinstance(x, str) for x in types):
+        raise SchemaError(_join(path, "type"), "'type' must be a type name or a list of them")
+    for x in types:
+        if x not in TYPES:
+            raise SchemaError(_join(path, "type"), f"unknown type '{x}' (known: {', '.join(TYPES)})")
+    if len(set(types)) != len(types):
+        raise SchemaError(_join(path, "type"), "'type' lists a type twice")
+    return types
+
+
+def _check_combinator_siblings(schema: dict, keys: set, path: str) -> None:
+    """Refuses keywords beside a combinator (the converter would drop them)."""
+    for comb in COMBINATORS:
+        if comb in schema:
+            others = sorted(k for k in keys if k not in ANNOTATIONS and k not in ("$defs", "definitions", comb)
+                            and not k.startswith("x-")
+                            and not (k == "type" and comb == "allOf" and schema["type"] == "object"))
+            if others:
+                raise SchemaError(_join(path, others[0]),
+                                  f"'{others[0]}' beside '{comb}' is not supported (move it into the branches)")
+
+
+def _enum(e: Any, types: list[str] | None, t: Any, out: dict, path: str) -> dict:
+    """``out`` with ``enum``, each value of the schema's ``type`` ``t`` where it has one."""
+    if not isinstance(e, list) or not e:
+        raise SchemaError(_join(path, "enum"), "'enum' must be a non-empty list")
+    if types is not None:
+        for v in e:
+            if not _is_type(v, types):
+                raise SchemaError(_join(path, "enum"), f"enum value {json.dumps(v)} is not of type {t}")
+    out["enum"] = e
+    return out
+
+
+def _const(value: Any, types: list[str] | None, t: Any, out: dict, path: str) -> dict:
+    """``out`` with ``const``, of the schema's ``type`` ``t`` where it has one."""
+    if types is not None and not _is_type(value, types):
+        raise SchemaError(_join(path, "const"), f"const value is not of type {t}")
+    out["const"] = value
+    return out
+
+
 def _bounds(path: str, lo_name: str, lo: Any, hi_name: str, hi: Any) -> None:
     for name, v in ((lo_name, lo), (hi_name, hi)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 100_000):
@@ -339,11 +391,7 @@ def translate_pattern(pattern: Any, path: str) -> str:
     same strings match in full). Refuses what it cannot express."""
     if not isinstance(pattern, str) or not pattern:
         raise SchemaError(path, "'pattern' must be a non-empty string")
-    p = pattern
-    if p.startswith("^"):
-        p = p[1:]
-    if p.endswith("$") and not p.endswith("\\$"):
-        p = p[:-1]
+    p = _strip_anchors(pattern)
     out: list[str] = []
     i, n = 0, len(p)
     depth = 0
@@ -352,94 +400,115 @@ def translate_pattern(pattern: Any, path: str) -> str:
         if c == "\\":
             if i + 1 >= n:
                 raise SchemaError(path, "the pattern ends with a lone backslash")
-            e = p[i + 1]
-            if e in _CLASS_ESCAPES:
-                out.append(f"[{_CLASS_ESCAPES[e]}]")
-            elif e in _NEG_CLASS_ESCAPES:
-                out.append(f"[^{_NEG_CLASS_ESCAPES[e]}{_UNSAFE_IN_CLASS}]")
-            elif e in "[](){}|*+?":
-                out.append("\\" + e)           # the converter reads these as the literal character
-            elif e in ".^$":
-                out.append("[" + ("\\^" if e == "^" else e) + "]")
-            elif e in "-/":
-                out.append(e)
-            elif e == "n" or e == "t":
-                raise SchemaError(path, "pattern: control characters (\\n, \\t) are not supported")
-            else:
-                raise SchemaError(path, f"pattern: the escape '\\{e}' is not supported")
+            out.append(_pattern_escape(p[i + 1], path))
             i += 2
-            continue
-        if c == "[":
-            j = i + 1
-            neg = j < n and p[j] == "^"
-            if neg:
-                j += 1
-            body = []
-            if j < n and p[j] == "]":
-                body.append("\\]")
-                j += 1
-            while j < n and p[j] != "]":
-                if p[j] == "\\":
-                    if j + 1 >= n:
-                        raise SchemaError(path, "pattern: unbalanced '['")
-                    e = p[j + 1]
-                    if e in _CLASS_ESCAPES:
-                        body.append(_CLASS_ESCAPES[e])
-                    elif e in "]\\-^.[":
-                        if e == "\\":
-                            raise SchemaError(path, "pattern: backslashes in a string are not supported")
-                        body.append("\\" + e)
-                    else:
-                        raise SchemaError(path, f"pattern: the escape '\\{e}' in a class is not supported")
-                    j += 2
-                    continue
-                if p[j] == '"':
-                    raise SchemaError(path, "pattern: quotes in a string are not supported")
-                body.append(p[j])
-                j += 1
-            if j >= n:
-                raise SchemaError(path, "pattern: unbalanced '['")
-            if neg:
-                out.append("[^" + "".join(body) + _UNSAFE_IN_CLASS + "]")
-            else:
-                out.append("[" + "".join(body) + "]")
-            i = j + 1
-            continue
-        if c == "(":
+        elif c == "[":
+            piece, i = _pattern_class(p, i, path)
+            out.append(piece)
+        elif c == "(":
             if p.startswith("(?:", i):
-                out.append("(")
                 i += 3
             elif i + 1 < n and p[i + 1] == "?":
                 raise SchemaError(path, "pattern: lookarounds, named groups and flags are not supported")
             else:
-                out.append("(")
                 i += 1
+            out.append("(")
             depth += 1
-            continue
-        if c == ")":
+        elif c == ")":
             depth -= 1
             if depth < 0:
                 raise SchemaError(path, "pattern: unbalanced ')'")
             out.append(")")
             i += 1
-            continue
-        if c in "*+?}":
+        elif c in "*+?}":
             out.append(c)
             i += 1
             if i < n and p[i] in "?+":           # lazy / possessive: the same strings match in full
                 i += 1
-            continue
-        if c in "^$":
-            raise SchemaError(path, "pattern: anchors are supported only at the start and the end")
-        if c == '"':
-            raise SchemaError(path, "pattern: quotes in a string are not supported")
-        if ord(c) < 0x20 or c == "\x7f":
-            raise SchemaError(path, "pattern: control characters are not supported")
-        out.append(c)
-        i += 1
+        else:
+            out.append(_pattern_literal(c, path))
+            i += 1
     if depth:
         raise SchemaError(path, "pattern: unbalanced '('")
     return "^" + "".join(out) + "$"
+
+
+def _strip_anchors(pattern: str) -> str:
+    """``pattern`` without a leading ``^`` and a trailing unescaped ``$`` (the grammar anchors both)."""
+    p = pattern
+    if p.startswith("^"):
+        p = p[1:]
+    if p.endswith("$") and not p.endswith("\\$"):
+        p = p[:-1]
+    return p
+
+
+def _pattern_escape(e: str, path: str) -> str:
+    """The converter's form of the escape ``\\e`` outside a class."""
+    if e in _CLASS_ESCAPES:
+        return f"[{_CLASS_ESCAPES[e]}]"
+    if e in _NEG_CLASS_ESCAPES:
+        return f"[^{_NEG_CLASS_ESCAPES[e]}{_UNSAFE_IN_CLASS}]"
+    if e in "[](){}|*+?":
+        return "\\" + e                      # the converter reads these as the literal character
+    if e in ".^$":
+        return "[" + ("\\^" if e == "^" else e) + "]"
+    if e in "-/":
+        return e
+    if e == "n" or e == "t":
+        raise SchemaError(path, "pattern: control characters (\\n, \\t) are not supported")
+    raise SchemaError(path, f"pattern: the escape '\\{e}' is not supported")
+
+
+def _pattern_class(p: str, i: int, path: str) -> tuple[str, int]:
+    """The converter's form of the class opening at ``p[i]``, and the index just past it."""
+    n = len(p)
+    j = i + 1
+    neg = j < n and p[j] == "^"
+    if neg:
+        j += 1
+    body = []
+    if j < n and p[j] == "]":
+        body.append("\\]")
+        j += 1
+    while j < n and p[j] != "]":
+        if p[j] == "\\":
+            if j + 1 >= n:
+                raise SchemaError(path, "pattern: unbalanced '['")
+            body.append(_class_escape(p[j + 1], path))
+            j += 2
+            continue
+        if p[j] == '"':
+            raise SchemaError(path, "pattern: quotes in a string are not supported")
+        body.append(p[j])
+        j += 1
+    if j >= n:
+        raise SchemaError(path, "pattern: unbalanced '['")
+    if neg:
+        return "[^" + "".join(body) + _UNSAFE_IN_CLASS + "]", j + 1
+    return "[" + "".join(body) + "]", j + 1
+
+
+def _class_escape(e: str, path: str) -> str:
+    """The converter's form of the escape ``\\e`` inside a class."""
+    if e in _CLASS_ESCAPES:
+        return _CLASS_ESCAPES[e]
+    if e in "]\\-^.[":
+        if e == "\\":
+            raise SchemaError(path, "pattern: backslashes in a string are not supported")
+        return "\\" + e
+    raise SchemaError(path, f"pattern: the escape '\\{e}' in a class is not supported")
+
+
+def _pattern_literal(c: str, path: str) -> str:
+    """A character outside classes, escapes and groups, as itself; refuses what a JSON string can't hold raw."""
+    if c in "^$":
+        raise SchemaError(path, "pattern: anchors are supported only at the start and the end")
+    if c == '"':
+        raise SchemaError(path, "pattern: quotes in a string are not supported")
+    if ord(c) < 0x20 or c == "\x7f":
+        raise SchemaError(path, "pattern: control characters are not supported")
+    return c
 
 
 class _Converter(SchemaConverter):

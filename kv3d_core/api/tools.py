@@ -355,105 +355,143 @@ class _JsonScan:
             call.args_end = i
 
     def feed(self, text: str) -> None:
+        """Scans ``text`` (the text so far) on from where the last call stopped."""
         n = len(text)
         i = self.pos
+        # each step returns the index to read next: the same one where the character is to be
+        # read again in a new state, or where scanning stopped on an error
         while i < n and not self.done and not self.error:
-            c = text[i]
-            if self._str_start is not None:                     # inside a string
-                if self._esc:
-                    self._esc = False
-                elif c == "\\":
-                    self._esc = True
-                elif c == '"':
-                    start, role = self._str_start, self._str_role
-                    self._str_start = None
-                    try:
-                        value = json.loads(text[start:i + 1])
-                    except json.JSONDecodeError:
-                        self.error = True
-                        break
-                    if role == "key":
-                        f = self.stack[-1]
-                        f["key"], f["state"] = value, "colon"
-                        if len(self.stack) == 1 and self.root_first_key is None:
-                            self.root_first_key = value
-                    else:
-                        f = self.stack[-1] if self.stack else None
-                        if f is not None and f["call"] is not None and f["kind"] == "{":
-                            if f["key"] == "name" and isinstance(value, str):
-                                f["call"].name = value
-                            elif f["key"] == "id" and isinstance(value, str):
-                                f["call"].id = value
-                        self._value_ended(i + 1, start)
+            if self._str_start is not None:
+                i = self._string_char(text, i)
+            elif self._scalar_start is not None:
+                i = self._scalar_char(text, i)
+            elif text[i] in " \t\r\n":
                 i += 1
-                continue
-            if self._scalar_start is not None:
-                if c in self._SCALAR:
-                    i += 1
-                    continue
-                start, self._scalar_start = self._scalar_start, None
-                try:
-                    json.loads(text[start:i])
-                except json.JSONDecodeError:
-                    self.error = True
-                    break
-                self._value_ended(i, start)
-                continue                                          # this character again, in the new state
-            if c in " \t\r\n":
-                i += 1
-                continue
-            f = self.stack[-1] if self.stack else None
-            state = f["state"] if f else ("value" if not self._started else "end")
-            if state in ("value", "value_or_end"):
-                if c == "]" and state == "value_or_end":
-                    self._close(i)
-                elif c in "{[":
-                    self._started = True
-                    path = self._value_path()
-                    self._value_started(i, c)
-                    call = None
-                    if c == "{" and self._matches(path):
-                        call = _Call()
-                        self.calls.append(call)
-                    self.stack.append({"kind": c, "state": "key_or_end" if c == "{" else "value_or_end",
-                                       "key": None, "path": path, "call": call, "start": i})
-                elif c == '"':
-                    self._started = True
-                    self._value_started(i, c)
-                    self._str_start, self._str_role = i, "value"
-                elif c in self._SCALAR:
-                    self._started = True
-                    self._value_started(i, c)
-                    self._scalar_start = i
-                else:
-                    self.error = True
-                    break
-            elif state in ("key", "key_or_end"):
-                if c == '"':
-                    self._str_start, self._str_role = i, "key"
-                elif c == "}" and state == "key_or_end":
-                    self._close(i)
-                else:
-                    self.error = True
-                    break
-            elif state == "colon":
-                if c != ":":
-                    self.error = True
-                    break
-                f["state"] = "value"
-            elif state == "comma_or_end":
-                if c == ",":
-                    f["state"] = "key" if f["kind"] == "{" else "value"
-                elif (c == "}" and f["kind"] == "{") or (c == "]" and f["kind"] == "["):
-                    self._close(i)
-                else:
-                    self.error = True
-                    break
             else:
-                self.error = True
-                break
-            i += 1
+                i = self._structural_char(text[i], i)
         self.pos = i
+
+    def _string_char(self, text: str, i: int) -> int:
+        """Reads ``text[i]`` inside a string (a key or a value)."""
+        c = text[i]
+        if self._esc:
+            self._esc = False
+        elif c == "\\":
+            self._esc = True
+        elif c == '"':
+            start, role = self._str_start, self._str_role
+            self._str_start = None
+            try:
+                value = json.loads(text[start:i + 1])
+            except json.JSONDecodeError:
+                self.error = True
+                return i
+            if role == "key":
+                self._key_ended(value)
+            else:
+                self._string_value_ended(value, i, start)
+        return i + 1
+
+    def _key_ended(self, key: str) -> None:
+        """An object key was read: a colon comes next."""
+        f = self.stack[-1]
+        f["key"], f["state"] = key, "colon"
+        if len(self.stack) == 1 and self.root_first_key is None:
+            self.root_first_key = key
+
+    def _string_value_ended(self, value: str, i: int, start: int) -> None:
+        """A string value ended at ``text[i]``: a call's name or id where it sits there."""
+        f = self.stack[-1] if self.stack else None
+        if f is not None and f["call"] is not None and f["kind"] == "{":
+            if f["key"] == "name" and isinstance(value, str):
+                f["call"].name = value
+            elif f["key"] == "id" and isinstance(value, str):
+                f["call"].id = value
+        self._value_ended(i + 1, start)
+
+    def _scalar_char(self, text: str, i: int) -> int:
+        """Reads ``text[i]`` inside a number or literal; a character that ends one is read again."""
+        if text[i] in self._SCALAR:
+            return i + 1
+        start, self._scalar_start = self._scalar_start, None
+        try:
+            json.loads(text[start:i])
+        except json.JSONDecodeError:
+            self.error = True
+            return i
+        self._value_ended(i, start)
+        return i                                                  # this character again, in the new state
+
+    def _structural_char(self, c: str, i: int) -> int:
+        """Reads ``c``, outside strings and scalars, in the state of the innermost container."""
+        f = self.stack[-1] if self.stack else None
+        state = f["state"] if f else ("value" if not self._started else "end")
+        if state in ("value", "value_or_end"):
+            ok = self._at_value(c, i, state)
+        elif state in ("key", "key_or_end"):
+            ok = self._at_key(c, i, state)
+        elif state == "colon":
+            ok = c == ":"
+            if ok:
+                f["state"] = "value"
+        elif state == "comma_or_end":
+            ok = self._at_comma_or_end(c, i, f)
+        else:
+            ok = False
+        if not ok:
+            self.error = True
+            return i
+        return i + 1
+
+    def _at_value(self, c: str, i: int, state: str) -> bool:
+        """Reads ``c`` where a value (or, in an array, its end) may start; False: not JSON."""
+        if c == "]" and state == "value_or_end":
+            self._close(i)
+        elif c in "{[":
+            self._started = True
+            self._open(c, i)
+        elif c == '"':
+            self._started = True
+            self._value_started(i, c)
+            self._str_start, self._str_role = i, "value"
+        elif c in self._SCALAR:
+            self._started = True
+            self._value_started(i, c)
+            self._scalar_start = i
+        else:
+            return False
+        return True
+
+    def _open(self, c: str, i: int) -> None:
+        """An object or array opens at ``i``: a call where it sits at the call path."""
+        path = self._value_path()
+        self._value_started(i, c)
+        call = None
+        if c == "{" and self._matches(path):
+            call = _Call()
+            self.calls.append(call)
+        self.stack.append({"kind": c, "state": "key_or_end" if c == "{" else "value_or_end",
+                           "key": None, "path": path, "call": call, "start": i})
+
+    def _at_key(self, c: str, i: int, state: str) -> bool:
+        """Reads ``c`` where an object key (or the object's end) may start; False: not JSON."""
+        if c == '"':
+            self._str_start, self._str_role = i, "key"
+        elif c == "}" and state == "key_or_end":
+            self._close(i)
+        else:
+            return False
+        return True
+
+    def _at_comma_or_end(self, c: str, i: int, f: dict) -> bool:
+        """Reads ``c`` after a value in the container ``f``; False: not JSON."""
+        if c == ",":
+            f["state"] = "key" if f["kind"] == "{" else "value"
+        elif (c == "}" and f["kind"] == "{") or (c == "]" and f["kind"] == "["):
+            self._close(i)
+        else:
+            return False
+        return True
 
     def _close(self, i: int) -> None:
         f = self.stack.pop()
