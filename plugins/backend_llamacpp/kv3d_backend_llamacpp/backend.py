@@ -315,6 +315,80 @@ def resolve_gpu_layers(value: int | str) -> int:
     return int(value)
 
 
+def _check_settings(n_seq_max: int, flash_attn: str, state_staging: str, type_k: str, type_v: str) -> None:
+    """Refuse settings llama.cpp would reject or misread, naming the setting."""
+    if not 1 <= int(n_seq_max) <= L.llama_max_parallel_sequences():
+        raise ConfigError(f"n_seq_max={n_seq_max} must be within 1..{L.llama_max_parallel_sequences()}")
+    if flash_attn not in _FLASH_ATTN:
+        raise ConfigError(f"backend.flash_attn={flash_attn!r}: use auto, on or off")
+    if state_staging not in ("auto", "on", "off"):
+        raise ConfigError(f"backend.state_staging={state_staging!r}: use auto, on or off")
+    for name, t in (("type_k", type_k), ("type_v", type_v)):
+        if t not in _GGML_TYPES:
+            raise ConfigError(f"backend.{name}={t!r}: use one of {', '.join(_GGML_TYPES)}")
+
+
+def _cells(n_ctx: int | None, n_ctx_seq: int | None, n_seq_max: int, hot_mb: float | None, kv_bytes: int,
+           kv_unified: bool) -> int:
+    """The context's KV cells: ``n_ctx``, else as many as ``hot_mb`` holds; with a stream per
+    sequence, ``n_ctx_seq`` cells per stream. Whole multiples of 256 (per stream)."""
+    if not kv_unified and n_ctx_seq:
+        # a stream per sequence: every stream holds n_ctx_seq cells
+        n_ctx = max(256, int(n_ctx_seq) // 256 * 256) * n_seq_max
+    if n_ctx is None:
+        if not hot_mb or hot_mb <= 0:
+            raise ConfigError("cache.gpu_hot_mb must be > 0 (or set backend.n_ctx)")
+        n_ctx = int(hot_mb * 1024 * 1024 // kv_bytes)
+    if kv_unified:
+        return max(256, (int(n_ctx) // 256) * 256)
+    return max(256, int(n_ctx) // n_seq_max // 256 * 256) * n_seq_max
+
+
+def _context_params(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, threads: int, flash_attn: str,
+                    tk: int, tv: int, kv_unified: bool, swa_full: bool):
+    """llama.cpp's context parameters for these settings."""
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = n_batch
+    cparams.n_ubatch = max(1, min(int(n_ubatch), n_batch))
+    cparams.n_seq_max = n_seq_max
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
+    cparams.type_k = tk
+    cparams.type_v = tv
+    # one cell pool for all sequences: what lets seq_cp share a prefix's cells. False gives
+    # every sequence a KV stream of its own (n_ctx / n_seq_max cells; attention over its own
+    # cells only; seq_cp between streams copies the whole stream)
+    cparams.kv_unified = bool(kv_unified)
+    cparams.swa_full = bool(swa_full)
+    cparams.no_perf = True
+    return cparams
+
+
+def _staging_pool(state_staging: str, n_gpu_layers: int):
+    """State blobs through pooled page-locked buffers when the KV cache is on a CUDA device
+    (gpu_state.py: 4x faster restores, 20x faster spills on an H200); "on" uses the pool on
+    any build (ordinary memory without CUDA: how CPU tests cover this path). None: off."""
+    if state_staging == "on" or (state_staging == "auto" and n_gpu_layers != 0):
+        from kv3d_backend_llamacpp.gpu_state import StagingPool, cuda_build
+        if state_staging == "on" or cuda_build():
+            return StagingPool()
+    return None
+
+
+def _fingerprint(path: str, type_k: str, type_v: str, flash_attn: str, swa_full: bool, kv_unified: bool,
+                 n_seq_max: int) -> str:
+    """What stored KV depends on: the model file, the KV types, attention settings, the llama.cpp
+    build and, with a stream per sequence, the stream count (blobs carry one section per stream)."""
+    fp = hashlib.blake2b(digest_size=16, person=b"kv3d-fp")
+    fp.update(_file_fingerprint(path).encode())
+    fp.update(f"{type_k}/{type_v}/{flash_attn}/{swa_full}/{L.__version__}".encode())
+    if not kv_unified:
+        fp.update(f"/streams={n_seq_max}".encode())
+    return fp.hexdigest()
+
+
 class LlamaCppBackend(ExecutionBackend):
     """Settings (all from the Hydra ``backend`` node, plus model/cache/scheduler keys
     the core passes in): see ``conf/backend/llamacpp.yaml`` of this package."""
@@ -342,15 +416,7 @@ class LlamaCppBackend(ExecutionBackend):
     ) -> None:
         if unknown:
             raise ConfigError(f"backend llamacpp: unknown settings {sorted(unknown)}")
-        if not 1 <= int(n_seq_max) <= L.llama_max_parallel_sequences():
-            raise ConfigError(f"n_seq_max={n_seq_max} must be within 1..{L.llama_max_parallel_sequences()}")
-        if flash_attn not in _FLASH_ATTN:
-            raise ConfigError(f"backend.flash_attn={flash_attn!r}: use auto, on or off")
-        if state_staging not in ("auto", "on", "off"):
-            raise ConfigError(f"backend.state_staging={state_staging!r}: use auto, on or off")
-        for name, t in (("type_k", type_k), ("type_v", type_v)):
-            if t not in _GGML_TYPES:
-                raise ConfigError(f"backend.{name}={t!r}: use one of {', '.join(_GGML_TYPES)}")
+        _check_settings(n_seq_max, flash_attn, state_staging, type_k, type_v)
         _ensure_backend_init()
         n_gpu_layers = resolve_gpu_layers(n_gpu_layers)
         path, served_id = resolve_model(model_path, model_id)
@@ -375,36 +441,11 @@ class LlamaCppBackend(ExecutionBackend):
         tk, tv = _GGML_TYPES[type_k], _GGML_TYPES[type_v]
         kv_bytes = int(round(n_layer * n_head_kv * (head_k * _GGML_TYPE_BYTES[tk] + head_v * _GGML_TYPE_BYTES[tv])))
         n_ctx_train = L.llama_model_n_ctx_train(model)
-        if not kv_unified and n_ctx_seq:
-            # a stream per sequence: every stream holds n_ctx_seq cells
-            n_ctx = max(256, int(n_ctx_seq) // 256 * 256) * int(n_seq_max)
-        if n_ctx is None:
-            if not hot_mb or hot_mb <= 0:
-                raise ConfigError("cache.gpu_hot_mb must be > 0 (or set backend.n_ctx)")
-            n_ctx = int(hot_mb * 1024 * 1024 // kv_bytes)
-        if kv_unified:
-            n_ctx = max(256, (int(n_ctx) // 256) * 256)
-        else:
-            n_ctx = max(256, int(n_ctx) // int(n_seq_max) // 256 * 256) * int(n_seq_max)
+        n_ctx = _cells(n_ctx, n_ctx_seq, int(n_seq_max), hot_mb, kv_bytes, kv_unified)
         n_batch = max(1, int(n_batch))
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = max(1, min(int(n_ubatch), n_batch))
-        cparams.n_seq_max = int(n_seq_max)
         threads = int(n_threads) if n_threads else (os.cpu_count() or 1)
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
-        cparams.type_k = tk
-        cparams.type_v = tv
-        # one cell pool for all sequences: what lets seq_cp share a prefix's cells. False gives
-        # every sequence a KV stream of its own (n_ctx / n_seq_max cells; attention over its own
-        # cells only; seq_cp between streams copies) -- for benchmarks: the prefix cache's cell
-        # ledger assumes sharing, so the engine refuses it unless the cache is off
-        cparams.kv_unified = bool(kv_unified)
-        cparams.swa_full = bool(swa_full)
-        cparams.no_perf = True
+        cparams = _context_params(n_ctx, n_batch, n_ubatch, int(n_seq_max), threads, flash_attn, tk, tv,
+                                  kv_unified, swa_full)
         self._ctx = L.llama_init_from_model(model, cparams)
         if not self._ctx:
             L.llama_model_free(model)
@@ -412,35 +453,36 @@ class LlamaCppBackend(ExecutionBackend):
         self._mem = L.llama_get_memory(self._ctx)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self._batch = _Batch(n_batch)
-        # State blobs through pooled page-locked buffers when the KV cache is on a CUDA device
-        # (gpu_state.py: 4x faster restores, 20x faster spills on an H200); "on" uses the pool
-        # on any build (ordinary memory without CUDA: how CPU tests cover this path).
-        self._staging = None
-        if state_staging == "on" or (state_staging == "auto" and int(n_gpu_layers) != 0):
-            from kv3d_backend_llamacpp.gpu_state import StagingPool, cuda_build
-            if state_staging == "on" or cuda_build():
-                self._staging = StagingPool()
+        self._staging = _staging_pool(state_staging, int(n_gpu_layers))
         self._pieces: dict[int, bytes] = {}
         self._piece_lock = threading.Lock()
         self._control: dict[str, int] | None = None
         self._argmax_pool = None
         self._eog: dict[int, bool] = {}
-        real_ctx = L.llama_n_ctx(self._ctx)
+        self.info = self._describe(
+            served_id=served_id, path=path, arch=arch, n_layer=n_layer, n_head_kv=n_head_kv, head_k=head_k,
+            head_v=head_v, kv_bytes=kv_bytes, n_ctx_train=n_ctx_train, n_seq_max=int(n_seq_max),
+            n_gpu_layers=int(n_gpu_layers), threads=threads, flash_attn=flash_attn, type_k=type_k, type_v=type_v,
+            swa_full=swa_full, kv_unified=kv_unified)
+        real_ctx = self.info.n_ctx
+        log.info("loaded %s (%s, %d layers) with %d cells, %d sequences, %d threads",
+                 path.name, arch, n_layer, real_ctx, n_seq_max, threads)
+
+    def _describe(self, *, served_id: str, path, arch: str, n_layer: int, n_head_kv: int, head_k: int,
+                  head_v: int, kv_bytes: int, n_ctx_train: int, n_seq_max: int, n_gpu_layers: int, threads: int,
+                  flash_attn: str, type_k: str, type_v: str, swa_full: bool, kv_unified: bool) -> ModelInfo:
+        """The :class:`ModelInfo` of the loaded model and context."""
+        model = self._model
         template = _meta(model, "tokenizer.chat_template")
         bos_id, eos_id = L.llama_vocab_bos(self._vocab), L.llama_vocab_eos(self._vocab)
-        fp = hashlib.blake2b(digest_size=16, person=b"kv3d-fp")
-        fp.update(_file_fingerprint(str(path)).encode())
-        fp.update(f"{type_k}/{type_v}/{flash_attn}/{swa_full}/{L.__version__}".encode())
-        if not kv_unified:          # state blobs carry one section per stream: they fit this layout only
-            fp.update(f"/streams={int(n_seq_max)}".encode())
         gpu = bool(L.llama_supports_gpu_offload())
-        self.info = ModelInfo(
+        return ModelInfo(
             model_id=served_id,
             path=str(path),
             architecture=arch,
-            fingerprint=fp.hexdigest(),
+            fingerprint=_fingerprint(str(path), type_k, type_v, flash_attn, swa_full, kv_unified, int(n_seq_max)),
             n_ctx_train=n_ctx_train,
-            n_ctx=real_ctx,
+            n_ctx=L.llama_n_ctx(self._ctx),
             n_ctx_seq=min(int(L.llama_n_ctx_seq(self._ctx)), n_ctx_train) if n_ctx_train > 0
             else int(L.llama_n_ctx_seq(self._ctx)),
             n_seq_max=int(n_seq_max),
@@ -468,8 +510,6 @@ class LlamaCppBackend(ExecutionBackend):
                 "kv_unified": bool(kv_unified),
             },
         )
-        log.info("loaded %s (%s, %d layers) with %d cells, %d sequences, %d threads",
-                 path.name, arch, n_layer, real_ctx, n_seq_max, threads)
 
     # -- text ----------------------------------------------------------------
     def _piece_text(self, token: int) -> str:
