@@ -34,21 +34,28 @@ TEST_OVERRIDES = [
 ]
 
 
-def engine_chat(eng, messages: list[dict], max_tokens: int = 8) -> tuple[str, dict]:
-    """One greedy chat request straight to an in-process Engine: (text, usage)."""
-    from kv3d_core.contracts import SamplingParams
+def collect(q: queue.Queue, timeout: float = 300):
+    """A request's scheduler events, read from ``q`` until it ends: (text, its Done event);
+    a Failed event fails the test."""
     from kv3d_core.engine.events import Done, Token
-    q: queue.Queue = queue.Queue()
-    eng.submit(eng.prepare_chat(messages), SamplingParams(temperature=0), max_tokens, [], q.put)
     text = ""
     while True:
-        ev = q.get(timeout=300)
+        ev = q.get(timeout=timeout)
         if isinstance(ev, Token):
             text += ev.text
         elif isinstance(ev, Done):
-            return text, ev.usage
+            return text, ev
         else:
             raise AssertionError(f"request failed: {ev}")
+
+
+def engine_chat(eng, messages: list[dict], max_tokens: int = 8) -> tuple[str, dict]:
+    """One greedy chat request straight to an in-process Engine: (text, usage)."""
+    from kv3d_core.contracts import SamplingParams
+    q: queue.Queue = queue.Queue()
+    eng.submit(eng.prepare_chat(messages), SamplingParams(temperature=0), max_tokens, [], q.put)
+    text, done = collect(q)
+    return text, done.usage
 
 
 def free_port() -> int:

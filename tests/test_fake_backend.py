@@ -9,8 +9,9 @@ import queue
 import numpy as np
 import pytest
 
+from conftest import collect as collect_events
+
 from kv3d_core.contracts import BatchEntry, FamilyKey, PromptView, SamplingParams
-from kv3d_core.engine.events import Done, Failed, Token
 from kv3d_core.engine.prompt import ChatPrompter
 from kv3d_core.engine.scheduler import Job, Scheduler, SchedulerConfig
 from kv3d_core.errors import BackendError, KVCacheFullError, ModelLoadError, NoFreeCells, StateRestoreError
@@ -502,15 +503,8 @@ def test_a_spilled_session_restores_from_the_ram_tier(unified, codec_name):
 
 # -- the scheduler on the fake -------------------------------------------------------------
 def collect(q: queue.Queue) -> tuple[str, str, dict]:
-    text = ""
-    while True:
-        ev = q.get(timeout=10)
-        if isinstance(ev, Token):
-            text += ev.text
-        elif isinstance(ev, Done):
-            return text, ev.reason, ev.usage
-        else:
-            assert not isinstance(ev, Failed), f"request failed: {ev}"
+    text, done = collect_events(q, timeout=10)
+    return text, done.reason, done.usage
 
 
 def run_jobs(unified: bool, specs: list[tuple[PromptView, FamilyKey, int]],

@@ -9,7 +9,7 @@ import concurrent.futures
 import httpx
 import pytest
 
-from conftest import MODEL_ID, engine_chat, running_server
+from conftest import MODEL_ID, collect, engine_chat, running_server
 
 SYSTEM = ("You are the front desk of the Alpine Hut Association. You book beds in mountain huts, explain "
           "the rules (half board only, quiet from 10 pm, boots stay in the boot room) and give the "
@@ -146,7 +146,6 @@ def test_requests_of_a_new_family_arriving_together_compute_its_prefix_once(layo
     from kv3d_core.config import compose
     from kv3d_core.contracts import SamplingParams
     from kv3d_core.engine.engine import Engine
-    from kv3d_core.engine.events import Done, Token
 
     chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in TURNS[:4]]
     with Engine(compose(["server.threads=2", f"cache.layout={layout}", "scheduler.n_seq_max=6",
@@ -164,11 +163,8 @@ def test_requests_of_a_new_family_arriving_together_compute_its_prefix_once(layo
         gate.set()
         replies = []
         for q in queues:
-            text = ""
-            while not isinstance(ev := q.get(timeout=300), Done):
-                assert isinstance(ev, Token), ev
-                text += ev.text
-            replies.append((text, ev.usage))
+            text, done = collect(q)
+            replies.append((text, done.usage))
         decoded = eng.metrics.batch_tokens._sum.get()
         adopted = eng.metrics.snapshot_adoptions._value.get()
     prompts = sum(u["prompt_tokens"] for _, u in replies)
