@@ -76,6 +76,26 @@ def test_tokenizer_is_byte_level_and_parses_control_tokens_only_when_asked():
     assert r.family_len == len(b.tokenize("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n"))
 
 
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(n_layer=0), "n_layer"), (dict(head_dim_v=0), "head_dim_v"), (dict(max_batch_tokens=0), "max_batch_tokens"),
+    (dict(n_ctx_seq=512, n_ctx_train=256), "n_ctx_train"), (dict(n_seq_max=0), "n_seq_max"),
+    (dict(n_vocab=10), "n_vocab"), (dict(n_ctx=0), "n_ctx"),
+])
+def test_a_bad_shape_is_refused_naming_the_argument(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        FakeBackend(**kwargs)
+    with pytest.raises(ModelLoadError, match="model.path"):
+        FakeBackend(model_path="m.gguf")
+
+
+def test_the_streams_layout_sizes_one_stream_per_sequence_and_the_fingerprint_tells_layouts_apart():
+    s, u = FakeBackend(kv_unified=False, n_seq_max=4, n_ctx_seq=64), FakeBackend(n_seq_max=4, n_ctx_seq=64, n_ctx=100)
+    assert (s.info.n_ctx, s.info.n_ctx_seq, u.info.n_ctx, u.info.n_ctx_seq) == (256, 64, 100, 64)
+    assert s.info.fingerprint != u.info.fingerprint
+    assert FakeBackend(hot_mb=1).info.n_ctx == 2**20 // FakeBackend().info.kv_bytes_per_token
+    assert FakeBackend(seed=1).info.fingerprint != FakeBackend().info.fingerprint == FakeBackend().info.fingerprint
+
+
 def test_decode_continues_positions_and_returns_llama_output_rows():
     b = FakeBackend()
     outs = b.decode([BatchEntry(3, [1, 2, 3, 4], 0, True), BatchEntry(1, [5, 6], 0, True),

@@ -169,6 +169,22 @@ class FakeSampler(Sampler):
         self._backend = None
 
 
+def _check_shape(*, n_layer, n_head_kv, head_dim, head_dim_v, n_ctx_seq, max_batch_tokens, n_ctx_train,
+                 n_seq_max, n_vocab) -> None:
+    """:class:`FakeBackend`'s shape arguments, each refused with a ValueError naming it."""
+    for name, value in (("n_layer", n_layer), ("n_head_kv", n_head_kv), ("head_dim", head_dim),
+                        ("head_dim_v", head_dim_v), ("n_ctx_seq", n_ctx_seq),
+                        ("max_batch_tokens", max_batch_tokens)):
+        if int(value) < 1:
+            raise ValueError(f"{name}={value!r}: must be at least 1")
+    if n_ctx_train < n_ctx_seq:
+        raise ValueError(f"n_ctx_train={n_ctx_train} is less than n_ctx_seq={n_ctx_seq}")
+    if not 1 <= int(n_seq_max) <= state_format.LLAMA_MAX_SEQ:
+        raise ValueError(f"n_seq_max={n_seq_max!r}: must be within 1..{state_format.LLAMA_MAX_SEQ}")
+    if int(n_vocab) <= FIRST_FILLER:
+        raise ValueError(f"n_vocab={n_vocab!r}: must be more than {FIRST_FILLER} (bytes and control tokens)")
+
+
 class FakeBackend(ExecutionBackend):
     """A synthetic model over in-memory KV cells (module docstring: what it models).
 
@@ -216,17 +232,9 @@ class FakeBackend(ExecutionBackend):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         n_ctx_seq = 256 if n_ctx_seq is None else int(n_ctx_seq)
         n_ctx_train = max(n_ctx_seq, 1024) if n_ctx_train is None else int(n_ctx_train)
-        if n_ctx_train < n_ctx_seq:
-            raise ValueError(f"n_ctx_train={n_ctx_train} is less than n_ctx_seq={n_ctx_seq}")
-        for name, value in (("n_layer", n_layer), ("n_head_kv", n_head_kv), ("head_dim", head_dim),
-                            ("head_dim_v", head_dim_v), ("n_ctx_seq", n_ctx_seq),
-                            ("max_batch_tokens", max_batch_tokens)):
-            if int(value) < 1:
-                raise ValueError(f"{name}={value!r}: must be at least 1")
-        if not 1 <= int(n_seq_max) <= state_format.LLAMA_MAX_SEQ:
-            raise ValueError(f"n_seq_max={n_seq_max!r}: must be within 1..{state_format.LLAMA_MAX_SEQ}")
-        if int(n_vocab) <= FIRST_FILLER:
-            raise ValueError(f"n_vocab={n_vocab!r}: must be more than {FIRST_FILLER} (bytes and control tokens)")
+        _check_shape(n_layer=n_layer, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v,
+                     n_ctx_seq=n_ctx_seq, max_batch_tokens=max_batch_tokens, n_ctx_train=n_ctx_train,
+                     n_seq_max=n_seq_max, n_vocab=n_vocab)
         self._unified = bool(kv_unified)
         self._n_layer, self._n_head_kv = int(n_layer), int(n_head_kv)
         self._wk, self._wv = int(n_head_kv) * int(head_dim), int(n_head_kv) * int(head_dim_v)
@@ -237,27 +245,8 @@ class FakeBackend(ExecutionBackend):
         self._max_batch = int(max_batch_tokens)
         self._v_trans = bool(v_trans)
         self._add_bos = bool(add_bos)
-        kv_bytes = 2 * self._dim
-        if self._unified:
-            if n_ctx is None:
-                n_ctx = int(hot_mb * 2**20 // kv_bytes) if hot_mb else self._n_seq_max * n_ctx_seq
-            self._n_ctx = int(n_ctx)
-            if self._n_ctx < 1:
-                raise ValueError(f"n_ctx={n_ctx!r}: must be at least 1")
-            self._stream_cells = self._n_ctx
-        else:
-            self._n_ctx = self._n_seq_max * n_ctx_seq
-            self._stream_cells = n_ctx_seq
-
-        # the synthetic weights (float64; the recurrence and the logits are elementwise
-        # operations and fixed-order sums, so results do not depend on memory alignment)
-        rng = np.random.default_rng([int(seed), 0x6B7633])
-        self._emb = rng.uniform(-1.0, 1.0, (self._n_vocab, self._dim))
-        self._pos_emb = rng.uniform(-0.5, 0.5, (self._n_pos, self._dim))
-        self._mix_a = rng.uniform(-1.0, 1.0, self._dim)
-        self._mix_b = rng.uniform(-1.0, 1.0, self._dim)
-        self._out = rng.uniform(-1.0, 1.0, (self._n_vocab, self._dim))
-        self._zero = np.zeros(self._dim, np.float16)
+        self._size_cells(n_ctx, n_ctx_seq, hot_mb)
+        self._make_weights(int(seed))
 
         self._seqs: list[dict[int, _Cell]] = [{} for _ in range(self._n_seq_max)]
         self._used = 0
@@ -269,14 +258,44 @@ class FakeBackend(ExecutionBackend):
         self.decoded_tokens = 0
         self.state_gets = 0
         self.state_sets = 0
+        self.info = self._model_info(model_id, int(head_dim), int(head_dim_v), n_ctx_seq, int(seed), n_threads)
 
-        shape = dict(n_layer=self._n_layer, n_head_kv=self._n_head_kv, head_dim_k=int(head_dim),
-                     head_dim_v=int(head_dim_v), n_vocab=self._n_vocab, n_ctx_train=n_ctx_train, seed=int(seed),
+    def _size_cells(self, n_ctx: int | None, n_ctx_seq: int, hot_mb: float | None) -> None:
+        """The unified pool's cells (``n_ctx``, else from ``hot_mb``, else every sequence's
+        context), or ``n_seq_max`` streams of ``n_ctx_seq`` cells."""
+        if self._unified:
+            if n_ctx is None:
+                n_ctx = int(hot_mb * 2**20 // (2 * self._dim)) if hot_mb else self._n_seq_max * n_ctx_seq
+            self._n_ctx = int(n_ctx)
+            if self._n_ctx < 1:
+                raise ValueError(f"n_ctx={n_ctx!r}: must be at least 1")
+            self._stream_cells = self._n_ctx
+        else:
+            self._n_ctx = self._n_seq_max * n_ctx_seq
+            self._stream_cells = n_ctx_seq
+
+    def _make_weights(self, seed: int) -> None:
+        """The synthetic weights (float64; the recurrence and the logits are elementwise
+        operations and fixed-order sums, so results do not depend on memory alignment)."""
+        rng = np.random.default_rng([seed, 0x6B7633])
+        self._emb = rng.uniform(-1.0, 1.0, (self._n_vocab, self._dim))
+        self._pos_emb = rng.uniform(-0.5, 0.5, (self._n_pos, self._dim))
+        self._mix_a = rng.uniform(-1.0, 1.0, self._dim)
+        self._mix_b = rng.uniform(-1.0, 1.0, self._dim)
+        self._out = rng.uniform(-1.0, 1.0, (self._n_vocab, self._dim))
+        self._zero = np.zeros(self._dim, np.float16)
+
+    def _model_info(self, model_id: str | None, head_dim: int, head_dim_v: int, n_ctx_seq: int, seed: int,
+                    n_threads: int | None) -> ModelInfo:
+        """What the fake reports as its model; the fingerprint covers everything a state
+        blob's layout depends on (the stream count too, in the streams layout)."""
+        shape = dict(n_layer=self._n_layer, n_head_kv=self._n_head_kv, head_dim_k=head_dim,
+                     head_dim_v=head_dim_v, n_vocab=self._n_vocab, n_ctx_train=self._n_pos, seed=seed,
                      v_trans=self._v_trans)
         if not self._unified:                    # blobs carry one section per stream: this layout only
             shape["streams"] = self._n_seq_max
         fp = hashlib.blake2b(json.dumps(shape, sort_keys=True).encode(), digest_size=16, person=b"kv3d-fake")
-        self.info = ModelInfo(
+        return ModelInfo(
             model_id=model_id or "kv3d-fake",
             path="",
             architecture="fake",
@@ -288,9 +307,9 @@ class FakeBackend(ExecutionBackend):
             n_layer=self._n_layer,
             n_vocab=self._n_vocab,
             n_head_kv=self._n_head_kv,
-            head_dim_k=int(head_dim),
-            head_dim_v=int(head_dim_v),
-            kv_bytes_per_token=kv_bytes,
+            head_dim_k=head_dim,
+            head_dim_v=head_dim_v,
+            kv_bytes_per_token=2 * self._dim,
             chat_template=None,
             bos_token="<s>",
             eos_token="</s>",
