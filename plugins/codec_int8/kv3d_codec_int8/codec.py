@@ -55,6 +55,7 @@ come free; the bits do not depend on their number.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -327,81 +328,23 @@ class Int8Codec(DeltaCodec):
         frame is converted to float32 as it comes out, then the item is dequantized
         in place and written to the targets with one narrowing copy. Items, not
         chunks, are what the threads take: fewer, larger numpy calls hand the GIL
-        back and forth less often.
+        back and forth less often. With the compiled kernels: :meth:`_fill_native`
+        (the system libzstd), or one C dequantization call per target segment.
         """
         spans = K.group_spans(targets)
         if int(spans[-1]) != p.n_groups:
             raise CodecError(f"decode targets hold {int(spans[-1])} groups, the payload {p.n_groups}")
-        g, cg, payload, scale = p.group, p.chunk_groups, p.payload, p.scale
-        lo, hi = FAST_SCALE_BITS
-        bits = p.scale_bits
-        odd = (bits != 0) & ((bits < lo) | (bits > hi))
-        per = max(1, ITEM_VALUES // (cg * g))                 # chunks per work item
-        slow = set((np.flatnonzero(odd) // (cg * per)).tolist()) if odd.any() else set()
-
-        def codes_of(i: int) -> np.ndarray:
-            a, b = i * cg, min(p.n_groups, (i + 1) * cg)
-            need = (b - a) * g
-            if p.zstd:
-                half = (need + 1) // 2
-                hi, lo = (np.frombuffer(K.decompress(payload[p.starts[f]:p.ends[f]], half, f"code frame {f}"), np.uint8)
-                          for f in (2 * i, 2 * i + 1))
-                codes = K.scratch("codes", need, np.uint8)
-                join_nibbles(hi, lo, codes)
-                return codes.view(np.int8).reshape(b - a, g)
-            raw = payload[p.starts[i]:p.ends[i]]
-            if len(raw) != need:
-                raise CodecError(f"code frame {i} holds {len(raw)} bytes, layout needs {need}")
-            return np.frombuffer(raw, np.int8).reshape(b - a, g)
-
-        def write(dec: np.ndarray, a: int, b: int) -> None:
-            at = 0
-            for j, first, count in K.segments(spans, a, b):   # the output is written once
-                np.copyto(targets[j][first:first + count], dec[at:at + count], casting="unsafe")
-                at += count
-
-        if self._compiled:                            # addresses, checked once: the loop only adds offsets
-            for t in targets:
-                if t.dtype != np.uint16 or t.shape[1:] != (g,) or not t.flags.c_contiguous or not t.flags.writeable:
-                    raise CodecError("decode targets must be writable C-contiguous uint16 [groups, group] arrays")
-            t_addr = [t.__array_interface__["data"][0] for t in targets]
-            s_addr = scale.__array_interface__["data"][0]
-            assert scale.dtype == np.float32 and scale.flags.c_contiguous and scale.shape == (p.n_groups,)
+        per = max(1, ITEM_VALUES // (p.chunk_groups * p.group))      # chunks per work item
+        if self._compiled:
+            t_addr, s_addr = _addresses(p, targets)
             if self._zstd is not None or not p.zstd:
                 return self._fill_native(p, spans, t_addr, s_addr)
-
-        def compiled(item: int) -> None:              # the C kernel: any scale, straight into the targets
-            for i in range(item * per, min(p.n_chunks, (item + 1) * per)):
-                ca, cb = i * cg, min(p.n_groups, (i + 1) * cg)
-                codes = codes_of(i)
-                c_addr = codes.__array_interface__["data"][0]
-                at = 0
-                for j, first, count in K.segments(spans, ca, cb):
-                    kernels.dequant_ptr(c_addr + at * g, s_addr + 4 * (ca + at), count, g,
-                                        t_addr[j] + 2 * g * first)
-                    at += count
-
-        def work(item: int) -> None:
-            if self._compiled:
-                return compiled(item)
-            chunks = range(item * per, min(p.n_chunks, (item + 1) * per))
-            a, b = chunks[0] * cg, min(p.n_groups, (chunks[-1] + 1) * cg)
-            if item in slow:                                  # unusual scales: the general kernel
-                for i in chunks:
-                    ca, cb = i * cg, min(p.n_groups, (i + 1) * cg)
-                    dec16 = K.scratch("bits16", (cb - ca) * g, np.uint16).reshape(cb - ca, g)
-                    _dequantize(codes_of(i), scale[ca:cb], dec16)
-                    write(dec16, ca, cb)
-                return
-            dec = K.scratch("bits32", (b - a) * g, np.uint32).reshape(b - a, g)
-            y = dec.view(np.float32)
-            for i in chunks:
-                ca, cb = i * cg, min(p.n_groups, (i + 1) * cg)
-                np.copyto(y[ca - a:cb - a], codes_of(i))      # int8 -> float32 (exact)
-            _dequantize_fast(y, scale[a:b])
-            _f16_bits_in_place(dec)
-            write(dec, a, b)
-
+            work = functools.partial(_item_compiled, p, spans, t_addr, s_addr, per)
+        else:
+            lo, hi = FAST_SCALE_BITS
+            odd = (p.scale_bits != 0) & ((p.scale_bits < lo) | (p.scale_bits > hi))
+            slow = set((np.flatnonzero(odd) // (p.chunk_groups * per)).tolist()) if odd.any() else set()
+            work = functools.partial(_item_numpy, p, spans, targets, per, slow)
         K.run_chunks(work, -(-p.n_chunks // per), self.decode_threads)
 
     def _fill_native(self, p: "_Payload", spans: np.ndarray, t_addr: list[int], s_addr: int) -> None:
@@ -454,6 +397,79 @@ class Int8Codec(DeltaCodec):
         for dst, src in zip([*out.k, *out.v], [*k, *v]):
             np.copyto(dst, src)
         return out
+
+
+def _codes(p: "_Payload", i: int) -> np.ndarray:
+    """Chunk ``i``'s int8 codes, ``[groups, group]`` (a view of its frame, or of this
+    thread's scratch buffer when the frame is zstd-compressed nibbles)."""
+    a, b = i * p.chunk_groups, min(p.n_groups, (i + 1) * p.chunk_groups)
+    need = (b - a) * p.group
+    if p.zstd:
+        half = (need + 1) // 2
+        hi, lo = (np.frombuffer(K.decompress(p.payload[p.starts[f]:p.ends[f]], half, f"code frame {f}"), np.uint8)
+                  for f in (2 * i, 2 * i + 1))
+        codes = K.scratch("codes", need, np.uint8)
+        join_nibbles(hi, lo, codes)
+        return codes.view(np.int8).reshape(b - a, p.group)
+    raw = p.payload[p.starts[i]:p.ends[i]]
+    if len(raw) != need:
+        raise CodecError(f"code frame {i} holds {len(raw)} bytes, layout needs {need}")
+    return np.frombuffer(raw, np.int8).reshape(b - a, p.group)
+
+
+def _addresses(p: "_Payload", targets: list[np.ndarray]) -> tuple[list[int], int]:
+    """The targets' and the scales' addresses for the C kernels, their layout checked once
+    (the loops then only add offsets)."""
+    for t in targets:
+        if t.dtype != np.uint16 or t.shape[1:] != (p.group,) or not t.flags.c_contiguous or not t.flags.writeable:
+            raise CodecError("decode targets must be writable C-contiguous uint16 [groups, group] arrays")
+    scale = p.scale
+    assert scale.dtype == np.float32 and scale.flags.c_contiguous and scale.shape == (p.n_groups,)
+    return [t.__array_interface__["data"][0] for t in targets], scale.__array_interface__["data"][0]
+
+
+def _item_compiled(p: "_Payload", spans: np.ndarray, t_addr: list[int], s_addr: int, per: int, item: int) -> None:
+    """Work item ``item`` with the C kernel: any scale, straight into the targets."""
+    g, cg = p.group, p.chunk_groups
+    for i in range(item * per, min(p.n_chunks, (item + 1) * per)):
+        ca, cb = i * cg, min(p.n_groups, (i + 1) * cg)
+        c_addr = _codes(p, i).__array_interface__["data"][0]
+        at = 0
+        for j, first, count in K.segments(spans, ca, cb):
+            kernels.dequant_ptr(c_addr + at * g, s_addr + 4 * (ca + at), count, g, t_addr[j] + 2 * g * first)
+            at += count
+
+
+def _write(targets: list[np.ndarray], spans: np.ndarray, dec: np.ndarray, a: int, b: int) -> None:
+    """Groups ``a:b`` (decoded float16 bits) into the targets: the output is written once."""
+    at = 0
+    for j, first, count in K.segments(spans, a, b):
+        np.copyto(targets[j][first:first + count], dec[at:at + count], casting="unsafe")
+        at += count
+
+
+def _item_numpy(p: "_Payload", spans: np.ndarray, targets: list[np.ndarray], per: int, slow: set[int],
+                item: int) -> None:
+    """Work item ``item`` in numpy: int8 -> float32 (exact), dequantized in place, one
+    narrowing write; an item holding unusual scales (``slow``) takes the general kernel."""
+    g, cg = p.group, p.chunk_groups
+    chunks = range(item * per, min(p.n_chunks, (item + 1) * per))
+    a, b = chunks[0] * cg, min(p.n_groups, (chunks[-1] + 1) * cg)
+    if item in slow:
+        for i in chunks:
+            ca, cb = i * cg, min(p.n_groups, (i + 1) * cg)
+            dec16 = K.scratch("bits16", (cb - ca) * g, np.uint16).reshape(cb - ca, g)
+            _dequantize(_codes(p, i), p.scale[ca:cb], dec16)
+            _write(targets, spans, dec16, ca, cb)
+        return
+    dec = K.scratch("bits32", (b - a) * g, np.uint32).reshape(b - a, g)
+    y = dec.view(np.float32)
+    for i in chunks:
+        ca, cb = i * cg, min(p.n_groups, (i + 1) * cg)
+        np.copyto(y[ca - a:cb - a], _codes(p, i))
+    _dequantize_fast(y, p.scale[a:b])
+    _f16_bits_in_place(dec)
+    _write(targets, spans, dec, a, b)
 
 
 @dataclass
