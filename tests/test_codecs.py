@@ -6,7 +6,7 @@ kv3d-codec-block), each created through a fresh plugin manager.
 - damaged payloads (truncated, flipped header bytes) raise CodecError and nothing else;
   another codec's or version's payload is refused by the core's framing
   (kv3d_core.kv.framing: codecs return and take their own bytes, the core adds its header);
-- on real SmolLM2 KV deltas (llama.cpp state -> kv3d_core.kv.state_format): ratios,
+- on real SmolLM2 KV deltas (llama.cpp state -> the backend's state layout): ratios,
   error bounds, and the next-token distributions after a restore through llama.cpp.
 """
 
@@ -636,11 +636,9 @@ def test_decode_is_vectorized(pm, name):
 def real():
     """A real SmolLM2 session: a system prompt (the family) and a user turn of a few
     hundred tokens, decoded by llama.cpp; its delta = the cells past the family."""
-    if importlib.util.find_spec("kv3d_core.kv.state_format") is None:
-        pytest.skip("kv3d_core.kv.state_format (the llama.cpp state parser) is not there yet")
     from kv3d_core.contracts.backend import BatchEntry
     from kv3d_core.engine.prompt import ChatPrompter
-    from kv3d_core.kv import state_format
+    from kv3d_backend_llamacpp import state_format
 
     b = make_plugin_manager().create("backend", "llamacpp", hot_mb=48, n_seq_max=4, n_threads=1)
     readme = (REPO / "README.md").read_text()
@@ -651,9 +649,8 @@ def real():
     toks = prompt.tokens
     for i in range(0, len(toks), 256):
         b.decode([BatchEntry(0, toks[i:i + 256], i, False)])
-    full = state_format.parse(b.seq_state_get(0), head_dim_k=b.info.head_dim_k, head_dim_v=b.info.head_dim_v,
-                              n_layer=b.info.n_layer)
-    delta = state_format.select(full, prompt.family_len)
+    full = b.state_layout.parse(b.seq_state_get(0))
+    delta = b.state_layout.select(full, prompt.family_len)
     cont = b.tokenize(arch[3000:3600])[:32]
     yield {"backend": b, "n_tokens": len(toks), "family": prompt.family_len, "delta": delta, "cont": cont,
            "sf": state_format}
@@ -709,7 +706,7 @@ def test_real_kv_ratios_and_bounds(pm, real):
 
 def test_real_kv_decoded_into_a_state_blob(pm, real):
     """Every codec decodes a real delta straight into a llama.cpp state blob
-    (``state_format.allocate``): the blob is byte for byte ``build(decode(...))``."""
+    (the layout's ``allocate``): the blob is byte for byte ``build(decode(...))``."""
     sf, d = real["sf"], real["delta"]
     for name in CODECS:
         codec = make(pm, name)

@@ -15,12 +15,11 @@ from kv3d_core.contracts import BatchEntry, FamilyKey, PromptView, SamplingParam
 from kv3d_core.engine.prompt import ChatPrompter
 from kv3d_core.engine.scheduler import Job, Scheduler, SchedulerConfig
 from kv3d_core.errors import BackendError, KVCacheFullError, ModelLoadError, NoFreeCells, StateRestoreError
-from kv3d_core.kv import state_format
 from kv3d_core.kv.codec_none import NoneCodec
 from kv3d_core.metrics import Metrics
 from kv3d_core.prefix.cache import Lease, PrefixCache
 from kv3d_core.prefix.detectors import ExactDetector
-from kv3d_core.testing import FakeBackend
+from kv3d_core.testing import FakeBackend, StateLayoutContract
 from kv3d_core.testing.backend import BOS, EOS, IM_END, IM_START
 from kv3d_core.tiers.entry import CacheEntry
 from kv3d_core.tiers.ram import RamTier
@@ -205,17 +204,18 @@ def test_cells_and_logits_are_a_function_of_the_token_history():
 
 
 @LAYOUTS
-@pytest.mark.parametrize("v_trans", [False, True], ids=["v", "v_trans"])
-def test_state_blob_round_trips_exactly(unified, v_trans):
-    b = FakeBackend(kv_unified=unified, v_trans=v_trans)
+def test_state_blob_round_trips_exactly(unified):
+    b = FakeBackend(kv_unified=unified)
     fill(b, 0, toks(4, 50))
     blob = b.seq_state_get(0)
-    arrays = state_format.parse(blob, head_dim_k=8, head_dim_v=8, n_layer=2)
+    layout = b.state_layout
+    arrays = layout.parse(blob)
     assert arrays.positions.tolist() == list(range(50))
     assert arrays.extra["n_stream"] == (1 if unified else 8)
-    assert arrays.extra["sections"][0]["v_trans"] == int(v_trans)
+    assert (len(arrays.k), arrays.k[0].shape, arrays.head_dim_k) == (2, (50, 16), 8)
     assert arrays.f16_bytes() == 50 * b.info.kv_bytes_per_token
-    assert state_format.build(arrays) == blob
+    assert np.array_equal(np.concatenate([*arrays.k, *arrays.v], axis=1), b.seq_kv(0)[1])
+    assert layout.build(arrays) == blob
     b.seq_state_set(5, blob)
     assert b.seq_kv(5)[0].tolist() == list(range(50))
     assert np.array_equal(b.seq_kv(5)[1], b.seq_kv(0)[1])
@@ -233,13 +233,31 @@ def test_state_blob_round_trips_exactly(unified, v_trans):
     assert b.seq_pos_max(6) == -1 and b.cells_used == 104
 
 
+class TestRowsLayout(StateLayoutContract):
+    """The fake's state layout meets the layout contract (as the llama.cpp one does)."""
+
+    @pytest.fixture(params=[True, False], ids=["unified", "streams"])
+    def backend(self, request):
+        b = FakeBackend(kv_unified=request.param)
+        fill(b, 1, toks(11, 40))
+        return b
+
+    @pytest.fixture
+    def layout(self, backend):
+        return backend.state_layout
+
+    @pytest.fixture
+    def blob(self, backend):
+        return backend.seq_state_get(1)
+
+
 def test_a_refused_blob_leaves_the_sequence_empty():
     b = FakeBackend()
     fill(b, 0, toks(6, 30))
     blob = b.seq_state_get(0)
     damaged = bytearray(blob)
-    damaged[8:12] = b"\xff\xff\xff\xff"                  # the stream count of the only section
-    others = [FakeBackend(kv_unified=False), FakeBackend(v_trans=True), FakeBackend(head_dim=4)]
+    damaged[8:12] = b"\xff\xff\xff\x7f"                  # the header's length
+    others = [FakeBackend(kv_unified=False), FakeBackend(n_layer=3), FakeBackend(head_dim=4)]
     for o in others:
         fill(o, 0, toks(6, 30))
     bad_blobs = [blob[:-3], b"\x00" * 16, bytes(damaged)] + [o.seq_state_get(0) for o in others]
@@ -356,7 +374,7 @@ def test_model_info_and_fingerprint():
         assert (info.n_ctx, info.n_ctx_seq, info.n_seq_max, info.n_vocab) == (8 * 256, 256, 8, 512)
         assert info.chat_template is None and info.eos_token == "</s>"
     assert FakeBackend().info.fingerprint == FakeBackend().info.fingerprint
-    variants = ({}, {"kv_unified": False}, {"n_layer": 3}, {"head_dim": 16}, {"seed": 1}, {"v_trans": True})
+    variants = ({}, {"kv_unified": False}, {"n_layer": 3}, {"head_dim": 16}, {"seed": 1}, {"head_dim_v": 4})
     fps = {FakeBackend(**kw).info.fingerprint for kw in variants}
     assert len(fps) == len(variants) and all(len(f) == 32 and int(f, 16) >= 0 for f in fps)
     assert FakeBackend(hot_mb=1).info.n_ctx == 2**20 // 128

@@ -20,13 +20,11 @@ TURNS = ["Which huts are open in June?", "Can I book two beds at the Lakeside hu
 
 def spy_on_spills(eng) -> list[tuple[str, int, int, int]]:
     """Record (kind, family prefix length, tokens, cells in the blob read) of every spill."""
-    from kv3d_core.kv import state_format
-
-    tiers, info, seen = eng.cache.tiers, eng.backend.info, []
+    tiers, layout, seen = eng.cache.tiers, eng.backend.state_layout, []
     spill_blob = tiers.spill_blob
 
     def spy(e, blob, **kw):
-        cells = state_format.parse(blob, head_dim_k=info.head_dim_k, head_dim_v=info.head_dim_v).n_cells
+        cells = layout.parse(blob).n_cells
         seen.append((e.kind, len(e.snapshot.tokens) if e.kind == "session" and e.snapshot is not None else 0,
                      len(e.tokens), cells))
         return spill_blob(e, blob, **kw)

@@ -4,6 +4,8 @@
 - :mod:`.detector` -- :class:`PrefixDetector`: names a prompt's prefix family and what may be reused
 - :mod:`.codec`    -- :class:`DeltaCodec`: turns a session's own KV cells into bytes and back
 - :mod:`.tier`     -- :class:`StorageTier`: keeps encoded KV entries under a byte budget
+- :mod:`.state`    -- :class:`StateLayout`: a backend's state blobs as K/V arrays (part of the
+  backend kind: :attr:`ExecutionBackend.state_layout`)
 
 The docstring of each class is the specification an implementation must meet.
 
@@ -22,6 +24,7 @@ from kv3d_core.contracts.backend import (
 )
 from kv3d_core.contracts.codec import DeltaCodec, KVArrays
 from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView
+from kv3d_core.contracts.state import StateLayout, StateWriter
 from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
 
 KINDS = ("backend", "detector", "codec", "tier")
@@ -40,6 +43,8 @@ __all__ = [
     "PromptView",
     "Sampler",
     "SamplingParams",
+    "StateLayout",
+    "StateWriter",
     "StorageTier",
     "TierEntry",
     "TokenLogprob",

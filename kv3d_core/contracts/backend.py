@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kv3d_core.contracts.state import StateLayout
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,8 @@ class ExecutionBackend(abc.ABC):
 
     @abc.abstractmethod
     def seq_state_get(self, seq: int) -> bytes | bytearray | np.ndarray:
-        """Serialize the cells of ``seq`` (llama.cpp's per-sequence state format).
+        """Serialize the cells of ``seq`` in the backend's own format (the core reads it only
+        through :attr:`state_layout`; without one it stores the blob whole).
 
         Any bytes-like object: ``bytes``, ``bytearray``, or a 1-D uint8 array over memory
         the backend lends (e.g. a page-locked buffer from :meth:`state_buffer`'s pool, so a
@@ -263,6 +267,14 @@ class ExecutionBackend(abc.ABC):
         for the state (the caller may free cells and retry), and
         :class:`~kv3d_core.errors.StateRestoreError` when the blob is refused otherwise. In
         both cases ``seq`` is left empty."""
+
+    @property
+    def state_layout(self) -> "StateLayout | None":
+        """How :meth:`seq_state_get`'s blobs map to K/V arrays
+        (:class:`~kv3d_core.contracts.state.StateLayout`), or None: the core then keeps
+        each session's state as one opaque blob -- no shared family prefix in the tiers, no
+        delta codec. The default: None."""
+        return None
 
     def state_buffer(self, nbytes: int) -> np.ndarray:
         """A writable, C-contiguous uint8 array of ``nbytes`` in which the caller builds a

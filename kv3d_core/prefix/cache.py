@@ -46,8 +46,9 @@ import numpy as np
 from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView, family_digest
 from kv3d_core.contracts.session import SessionState
 from kv3d_core.contracts.backend import BatchEntry
+from kv3d_core.contracts.codec import KVArrays
+from kv3d_core.contracts.state import StateLayout
 from kv3d_core.errors import BackendError, CacheFault, NoFreeCells, QualityGuardTripped, StateFormatError
-from kv3d_core.kv import state_format
 from kv3d_core.prefix.radix import RadixIndex
 from kv3d_core.tiers.entry import CacheEntry
 from kv3d_core.tiers.hot import CellLedger, SeqPool, StreamLedger
@@ -573,25 +574,24 @@ class PrefixCache:
         """Streams: ``dst`` (empty) gets ``src``'s positions ``[0, n)``, through host memory
         (llama.cpp's cross-stream ``seq_cp`` copies a whole stream, later, at the next decode;
         a branch of a hot session is rare enough for the safe path)."""
-        blob = self.backend.seq_state_get(src)
-        info = self.info
-        arrays = state_format.parse(blob, head_dim_k=info.head_dim_k, head_dim_v=info.head_dim_v,
-                                    n_layer=info.n_layer)
-        if len(arrays.extra.get("sections", ())) != 1:
-            raise StateFormatError("a sliding-window state cannot be cut to a prefix")
-        head = state_format.select(arrays, 0, n)
-        if head.n_cells != n:
-            raise StateFormatError(f"sequence {src} holds {head.n_cells} of the {n} positions to copy")
-        self.backend.seq_state_set(dst, state_format.build(head))
+        layout = self.state_layout()
+        head = layout.cut(layout.parse(self.backend.seq_state_get(src)), n)
+        self.backend.seq_state_set(dst, layout.build(head))
         self.ledger.extend(dst, n)
 
-    def snapshot_arrays(self, snap: CacheEntry) -> "state_format.KVArrays":
+    def snapshot_arrays(self, snap: CacheEntry) -> KVArrays:
         """Streams: the snapshot's cells, read from its host copy (views into it)."""
         if snap.blob is None and not self.ensure_hot_snapshot(snap):
             raise CacheFault(f"family snapshot {snap.key[:8]} could not be brought back")
-        info = self.info
-        return state_format.parse(snap.blob, head_dim_k=info.head_dim_k, head_dim_v=info.head_dim_v,
-                                  n_layer=info.n_layer)
+        return self.state_layout().parse(snap.blob)
+
+    def state_layout(self) -> StateLayout:
+        """The backend's :class:`~kv3d_core.contracts.state.StateLayout`; a backend without
+        one raises :class:`StateFormatError` (its states are kept whole, never cut)."""
+        layout = self.backend.state_layout
+        if layout is None:
+            raise StateFormatError("the backend's state blobs have no K/V layout")
+        return layout
 
     def _host_add(self, snap: CacheEntry) -> None:
         self._host[snap] = None
@@ -853,14 +853,9 @@ class PrefixCache:
         if existing is not None:
             return existing
         L = family.length
-        info = self.info
         try:
-            arrays = state_format.parse(self.backend.seq_state_get(seq), head_dim_k=info.head_dim_k,
-                                        head_dim_v=info.head_dim_v, n_layer=info.n_layer)
-            head = state_format.select(arrays, 0, L)
-            if head.n_cells != L:
-                raise StateFormatError(f"sequence {seq} holds {head.n_cells} of the prefix's {L} positions")
-            built = state_format.build(head)
+            layout = self.state_layout()
+            built = layout.build(layout.cut(layout.parse(self.backend.seq_state_get(seq)), L))
         except StateFormatError as exc:
             log.debug("no snapshot for family %s: %s", family.digest[:8], exc)
             self.metrics.codec_fallback.inc()

@@ -17,9 +17,11 @@ and provides one fixture::
 - :class:`TierContract`     -- fixture ``tier``: a fresh, unbound :class:`~kv3d_core.contracts.StorageTier`
   with a small capacity; hooks ``reopen`` (persistent tiers) and ``damage``
 - :class:`DetectorContract` -- fixture ``detector``: a :class:`~kv3d_core.contracts.PrefixDetector`
+- :class:`StateLayoutContract` -- fixtures ``layout`` (a backend's
+  :class:`~kv3d_core.contracts.StateLayout`) and ``blob`` (one of its state blobs)
 
 :class:`FakeBackend` is no contract suite: an in-memory :class:`~kv3d_core.contracts.ExecutionBackend`
-(synthetic K/V and logits, llama.cpp's state blobs) on which the prefix cache, the tiers and the
+(synthetic K/V and logits, state blobs of its own :class:`~kv3d_core.testing.state_layout.RowsLayout`) on which the prefix cache, the tiers and the
 scheduler run without a model, in milliseconds (:mod:`kv3d_core.testing.backend`).
 
 Class attributes state the documented choices the contract cannot guess (error bound,
@@ -31,11 +33,12 @@ import pytest
 
 # plain ``assert`` in the contract modules gets pytest's detailed failure messages
 pytest.register_assert_rewrite("kv3d_core.testing.codec", "kv3d_core.testing.tier",
-                               "kv3d_core.testing.detector")
+                               "kv3d_core.testing.detector", "kv3d_core.testing.state")
 
 from kv3d_core.testing.backend import FakeBackend  # noqa: E402
 from kv3d_core.testing.codec import CodecContract, kv_cases  # noqa: E402
 from kv3d_core.testing.detector import DetectorContract  # noqa: E402
+from kv3d_core.testing.state import StateLayoutContract  # noqa: E402
 from kv3d_core.testing.tier import TierContract  # noqa: E402
 
-__all__ = ["CodecContract", "DetectorContract", "FakeBackend", "TierContract", "kv_cases"]
+__all__ = ["CodecContract", "DetectorContract", "FakeBackend", "StateLayoutContract", "TierContract", "kv_cases"]

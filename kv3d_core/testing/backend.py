@@ -22,8 +22,9 @@ What it models:
 - **Logits.** A fixed pseudo-random projection of the sequence's last cell plus the mean of
   all its cells: a deterministic function of the cells (every token up to that position),
   independent of what else is in the batch. Any change of a stored value changes them.
-- **State blobs** in llama.cpp's per-sequence format (:mod:`kv3d_core.kv.state_format`), so
-  the real codecs and tiers work on them; the round trip is exact.
+- **State blobs** of its own layout (:class:`~kv3d_core.testing.state_layout.RowsLayout`, its
+  :attr:`~FakeBackend.state_layout`: K/V rows as they are, after a JSON header), so the real
+  codecs and tiers work on them through the layout contract alone; the round trip is exact.
 - **Tokenizer.** Byte level: ids 0..255 are bytes, then ``<s>`` (BOS), ``</s>`` (EOS),
   ``<|im_start|>`` and ``<|im_end|>`` (the control tokens of the ChatML template the prompt
   renderer falls back to, as ``chat_template`` is None). The ids above those decode to one
@@ -58,7 +59,7 @@ from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, ModelInfo,
 from kv3d_core.contracts.codec import KVArrays
 from kv3d_core.errors import (BackendError, KVCacheFullError, ModelLoadError, NoFreeCells, StateFormatError,
                               StateRestoreError)
-from kv3d_core.kv import state_format
+from kv3d_core.testing.state_layout import RowsLayout
 
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
 CONTROL_TOKENS: dict[str, int] = {"<s>": BOS, "</s>": EOS, "<|im_start|>": IM_START, "<|im_end|>": IM_END}
@@ -179,10 +180,13 @@ def _check_shape(*, n_layer, n_head_kv, head_dim, head_dim_v, n_ctx_seq, max_bat
             raise ValueError(f"{name}={value!r}: must be at least 1")
     if n_ctx_train < n_ctx_seq:
         raise ValueError(f"n_ctx_train={n_ctx_train} is less than n_ctx_seq={n_ctx_seq}")
-    if not 1 <= int(n_seq_max) <= state_format.LLAMA_MAX_SEQ:
-        raise ValueError(f"n_seq_max={n_seq_max!r}: must be within 1..{state_format.LLAMA_MAX_SEQ}")
+    if not 1 <= int(n_seq_max) <= MAX_SEQ:
+        raise ValueError(f"n_seq_max={n_seq_max!r}: must be within 1..{MAX_SEQ}")
     if int(n_vocab) <= FIRST_FILLER:
         raise ValueError(f"n_vocab={n_vocab!r}: must be more than {FIRST_FILLER} (bytes and control tokens)")
+
+
+MAX_SEQ = 256        # llama.cpp's LLAMA_MAX_SEQ: the same bound as the real backend
 
 
 class FakeBackend(ExecutionBackend):
@@ -199,7 +203,6 @@ class FakeBackend(ExecutionBackend):
       model's positions (default the larger of ``n_ctx_seq`` and 1024): a stream is full
       before its positions run out, as llama.cpp's are.
     - ``max_batch_tokens``: most tokens one :meth:`decode` takes.
-    - ``v_trans``: state blobs store V transposed (llama.cpp without flash attention).
     - ``add_bos``: ``tokenize(add_special=True)`` puts ``<s>`` first.
     - ``model_id``; ``model_path`` must be None (the fake has no model files); ``n_threads``
       is accepted for the engine's keyword set and unused (everything runs on the caller's thread).
@@ -219,7 +222,6 @@ class FakeBackend(ExecutionBackend):
         n_ctx_train: int | None = None,
         kv_unified: bool = True,
         max_batch_tokens: int = 64,
-        v_trans: bool = False,
         add_bos: bool = False,
         seed: int = 0,
         model_id: str | None = None,
@@ -243,9 +245,9 @@ class FakeBackend(ExecutionBackend):
         self._n_seq_max = int(n_seq_max)
         self._n_pos = n_ctx_train                # positions 0 .. n_ctx_train - 1
         self._max_batch = int(max_batch_tokens)
-        self._v_trans = bool(v_trans)
         self._add_bos = bool(add_bos)
         self._size_cells(n_ctx, n_ctx_seq, hot_mb)
+        self._layout = RowsLayout()
         self._make_weights(int(seed))
 
         self._seqs: list[dict[int, _Cell]] = [{} for _ in range(self._n_seq_max)]
@@ -291,7 +293,7 @@ class FakeBackend(ExecutionBackend):
         blob's layout depends on (the stream count too, in the streams layout)."""
         shape = dict(n_layer=self._n_layer, n_head_kv=self._n_head_kv, head_dim_k=head_dim,
                      head_dim_v=head_dim_v, n_vocab=self._n_vocab, n_ctx_train=self._n_pos, seed=seed,
-                     v_trans=self._v_trans)
+                     layout=RowsLayout.name)
         if not self._unified:                    # blobs carry one section per stream: this layout only
             shape["streams"] = self._n_seq_max
         fp = hashlib.blake2b(json.dumps(shape, sort_keys=True).encode(), digest_size=16, person=b"kv3d-fake")
@@ -314,7 +316,7 @@ class FakeBackend(ExecutionBackend):
             bos_token="<s>",
             eos_token="</s>",
             add_bos=self._add_bos,
-            build={"backend": "fake", "kv_unified": self._unified, "v_trans": self._v_trans,
+            build={"backend": "fake", "kv_unified": self._unified,
                    "n_threads": n_threads},
         )
 
@@ -538,11 +540,9 @@ class FakeBackend(ExecutionBackend):
         """Smallest position held by ``seq``; -1 when it holds none (llama.cpp's, beside the contract)."""
         return min(self._cells(seq), default=-1)
 
-    def _layout_extra(self, seq: int) -> dict:
-        return {"layout": state_format.LAYOUT, "version": state_format.LAYOUT_VERSION, "seq_id": int(seq),
-                "n_stream": 1 if self._unified else self._n_seq_max,
-                "sections": [{"stream": 0 if self._unified else int(seq), "v_trans": int(self._v_trans),
-                              "n_layer": self._n_layer, "rows": None}]}
+    @property
+    def state_layout(self) -> RowsLayout:
+        return self._layout
 
     def seq_state_get(self, seq: int) -> bytes:
         self._check_open()
@@ -550,33 +550,29 @@ class FakeBackend(ExecutionBackend):
         L, wk, wv = self._n_layer, self._wk, self._wv
         arrays = KVArrays(pos, [kv[:, l * wk:(l + 1) * wk] for l in range(L)],
                           [kv[:, L * wk + l * wv:L * wk + (l + 1) * wv] for l in range(L)],
-                          self.info.head_dim_k, self.info.head_dim_v, self._layout_extra(seq))
+                          self.info.head_dim_k, self.info.head_dim_v,
+                          {"seq_id": int(seq), "n_stream": 1 if self._unified else self._n_seq_max})
         self.state_gets += 1
-        return state_format.build(arrays)
+        return self._layout.build(arrays)
 
     def seq_state_set(self, seq: int, blob: bytes | bytearray | memoryview) -> None:
         self._check_open()
         self.seq_remove(seq)
         self.state_sets += 1
-        info = self.info
         try:
-            arrays = state_format.parse(blob, head_dim_k=info.head_dim_k, head_dim_v=info.head_dim_v,
-                                        n_layer=self._n_layer)
+            arrays = self._layout.parse(blob)
         except StateFormatError as exc:
             raise StateRestoreError(f"state blob refused: {exc}") from exc
         n = arrays.n_cells
-        extra = arrays.extra
-        if extra.get("n_stream") != (1 if self._unified else self._n_seq_max):
-            raise StateRestoreError(f"state blob has {extra.get('n_stream')} streams, this context "
+        n_stream = arrays.extra.get("n_stream")
+        if n_stream != (1 if self._unified else self._n_seq_max):
+            raise StateRestoreError(f"state blob has {n_stream} streams, this context "
                                     f"{1 if self._unified else self._n_seq_max}")
         if n == 0:
             return
-        sections = extra.get("sections", [])
-        if len(sections) != 1 or sections[0].get("v_trans") != int(self._v_trans):
-            raise StateRestoreError(f"state blob layout {sections} is not this context's "
-                                    f"(one section, v_trans={int(self._v_trans)})")
-        if any(a.shape[1] != self._wk for a in arrays.k) or any(a.shape[1] != self._wv for a in arrays.v):
-            raise StateRestoreError("state blob K/V widths differ from the model's")
+        if len(arrays.k) != self._n_layer or any(a.shape[1] != self._wk for a in arrays.k) or \
+                any(a.shape[1] != self._wv for a in arrays.v):
+            raise StateRestoreError("state blob K/V layers or widths differ from the model's")
         pos = np.asarray(arrays.positions, np.int64)
         if np.unique(pos).size != n or int(pos.max()) >= self._n_pos:
             raise StateRestoreError(f"state blob positions repeat or pass the model's {self._n_pos} positions")

@@ -12,7 +12,7 @@ as it must touch the context::
 Restore (a request resumes the entry)::
 
     [prepared ahead: restore pool, while the request waits for admission (streams layout)]
-    warm.get or cold.get -> header checked -> codec.decode_into the blob's K/V rows (state_format.allocate)
+    warm.get or cold.get -> header checked -> codec.decode_into the blob's K/V rows (the backend's StateLayout.allocate)
       unified layout:    -> seq_state_set(seq) -> seq_cp(snapshot seq, seq, 0, n_prefix)
                                                      (the family prefix is shared, not stored)
       a stream per seq:  the blob holds the family prefix's rows (copied from the snapshot's
@@ -66,10 +66,11 @@ from omegaconf import DictConfig
 from kv3d_core.contracts.backend import ExecutionBackend, ModelInfo
 from kv3d_core.contracts.codec import DeltaCodec, KVArrays
 from kv3d_core.contracts.session import SessionState
+from kv3d_core.contracts.state import StateLayout, StateWriter
 from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
 from kv3d_core.errors import (CacheFault, CodecError, StateFormatError, StateRestoreError,
                               TierError)
-from kv3d_core.kv import framing, opaque, state_format
+from kv3d_core.kv import framing, opaque
 from kv3d_core.metrics import Metrics
 from kv3d_core.tiers.entry import CacheEntry
 from kv3d_core.tiers.health import SYSTEMIC, TierWatch
@@ -128,6 +129,7 @@ class CacheView(Protocol):
     def _forget(self, e: CacheEntry) -> None: ...
     def ensure_hot_snapshot(self, snap: CacheEntry, exclude: Iterable[CacheEntry] = ()) -> bool: ...
     def snapshot_arrays(self, snap: CacheEntry) -> KVArrays: ...
+    def state_layout(self) -> StateLayout: ...
 
 
 class TierStack:
@@ -523,10 +525,10 @@ class TierStack:
                           delta_only: bool = False) -> bool:
         try:
             try:
-                arrays = state_format.parse(blob, head_dim_k=self.info.head_dim_k, head_dim_v=self.info.head_dim_v,
-                                             n_layer=self.info.n_layer)
+                layout = self.cache.state_layout()
+                arrays = layout.parse(blob)
                 if n_prefix:
-                    arrays = state_format.select(arrays, n_prefix)
+                    arrays = layout.select(arrays, n_prefix)
                 if arrays.n_cells != len(meta_base["tokens"]) - n_prefix:
                     raise StateFormatError(f"state holds {arrays.n_cells} cells, expected "
                                            f"{len(meta_base['tokens']) - n_prefix}")
@@ -623,9 +625,7 @@ class TierStack:
                     raise TierMiss(f"{e.key[:8]}: its family snapshot is gone")
                 if head_blob is None:
                     return None
-                info = self.info
-                head = state_format.parse(head_blob, head_dim_k=info.head_dim_k, head_dim_v=info.head_dim_v,
-                                          n_layer=info.n_layer)
+                head = self.cache.state_layout().parse(head_blob)
             blob, snap = self._decode(e, got, joined=True, head=head, snap=snap)
         except CacheFault:
             raise
@@ -748,13 +748,14 @@ class TierStack:
         return blob, snap
 
     def _decode_to_blob(self, e: CacheEntry, got: TierEntry,
-                        head: KVArrays | None = None) -> state_format.BlobWriter:
+                        head: KVArrays | None = None) -> StateWriter:
         """The codec decodes the delta straight into the K/V rows of the blob for
-        ``seq_state_set`` (:func:`state_format.allocate`): no separate build copy. With
+        ``seq_state_set`` (the backend's ``StateLayout.allocate``): no separate build copy. With
         ``head`` (the family prefix's cells), the blob holds the prefix's rows first, copied
         in, and the codec decodes into the rows after them."""
         expected = len(e.tokens) - got.meta.n_prefix
-        writers: list[state_format.BlobWriter] = []
+        writers: list[StateWriter] = []
+        layout = self.cache.state_layout()
         given: list[KVArrays] = []
 
         def alloc(template: KVArrays) -> KVArrays:
@@ -763,14 +764,14 @@ class TierStack:
             if template.n_cells != expected:
                 raise CodecError(f"{e.key[:8]} decodes to {template.n_cells} cells, expected {expected}")
             if head is None:
-                writers.append(state_format.allocate(template, self.cache.backend.state_buffer))
+                writers.append(layout.allocate(template, self.cache.backend.state_buffer))
                 given.append(writers[0].arrays)
                 return given[0]
             try:
-                joined = state_format.concat_layout(head, template)
+                joined = layout.concat_layout(head, template)
             except StateFormatError as exc:
                 raise CodecError(f"{e.key[:8]}: its delta does not join its family prefix: {exc}") from exc
-            w = state_format.allocate(joined, self.cache.backend.state_buffer)
+            w = layout.allocate(joined, self.cache.backend.state_buffer)
             p = head.n_cells
             for dst, src in zip([*w.arrays.k, *w.arrays.v], [*head.k, *head.v]):
                 dst[:p] = src

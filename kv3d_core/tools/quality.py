@@ -26,7 +26,7 @@ on the real backend, following the server's path:
    (system prompt) is decoded once per family into a snapshot sequence S;
 2. the live sequence A gets the prefix by ``seq_copy(S, A)`` and decodes its own
    tokens in chunks (all but the prompt's last token);
-3. *spill*: A's state is parsed (:mod:`kv3d_core.kv.state_format`), its delta
+3. *spill*: A's state is parsed (the backend's ``state_layout``), its delta
    (positions >= family length) encoded and decoded by the configured codec, rebuilt
    into a blob and restored into sequence B, which then gets the prefix from S;
 4. the prompt's last token plus the held-out continuation (teacher forcing, its first
@@ -61,8 +61,8 @@ import numpy as np
 
 from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend
 from kv3d_core.contracts.codec import DeltaCodec, KVArrays
-from kv3d_core.errors import CacheFault, ConfigError
-from kv3d_core.kv import state_format
+from kv3d_core.contracts.state import StateLayout
+from kv3d_core.errors import CacheFault, ConfigError, StateFormatError
 
 # Targets of a lossy delta codec (int8): mean KL, top-1 agreement, perplexity change, size ratio.
 TARGETS = {"mean_kl": ("<=", 1e-3), "top1_agreement": (">=", 0.99), "ppl_change": ("<=", 0.005), "ratio": (">=", 2.2)}
@@ -218,17 +218,22 @@ def restore_into(backend: ExecutionBackend, seq: int, blob: bytes, family_len: i
     backend.seq_copy(SEQ_SNAPSHOT, seq, 0, family_len)
 
 
+def layout_of(backend: ExecutionBackend) -> StateLayout:
+    """The backend's state layout; a backend without one cannot be measured here."""
+    if backend.state_layout is None:
+        raise StateFormatError("the backend's state blobs have no K/V layout: no delta to measure")
+    return backend.state_layout
+
+
 def spill_restore(backend: ExecutionBackend, codec: DeltaCodec, family_len: int, totals: Totals) -> KVArrays:
     """A's delta through the codec into B; B gets the prefix from S. Returns the delta
     as read from A. Raises CacheFault."""
-    info = backend.info
+    layout = layout_of(backend)
     t0 = time.perf_counter()
-    arrays = state_format.parse(backend.seq_state_get(SEQ_LIVE), head_dim_k=info.head_dim_k,
-                                head_dim_v=info.head_dim_v, n_layer=info.n_layer)
-    delta = state_format.select(arrays, family_len)
+    delta = layout.select(layout.parse(backend.seq_state_get(SEQ_LIVE)), family_len)
     encoded = codec.encode(delta)
     restored = codec.decode(encoded)
-    restore_into(backend, SEQ_RESTORED, state_format.build(restored), family_len)
+    restore_into(backend, SEQ_RESTORED, layout.build(restored), family_len)
     totals.spill_s += time.perf_counter() - t0
     totals.f16_bytes += delta.f16_bytes()
     totals.encoded_bytes += len(encoded)
@@ -295,7 +300,7 @@ def run(backend: ExecutionBackend, codec: DeltaCodec, cases: list[PromptCase], c
             try:
                 delta = spill_restore(backend, codec, fam, totals)
                 if floor:
-                    restore_into(backend, SEQ_FLOOR, state_format.build(ulp_perturbed(delta, rng)), fam)
+                    restore_into(backend, SEQ_FLOOR, layout_of(backend).build(ulp_perturbed(delta, rng)), fam)
             except CacheFault as exc:
                 totals.fallbacks[exc.reason] += 1
                 continue

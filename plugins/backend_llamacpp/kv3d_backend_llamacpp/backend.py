@@ -27,6 +27,7 @@ from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, ModelInfo,
 from kv3d_core.errors import (BackendError, ConfigError, KVCacheFullError, ModelLoadError, NoFreeCells, StateRestoreError,
                               TokenizerMissing)
 from kv3d_backend_llamacpp.model_files import resolve_model
+from kv3d_backend_llamacpp.state_format import LlamaStateLayout
 
 log = logging.getLogger("kv3d.backend.llamacpp")
 
@@ -464,6 +465,7 @@ class LlamaCppBackend(ExecutionBackend):
             head_v=head_v, kv_bytes=kv_bytes, n_ctx_train=n_ctx_train, n_seq_max=int(n_seq_max),
             n_gpu_layers=int(n_gpu_layers), threads=threads, flash_attn=flash_attn, type_k=type_k, type_v=type_v,
             swa_full=swa_full, kv_unified=kv_unified)
+        self._layout = LlamaStateLayout(head_dim_k=head_k, head_dim_v=head_v, n_layer=n_layer)
         real_ctx = self.info.n_ctx
         log.info("loaded %s (%s, %d layers) with %d cells, %d sequences, %d threads",
                  path.name, arch, n_layer, real_ctx, n_seq_max, threads)
@@ -675,6 +677,11 @@ class LlamaCppBackend(ExecutionBackend):
             if n != size:
                 raise BackendError(f"llama_state_seq_get_data wrote {n} of {size} bytes")
         return bytes(buf) if size < (1 << 16) else buf  # bytearray avoids a copy of large blobs
+
+    @property
+    def state_layout(self) -> LlamaStateLayout:
+        """llama.cpp's per-sequence state format (:mod:`kv3d_backend_llamacpp.state_format`)."""
+        return self._layout
 
     def state_buffer(self, nbytes: int) -> np.ndarray:
         if self._staging is None:

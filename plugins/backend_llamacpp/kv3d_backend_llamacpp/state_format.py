@@ -1,4 +1,5 @@
-"""Reader/writer of llama.cpp per-sequence state blobs (``llama_state_seq_get_data``).
+"""Reader/writer of llama.cpp per-sequence state blobs (``llama_state_seq_get_data``): the
+llama.cpp backend's :class:`~kv3d_core.contracts.state.StateLayout` (:class:`LlamaStateLayout`).
 
 Contract:
 
@@ -56,6 +57,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kv3d_core.contracts.codec import KVArrays
+from kv3d_core.contracts.state import StateLayout
 from kv3d_core.errors import StateFormatError
 
 MAGIC = 0xAF143CD8
@@ -579,3 +581,36 @@ def select(arrays: KVArrays, min_pos: int, max_pos: int | None = None) -> KVArra
         [a[take] for a in arrays.v],
         arrays.head_dim_k, arrays.head_dim_v, extra,
     )
+
+
+class LlamaStateLayout(StateLayout):
+    """This module as the backend's :class:`~kv3d_core.contracts.state.StateLayout`: the
+    blobs of one model (its head dims and KV layer count, checked on every parse)."""
+
+    name = LAYOUT
+
+    def __init__(self, *, head_dim_k: int, head_dim_v: int, n_layer: int) -> None:
+        self.head_dim_k, self.head_dim_v, self.n_layer = int(head_dim_k), int(head_dim_v), int(n_layer)
+
+    def parse(self, blob: bytes | bytearray | memoryview) -> KVArrays:
+        return parse(blob, head_dim_k=self.head_dim_k, head_dim_v=self.head_dim_v, n_layer=self.n_layer)
+
+    def build(self, arrays: KVArrays) -> bytes:
+        return build(arrays)
+
+    def select(self, arrays: KVArrays, min_pos: int, max_pos: int | None = None) -> KVArrays:
+        return select(arrays, min_pos, max_pos)
+
+    def cut(self, arrays: KVArrays, n: int) -> KVArrays:
+        """:meth:`StateLayout.cut`; a sliding-window model's state (two sections) only
+        while it holds no position past ``n``: its window section no longer holds the
+        cells before ``n`` that a sequence stopped at ``n`` would."""
+        if len(arrays.extra.get("sections", ())) != 1 and arrays.n_cells and int(np.max(arrays.positions)) >= n:
+            raise StateFormatError("a sliding-window state cannot be cut before its end")
+        return super().cut(arrays, n)
+
+    def concat_layout(self, head: KVArrays, tail: KVArrays) -> KVArrays:
+        return concat_layout(head, tail)
+
+    def allocate(self, template: KVArrays, alloc: Callable[[int], np.ndarray] | None = None) -> BlobWriter:
+        return allocate(template, alloc)
