@@ -13,7 +13,8 @@ Checks: Python version; the user config file (created with the defaults when
 missing); the composed configuration; llama-cpp-python (installed, version,
 CPU/GPU build); GPUs (``nvidia-smi -L``, ggml's device list) against
 ``backend.n_gpu_layers``; the model file's GGUF header (architecture, context,
-KV bytes per token -- read by :mod:`kv3d_core.gguf_meta`, the model is never
+KV bytes per token -- read by the llama.cpp plugin's GGUF reader
+(:mod:`kv3d_backend_llamacpp.gguf_meta`), the model is never
 loaded); the hot KV cache it buys; host RAM against the cache budgets; the cold
 path (``cache.ssd_cold_path``: created, written, free space -- blocking only when
 the configured tier uses it); installed and configured plugins (looked up and their
@@ -307,7 +308,11 @@ class ModelFacts:
 
 
 def check_model(cfg: DictConfig) -> tuple[list[Check], ModelFacts | None]:
-    from kv3d_core import gguf_meta
+    try:
+        from kv3d_backend_llamacpp import gguf_meta
+    except ImportError as exc:
+        return [Check("model", FAIL, f"the llamacpp backend, which reads GGUF files, is not installed ({exc})",
+                      SETUP_FIX)], None
 
     model_path = cfg.model.path
     if model_path:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from kv3d_core import gguf_meta
-from kv3d_core.gguf_meta import GGUFError, SkippedArray, kv_bytes_per_token, read_gguf
+from kv3d_backend_llamacpp import gguf_meta
+from kv3d_backend_llamacpp.gguf_meta import GGUFError, SkippedArray, kv_bytes_per_token, read_gguf
 
 REPO = Path(__file__).resolve().parent.parent
 

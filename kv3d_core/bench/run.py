@@ -138,7 +138,7 @@ def _gpu_layers(cfg: DictConfig) -> int:
 
 
 def _kv_bytes_per_token(model_path: str, cfg: DictConfig) -> int:
-    from kv3d_core.gguf_meta import kv_bytes_per_token, read_gguf
+    from kv3d_backend_llamacpp.gguf_meta import kv_bytes_per_token, read_gguf
 
     return kv_bytes_per_token(read_gguf(model_path, tensors=False), str(cfg.backend.type_k), str(cfg.backend.type_v))
 
