@@ -388,11 +388,31 @@ def check_model(cfg: DictConfig) -> tuple[list[Check], ModelFacts | None]:
 
 
 # -- memory and the cold path ------------------------------------------------------------------
-def check_memory(cfg: DictConfig, model: ModelFacts | None, llama: LlamaInfo | None) -> Check:
-    import psutil
+def host_memory() -> tuple[int, int]:
+    """(available, total) bytes of host RAM: psutil's figures when it is installed, else
+    /proc/meminfo's MemAvailable and MemTotal, else the page counts of os.sysconf."""
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        vm = psutil.virtual_memory()
+        return int(vm.available), int(vm.total)
+    with contextlib.suppress(OSError, ValueError, KeyError, IndexError):   # not Linux, or an old kernel
+        with open("/proc/meminfo") as f:
+            info = {k: v.split() for k, _, v in (line.partition(":") for line in f)}
+        return int(info["MemAvailable"][0]) * 1024, int(info["MemTotal"][0]) * 1024
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = os.sysconf("SC_PHYS_PAGES") * page
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * page   # free pages only: no page cache (an underestimate)
+    except (ValueError, OSError):
+        avail = total
+    return int(avail), int(total)
 
-    vm = psutil.virtual_memory()
-    avail = int(vm.available)
+
+def check_memory(cfg: DictConfig, model: ModelFacts | None, llama: LlamaInfo | None) -> Check:
+    avail, total = host_memory()
     warm = int(float(cfg.cache.ram_warm_mb) * MiB)
     layers = _gpu_layers(cfg, llama)
     offloaded = bool(llama and llama.gpu_build) and layers != 0
@@ -410,7 +430,7 @@ def check_memory(cfg: DictConfig, model: ModelFacts | None, llama: LlamaInfo | N
     parts.append("hot KV on the GPU" if offloaded else f"hot KV {_mib(hot)} ({hot_key})")
     parts.append("weights on the GPU" if full_offload else
                  f"model {_mib(weights)}" if model is not None else "model ? (not found)")
-    detail = f"{_mib(avail)} available of {_mib(vm.total)}; kv3d needs up to {_mib(need)}: {', '.join(parts)}"
+    detail = f"{_mib(avail)} available of {_mib(total)}; kv3d needs up to {_mib(need)}: {', '.join(parts)}"
     if warm > avail:
         return Check("memory", FAIL, detail + "; the warm tier budget alone exceeds the available RAM",
                      f"lower the warm tier budget, e.g. cache.ram_warm_mb={max(0, avail // MiB // 2)}")
