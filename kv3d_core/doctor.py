@@ -246,19 +246,6 @@ def check_llama_cpp() -> tuple[Check, LlamaInfo | None]:
     return Check("llama-cpp-python", OK, detail), info
 
 
-def check_llama_server() -> Check:
-    """llama.cpp's llama-server, the benchmark's baseline (not needed to serve)."""
-    from kv3d_core.bench.llama_server import find_binary
-
-    path, why = find_binary()
-    if path is None:
-        return Check("llama-server", INFO, f"not built: {why}", "scripts/build_llama.sh (only `kv3d bench` needs it)")
-    info = Path(path).parent / "BUILD-INFO"
-    facts = dict(line.split("=", 1) for line in info.read_text().splitlines() if "=" in line) if info.is_file() else {}
-    version = next((line for line in (info.read_text().splitlines() if info.is_file() else []) if line.startswith("version:")), "")
-    return Check("llama-server", OK, f"{path} ({facts.get('variant', '?')} build{', ' + version if version else ''})")
-
-
 def _gpu_layers(cfg: DictConfig | None, llama: LlamaInfo | None) -> int:
     """``backend.n_gpu_layers`` as the backend resolves it (``auto``: all when a GPU build sees a GPU)."""
     value = cfg.backend.get("n_gpu_layers", 0) if cfg is not None else 0
@@ -683,7 +670,6 @@ def run_checks(args: Sequence[str]) -> list[Check]:
     llama_row, llama = check_llama_cpp()
     checks.append(llama_row)
     checks.append(check_gpu(cfg, llama))
-    checks.append(check_llama_server())
     if cfg is not None:
         model_rows, model = check_model(cfg)
         checks += model_rows

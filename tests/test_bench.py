@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kv3d_core.bench import prom, report
-from kv3d_core.bench.workload import WorkloadSpec, generate
+from kv3d_tools.bench import prom, report
+from kv3d_tools.bench.workload import WorkloadSpec, generate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,7 +102,7 @@ def test_side_by_side_workload_new_sessions_first_then_token_id_resumes():
 
 
 def test_workload_texts_fit_token_targets_with_the_model_tokenizer():
-    from kv3d_core.bench.run import token_counter
+    from kv3d_tools.bench.run import token_counter
     from kv3d_backend_llamacpp.model_files import default_model_path
 
     count = token_counter(str(default_model_path()))
@@ -167,7 +167,7 @@ def test_targets_report_met_and_missed_with_reasons():
 
 
 def test_llama_server_log_and_memory_figures():
-    from kv3d_core.bench import llama_server as ls
+    from kv3d_tools.bench import llama_server as ls
 
     log = ("srv  update:  - cache state: 1 prompts, 2.500 MiB (limits: 64.000 MiB, 0 tokens, 0 est)\n"
            "srv  update:  - cache state: 3 prompts, 7.500 MiB (limits: 64.000 MiB, 0 tokens, 0 est)\n")
