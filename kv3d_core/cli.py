@@ -23,16 +23,14 @@ commands:
   config        print the composed configuration       kv3d config server.port=9000
   doctor        check this machine and configuration (exit 1 on a blocking problem)
   plugins       installed plugins (and their settings) as JSON
-  quality       codec quality harness: KL, top-1 agreement, perplexity change after spill/restore
-  bench         benchmark kv3d against llama-cpp-python's own server (docs/BENCHMARKS.md)
-  synth-model   write a synthetic GGUF of a named shape (GPU benchmarks)
 
 overrides are Hydra overrides of configs/config.yaml (`kv3d config` prints every key):
   server.port=9000  model.path=/models/m.gguf  cache.gpu_hot_mb=1024
   codec=int8  tier=ssd  detector=radix         (swappable groups; +codec=int8 works too)
 
 `kv3d <command> --help` shows a command's own options. Installed plugins may add commands
-(listed under "plugin commands")."""
+(listed under "plugin commands"); `pip install kv3d[bench]` adds the tools (kv3d-tools):
+bench, quality and synth-model."""
 
 # kv3d serve's flags: flag -> (config key, value kind, help)
 SERVE_FLAGS: dict[str, tuple[str, str, str, str]] = {
@@ -206,9 +204,6 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "plugins": cmd_plugins,
     "config": cmd_config,
     "doctor": _lazy("kv3d_core.doctor"),
-    "quality": _lazy("kv3d_core.tools.quality"),
-    "bench": _lazy("kv3d_core.bench.cli"),
-    "synth-model": _lazy("kv3d_core.tools.synth_model"),
 }
 
 

@@ -149,11 +149,13 @@ def _hydra_quoted(value: str) -> str:
     return "'" + v + "'"
 
 
-def searchpath_override(dirs: Sequence[Path], overrides: Sequence[str] = ()) -> list[str]:
-    """``overrides`` plus ``hydra.searchpath`` naming ``dirs`` (kv3d's own config dir, the
-    primary one, is left out: Hydra searches it anyway). A ``hydra.searchpath=[...]`` among
-    ``overrides`` keeps its entries, first."""
-    primary = config_dir().resolve()
+def searchpath_override(dirs: Sequence[Path], overrides: Sequence[str] = (), *,
+                        primary: Path | None = None) -> list[str]:
+    """``overrides`` plus ``hydra.searchpath`` naming ``dirs``, less the primary config dir,
+    which Hydra searches anyway (``primary``; default: kv3d's own, :func:`config_dir`; a tool
+    whose primary config lives elsewhere, as ``kv3d bench``'s, passes that one and keeps
+    kv3d's in ``dirs``). A ``hydra.searchpath=[...]`` among ``overrides`` keeps its entries, first."""
+    primary = Path(primary or config_dir()).resolve()
     # file://PATH, not Path.as_uri(): Hydra takes what follows the scheme as the path, undecoded
     extra = [_hydra_quoted("file://" + str(Path(d).resolve())) for d in dirs if Path(d).resolve() != primary]
     out, user = [], ""

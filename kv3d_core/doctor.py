@@ -247,19 +247,6 @@ def check_llama_cpp() -> tuple[Check, LlamaInfo | None]:
     return Check("llama-cpp-python", OK, detail), info
 
 
-def check_llama_server() -> Check:
-    """llama.cpp's llama-server, the benchmark's baseline (not needed to serve)."""
-    from kv3d_core.bench.llama_server import find_binary
-
-    path, why = find_binary()
-    if path is None:
-        return Check("llama-server", INFO, f"not built: {why}", "scripts/build_llama.sh (only `kv3d bench` needs it)")
-    info = Path(path).parent / "BUILD-INFO"
-    facts = dict(line.split("=", 1) for line in info.read_text().splitlines() if "=" in line) if info.is_file() else {}
-    version = next((line for line in (info.read_text().splitlines() if info.is_file() else []) if line.startswith("version:")), "")
-    return Check("llama-server", OK, f"{path} ({facts.get('variant', '?')} build{', ' + version if version else ''})")
-
-
 def _gpu_layers(cfg: DictConfig | None, llama: LlamaInfo | None) -> int:
     """``backend.n_gpu_layers`` as the backend resolves it (``auto``: all when a GPU build sees a GPU)."""
     value = cfg.backend.get("n_gpu_layers", 0) if cfg is not None else 0
@@ -393,11 +380,31 @@ def check_model(cfg: DictConfig) -> tuple[list[Check], ModelFacts | None]:
 
 
 # -- memory and the cold path ------------------------------------------------------------------
-def check_memory(cfg: DictConfig, model: ModelFacts | None, llama: LlamaInfo | None) -> Check:
-    import psutil
+def host_memory() -> tuple[int, int]:
+    """(available, total) bytes of host RAM: psutil's figures when it is installed, else
+    /proc/meminfo's MemAvailable and MemTotal, else the page counts of os.sysconf."""
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        vm = psutil.virtual_memory()
+        return int(vm.available), int(vm.total)
+    with contextlib.suppress(OSError, ValueError, KeyError, IndexError):   # not Linux, or an old kernel
+        with open("/proc/meminfo") as f:
+            info = {k: v.split() for k, _, v in (line.partition(":") for line in f)}
+        return int(info["MemAvailable"][0]) * 1024, int(info["MemTotal"][0]) * 1024
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = os.sysconf("SC_PHYS_PAGES") * page
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * page   # free pages only: no page cache (an underestimate)
+    except (ValueError, OSError):
+        avail = total
+    return int(avail), int(total)
 
-    vm = psutil.virtual_memory()
-    avail = int(vm.available)
+
+def check_memory(cfg: DictConfig, model: ModelFacts | None, llama: LlamaInfo | None) -> Check:
+    avail, total = host_memory()
     warm = int(float(cfg.cache.ram_warm_mb) * MiB)
     layers = _gpu_layers(cfg, llama)
     offloaded = bool(llama and llama.gpu_build) and layers != 0
@@ -415,7 +422,7 @@ def check_memory(cfg: DictConfig, model: ModelFacts | None, llama: LlamaInfo | N
     parts.append("hot KV on the GPU" if offloaded else f"hot KV {_mib(hot)} ({hot_key})")
     parts.append("weights on the GPU" if full_offload else
                  f"model {_mib(weights)}" if model is not None else "model ? (not found)")
-    detail = f"{_mib(avail)} available of {_mib(vm.total)}; kv3d needs up to {_mib(need)}: {', '.join(parts)}"
+    detail = f"{_mib(avail)} available of {_mib(total)}; kv3d needs up to {_mib(need)}: {', '.join(parts)}"
     if warm > avail:
         return Check("memory", FAIL, detail + "; the warm tier budget alone exceeds the available RAM",
                      f"lower the warm tier budget, e.g. cache.ram_warm_mb={max(0, avail // MiB // 2)}")
@@ -668,7 +675,6 @@ def run_checks(args: Sequence[str]) -> list[Check]:
     llama_row, llama = check_llama_cpp()
     checks.append(llama_row)
     checks.append(check_gpu(cfg, llama))
-    checks.append(check_llama_server())
     if cfg is not None:
         model_rows, model = check_model(cfg)
         checks += model_rows

@@ -155,7 +155,7 @@ class DoctorCheck:
 
 
 #: kv3d's own commands: a plugin cannot register these names.
-BUILTIN_COMMANDS = ("serve", "config", "doctor", "plugins", "quality", "bench", "synth-model", "help")
+BUILTIN_COMMANDS = ("serve", "config", "doctor", "plugins", "help")
 
 
 @dataclass

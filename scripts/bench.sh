@@ -2,7 +2,7 @@
 # Benchmark kv3d against llama-cpp-python's own OpenAI server (`kv3d bench`).
 # Installs kv3d and the bench extras into .venv on first use.
 #
-# Environment variables become overrides (unset ones keep configs/bench.yaml's defaults):
+# Environment variables become overrides (unset ones keep plugins/tools/kv3d_tools/conf/bench.yaml's defaults):
 #   REQUESTS SHARED_RATIO FAMILIES SYSTEM_PROMPT_TOKENS UNIQUE_TOKENS TURNS CONCURRENCY
 #   MAX_TOKENS SEED OUT_DIR QUALITY
 #   SYSTEMS=kv3d,kv3d_safe,llamacpp_peer   CODEC=int8   TIER=ssd   DETECTOR=radix
@@ -17,7 +17,7 @@ PY="$VENV/bin/python"
 if ! "$PY" -c 'import openai, matplotlib, llama_cpp.server.app' >/dev/null 2>&1; then
     echo "kv3d bench: installing the bench extras" >&2
     "$PY" -m pip --disable-pip-version-check -q install --find-links "${KV3D_WHEELHOUSE:-$HOME/.cache/kv3d/wheelhouse}" \
-        -e ".[bench]" sse-starlette "starlette-context>=0.3.6,<0.4" pydantic-settings PyYAML
+        -e ".[bench]" -e plugins/tools sse-starlette "starlette-context>=0.3.6,<0.4" pydantic-settings PyYAML
 fi
 
 args=()

@@ -3,7 +3,8 @@
 ``lint-imports`` builds the import graph of the ``kv3d_core`` in this checkout (it puts its
 working directory first on ``sys.path``) and checks every contract: the serving layers
 api -> engine -> prefix -> tiers -> kv -> contracts import only downwards, the serving core
-imports no command, tool or test helper, and config sits over userconfig and plugins.
+imports no command or test helper, kv3d_core imports nothing of kv3d_tools (the tools'
+plugin), and config sits over userconfig and plugins.
 No model is loaded.
 """
 

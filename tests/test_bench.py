@@ -5,14 +5,15 @@ llama-cpp-python's own server as the peer)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from kv3d_core.bench import prom, report
-from kv3d_core.bench.workload import WorkloadSpec, generate
+from kv3d_tools.bench import prom, report
+from kv3d_tools.bench.workload import WorkloadSpec, generate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,6 +37,53 @@ def bench(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env={**__import__("os").environ, "KV3D_USER_CONFIG": "none"})
     assert proc.returncode == 0, f"kv3d bench failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def kv3d(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kv3d_core.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "KV3D_USER_CONFIG": "none"})
+
+
+# -- the tools are a plugin: kv3d-tools ---------------------------------------------------------------
+TOOLS = ("bench", "quality", "synth-model")
+
+
+def test_the_tools_are_plugin_commands_of_kv3d_tools():
+    """bench, quality and synth-model are no commands of the core: kv3d-tools registers them
+    (register_commands), with the doctor's llama-server row, and `kv3d --help` lists them as plugin
+    commands."""
+    from kv3d_core import cli
+    from kv3d_core.plugins import BUILTIN_COMMANDS, make_plugin_manager
+
+    pm = make_plugin_manager()
+    for name in TOOLS:
+        assert name not in cli.COMMANDS and name not in BUILTIN_COMMANDS
+        assert pm.commands()[name].source.distribution == "kv3d-tools"
+    assert any(c.name == "llama-server" and c.source.distribution == "kv3d-tools" for c in pm.doctor_checks())
+    top = kv3d("--help")
+    assert top.returncode == 0, top.stderr
+    builtin, _, rest = top.stdout.partition("\nplugin commands:\n")
+    listed = rest.partition("\n\n")[0]
+    for name in TOOLS:
+        assert f"\n  {name} " not in builtin
+        assert any(line.startswith(f"  {name} ") and line.endswith("[kv3d-tools]") for line in listed.splitlines())
+    assert "pip install kv3d[bench]" in top.stdout
+
+
+def test_bench_help_and_config_through_the_plugin_path():
+    """`kv3d bench` runs through the plugin command; Hydra finds bench.yaml in kv3d-tools' conf/
+    and composes it over the core's config.yaml, the overrides (and the older +codec=) applied,
+    every installed plugin's options listed."""
+    help_ = kv3d("bench", "--help")
+    assert help_.returncode == 0, help_.stderr
+    assert "codec: block, int8, none" in help_.stdout and "tier: ram, ssd" in help_.stdout
+    assert "\nrequests: 1000\n" in help_.stdout and "\nserver:\n" in help_.stdout
+    job = kv3d("bench", "--cfg", "job", "requests=5", "+codec=int8", "server.port=9001")
+    assert job.returncode == 0, job.stderr
+    assert "\nrequests: 5\n" in job.stdout and "\n  name: int8\n" in job.stdout and "zstd_level: 3" in job.stdout
+    assert "\n  port: 9001\n" in job.stdout
+    hydra = kv3d("bench", "--cfg", "hydra")
+    assert "_target_: kv3d_tools.bench.summary.SweepSummary" in hydra.stdout and "config_name: bench" in hydra.stdout
 
 
 # -- workload -------------------------------------------------------------------------------------
@@ -102,7 +150,7 @@ def test_side_by_side_workload_new_sessions_first_then_token_id_resumes():
 
 
 def test_workload_texts_fit_token_targets_with_the_model_tokenizer():
-    from kv3d_core.bench.run import token_counter
+    from kv3d_tools.bench.run import token_counter
     from kv3d_backend_llamacpp.model_files import default_model_path
 
     count = token_counter(str(default_model_path()))
@@ -167,7 +215,7 @@ def test_targets_report_met_and_missed_with_reasons():
 
 
 def test_llama_server_log_and_memory_figures():
-    from kv3d_core.bench import llama_server as ls
+    from kv3d_tools.bench import llama_server as ls
 
     log = ("srv  update:  - cache state: 1 prompts, 2.500 MiB (limits: 64.000 MiB, 0 tokens, 0 est)\n"
            "srv  update:  - cache state: 3 prompts, 7.500 MiB (limits: 64.000 MiB, 0 tokens, 0 est)\n")

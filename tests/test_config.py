@@ -114,6 +114,9 @@ def test_searchpath_override_quotes_and_keeps_the_users():
     assert searchpath_override([config_dir()], ["a=1"]) == ["a=1"]
     out = searchpath_override([config_dir(), Path("/tmp/it's here")], ["hydra.searchpath=[pkg://x]", "a=1"])
     assert out == ["a=1", "hydra.searchpath=[pkg://x,'file:///tmp/it\\'s here']"]
+    # another primary config dir (kv3d bench's): it is left out, kv3d's own is searched
+    out = searchpath_override([config_dir(), Path("/tmp/bench")], [], primary=Path("/tmp/bench"))
+    assert out == [f"hydra.searchpath=['file://{config_dir().resolve()}']"]
 
 
 def test_a_plugin_config_dir_with_odd_characters(tmp_path):

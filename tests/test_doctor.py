@@ -189,6 +189,24 @@ def test_warm_budget_beyond_ram_fails(tmp_path):
     assert m["status"] == "FAIL" and "cache.ram_warm_mb=" in m["fix"]
 
 
+def test_memory_without_psutil(tmp_path, monkeypatch):
+    """psutil is no dependency of the core: without it the doctor reads /proc/meminfo, and a warm
+    budget beyond the RAM still fails."""
+    import psutil
+
+    from kv3d_core.doctor import host_memory
+
+    vm = psutil.virtual_memory()
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    avail, total = host_memory()
+    assert total == vm.total and 0 < avail <= total
+    assert abs(avail - vm.available) < 0.1 * vm.total
+    too_much = total // 2**20 * 4
+    code, checks, _ = doctor(tmp_path, f"cache.ram_warm_mb={too_much}", pre="sys.modules['psutil'] = None")
+    m = row(checks, "memory")
+    assert code == 1 and m["status"] == "FAIL" and " available of " in m["detail"]
+
+
 def test_missing_configured_plugin_fails(tmp_path):
     code, checks, _ = doctor(tmp_path, "codec.name=nope")
     assert code == 1

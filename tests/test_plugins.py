@@ -29,7 +29,8 @@ def test_builtins_and_entry_points(pm):
     backend = rows[("backend", "llamacpp")]       # found through the "kv3d" entry-point group
     assert backend["distribution"] == "kv3d-backend-llamacpp"
     assert backend["version"] == md.version("kv3d-backend-llamacpp")
-    assert {r["kind"] for r in pm.describe()} <= set(KINDS)
+    # plus the commands and doctor checks of installed plugins (kv3d-tools: bench, quality, synth-model)
+    assert {r["kind"] for r in pm.describe()} <= set(KINDS) | {"command", "doctor_check"}
 
 
 def test_missing_plugin_fails_loudly(pm):
@@ -241,10 +242,12 @@ def test_plugin_commands_are_registered_and_dispatched(monkeypatch, capsys):
     from kv3d_core import cli
 
     plugin = CommandsAndChecks()
-    pm = make_plugin_manager(extra=[("hello-plugin", plugin)])
+    # without the installed plugins' entry points: kv3d-tools registers commands of its own
+    pm = make_plugin_manager(load_entry_points=False, extra=[("hello-plugin", plugin)])
     assert list(pm.commands()) == ["hello"] and pm.commands()["hello"].help == "say hello"
     assert {(r["kind"], r["name"]) for r in pm.describe()} >= {("command", "hello"), ("doctor_check", "hello check")}
-    monkeypatch.setattr(plugins, "make_plugin_manager", lambda **kw: make_plugin_manager(extra=[("hello", plugin)]))
+    monkeypatch.setattr(plugins, "make_plugin_manager",
+                        lambda **kw: make_plugin_manager(load_entry_points=False, extra=[("hello", plugin)]))
     assert cli.main(["hello", "a", "--b"]) == 0 and plugin.calls == [["a", "--b"]]
     assert "hello a --b" in capsys.readouterr().out
     assert cli.main(["hello", "fail"]) == 3

@@ -1,4 +1,4 @@
-"""`kv3d quality` (kv3d_core.tools.quality): the real CLI with the lossless `none` codec
+"""`kv3d quality` (kv3d_tools.quality): the real CLI with the lossless `none` codec
 must measure no difference at all; injected faults (a lossy or a broken codec) must
 show up as KL > 0 or as fallbacks."""
 
@@ -14,7 +14,7 @@ import pytest
 
 from kv3d_core.contracts.codec import DeltaCodec, KVArrays
 from kv3d_core.errors import ConfigError
-from kv3d_core.tools import quality
+from kv3d_tools import quality
 from kv3d_core.kv.codec_none import NoneCodec
 from kv3d_core.plugins import make_plugin_manager
 from conftest import REPO

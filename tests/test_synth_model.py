@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("gguf", reason="kv3d synth-model needs the gguf package (pip install gguf)")
 
 from kv3d_core.cli import main as kv3d_main  # noqa: E402
-from kv3d_core.tools.synth_model import EOS, SHAPES, spm_vocab  # noqa: E402
+from kv3d_tools.synth_model import EOS, SHAPES, spm_vocab  # noqa: E402
 
 from conftest import running_server  # noqa: E402
 

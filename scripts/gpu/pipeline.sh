@@ -38,11 +38,13 @@ export KV3D_LLAMA_SDIST="$REPO/.gpusrc/llama_cpp_python" KV3D_DEFAULT_MODEL=0 KV
 export KV3D_VENV="$(python3 -c 'import sys; print(sys.prefix)')" KV3D_WHEELHOUSE="$W/wheelhouse"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
+PY="$KV3D_VENV/bin/python"
+# before the set-up: kv3d-tools (plugins/tools, which setup.sh installs with the other plugins) needs
+# openai, which the image lacks (its other needs -- tqdm, psutil, matplotlib, httpx -- it holds)
+"$PY" -m pip install -q --no-deps gguf openai distro jiter sniffio httpx2 httpcore2 truststore 2>&1 | tail -n 3
 stamp "setup (scripts/setup.sh: CUDA build of llama-cpp-python and llama-server)"
 if ! scripts/setup.sh > "$W/setup.log" 2>&1; then tail -n 60 "$W/setup.log"; exit 1; fi
 tail -n 3 "$W/setup.log"
-PY="$KV3D_VENV/bin/python"
-"$PY" -m pip install -q --no-deps gguf openai distro jiter sniffio httpx2 httpcore2 truststore 2>&1 | tail -n 3
 ls "$REPO"/.whl/py_spy-*.whl > /dev/null 2>&1 && "$PY" -m pip install -q --no-deps py-spy 2>&1 | tail -n 1
 cat "$W"/wheelhouse/*/llama-server-*/BUILD-INFO
 

@@ -18,7 +18,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from kv3d_core.bench.workload import PlannedRequest, Workload
+from kv3d_tools.bench.workload import PlannedRequest, Workload
 
 
 @dataclass

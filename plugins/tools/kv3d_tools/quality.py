@@ -19,7 +19,7 @@ agreement of about 0.97: any restore that is not bit-exact moves the logits abou
 much, whatever the codec (most likely because activations are re-quantized to 8 bits
 before each quantized matmul, so a tiny change flips roundings that then propagate).
 
-For every prompt of ``kv3d_core/data/quality_prompts.json`` (or ``quality.prompts``),
+For every prompt of ``kv3d_tools/data/quality_prompts.json`` (or ``quality.prompts``),
 on the real backend, following the server's path:
 
 1. render it with :class:`~kv3d_core.engine.prompt.ChatPrompter`; the family prefix
@@ -137,7 +137,7 @@ def split_args(args: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
 def load_prompts(path: str | None = None) -> list[PromptCase]:
     """The prompt set: each prompt's system prompt, its messages and held-out reply."""
     if path is None:
-        text = importlib.resources.files("kv3d_core").joinpath("data", "quality_prompts.json").read_text("utf-8")
+        text = importlib.resources.files("kv3d_tools").joinpath("data", "quality_prompts.json").read_text("utf-8")
     else:
         text = Path(path).expanduser().read_text("utf-8")
     try:

@@ -1,8 +1,10 @@
 """``kv3d bench [-m] [OVERRIDES...]``: benchmark kv3d against llama-cpp-python's
 own OpenAI server on a seeded chat workload.
 
-A thin Hydra application over ``configs/bench.yaml`` (which includes the serve
-configuration): ``hydra.main`` is invoked with the arguments given, so every
+A thin Hydra application over ``bench.yaml`` (its primary config, in kv3d-tools'
+``conf/``), with the core's ``configs/`` and every plugin's config groups on Hydra's
+search path: its defaults list pulls in the serve configuration, ``config.yaml``, and
+with it every config group. ``hydra.main`` is invoked with the arguments given, so every
 Hydra flag works -- ``-m``/``--multirun`` sweeps (``kv3d bench -m codec=none,int8
 tier=ram,ssd`` runs every combination, then writes one combined summary),
 ``--cfg job`` prints the composed configuration. Swappable groups (``codec``,
@@ -23,8 +25,9 @@ import signal
 import sys
 from pathlib import Path
 
-from kv3d_core.config import GROUPS, config_dir, group_options, normalize_overrides, search_path, searchpath_override
+from kv3d_core.config import GROUPS, group_options, normalize_overrides, search_path, searchpath_override
 from kv3d_core.errors import Kv3dError
+from kv3d_tools.plugin import CONF_DIR
 
 CONFIG_NAME = "bench"
 log = logging.getLogger("kv3d.bench")
@@ -35,8 +38,8 @@ def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from kv3d_core.bench.run import run_bench
-    from kv3d_core.bench.systems import BenchError
+    from kv3d_tools.bench.run import run_bench
+    from kv3d_tools.bench.systems import BenchError
 
     for noisy in ("httpx", "httpx2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -61,14 +64,23 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-#: what `kv3d bench` imports beyond the server's own dependencies (the `bench` extra)
-BENCH_MODULES = ("httpx", "openai", "matplotlib")
+#: what `kv3d bench` imports beyond the server's own dependencies (kv3d-tools' own; the `bench` extra)
+BENCH_MODULES = ("httpx", "openai", "matplotlib", "tqdm", "psutil")
 
 
 def missing_extras() -> list[str]:
     from importlib.util import find_spec
 
     return [m for m in BENCH_MODULES if find_spec(m) is None]
+
+
+def _list_groups_in_help(options: dict[str, set[str]]) -> None:
+    """``${kv3d_bench_groups:}`` of bench.yaml's help template: each group's options over the
+    search path, as Hydra lists the groups of its config path."""
+    from omegaconf import OmegaConf
+
+    text = "\n".join(f"{g}: {', '.join(sorted(opts))}" for g, opts in sorted(options.items()) if opts)
+    OmegaConf.register_new_resolver("kv3d_bench_groups", lambda: text, replace=True)
 
 
 def main(args: list[str]) -> int:
@@ -80,15 +92,20 @@ def main(args: list[str]) -> int:
               "pip install 'kv3d[bench]' (or: scripts/setup.sh test)", file=sys.stderr)
         return 2
 
-    dirs = search_path()            # installed plugins' config groups (codec=int8, tier=ssd...)
+    # bench.yaml is the primary config, in CONF_DIR (Hydra looks for a primary config only there, never
+    # on hydra.searchpath); the core's configs/ (config.yaml, which bench.yaml's defaults pull in, and
+    # the built-in options) and the plugins' config groups (codec=int8, tier=ssd...) are on the search path
+    dirs = search_path()
     options = {g: set(group_options(g, dirs)) for g in GROUPS}
+    _list_groups_in_help(options)
     argv = [a if a.startswith("-") else normalize_overrides([a], options)[0] for a in args]
     # hydra.searchpath joins the other overrides (argparse takes them as one run of positionals)
-    searchpath = searchpath_override(dirs, [a for a in argv if "=" in a and not a.startswith("-")])[-1:]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    searchpath = searchpath_override(dirs, overrides, primary=CONF_DIR)[-1:]
     argv = [a for a in argv if not a.lstrip("+").startswith("hydra.searchpath=")]
     at = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), len(argv))
     argv[at:at] = searchpath
-    app = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base=None)(_task)
+    app = hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base=None)(_task)
     saved = sys.argv
     sys.argv = ["kv3d-bench", *argv]
     _failures.clear()

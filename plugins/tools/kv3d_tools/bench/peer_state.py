@@ -11,7 +11,7 @@ budget (``--cache_size``) counts only the state blob.
 settings, attaches a real ``LlamaRAMCache``, runs real chat completions on the
 given conversations (messages the benchmark actually sent the peer), and
 reads each new cache entry's sizes. Run as ``python -m
-kv3d_core.bench.peer_state SPEC.json`` it prints the result as one JSON line
+kv3d_tools.bench.peer_state SPEC.json`` it prints the result as one JSON line
 (the benchmark runs it in a child process so its memory is returned).
 """
 

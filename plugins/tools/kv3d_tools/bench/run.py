@@ -19,19 +19,18 @@ import statistics
 import subprocess
 import sys
 import time
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from kv3d_core.bench import metrics as figures
-from kv3d_core.bench import plots, report
-from kv3d_core.bench.driver import DriveResult, drive
-from kv3d_core.bench import llama_server as ls_peer
-from kv3d_core.bench.systems import (KV3D, KV3D_SAFE, LLAMA_SERVER_UNIFIED, LLAMA_SERVERS, PEER, SYSTEMS, BenchError,
+from kv3d_tools.bench import metrics as figures
+from kv3d_tools.bench import plots, report
+from kv3d_tools.bench.driver import DriveResult, drive
+from kv3d_tools.bench import llama_server as ls_peer
+from kv3d_tools.bench.systems import (KV3D, KV3D_SAFE, LLAMA_SERVER_UNIFIED, LLAMA_SERVERS, PEER, SYSTEMS, BenchError,
                                      kv3d_server, llama_server_process, peer_available, peer_server)
-from kv3d_core.bench.workload import Workload, WorkloadSpec, context_tokens_needed, generate
+from kv3d_tools.bench.workload import Workload, WorkloadSpec, context_tokens_needed, generate
 
 log = logging.getLogger("kv3d.bench")
 
@@ -173,7 +172,7 @@ def measure_peer_state(out: Path, model_path: str, run: DriveResult, settings: d
         return {"error": "no successful peer request to measure"}
     spec_path = out / "peer_state_spec.json"
     spec_path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "kv3d_core.bench.peer_state", str(spec_path)],
+    proc = subprocess.run([sys.executable, "-m", "kv3d_tools.bench.peer_state", str(spec_path)],
                           capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise BenchError(f"measuring the peer's cache state failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -188,8 +187,6 @@ def quality(cfg: DictConfig, overrides: list[str], cache_dir: Path | None) -> tu
     codec = str(cfg.codec.name)
     if not cfg.quality:
         return None, "quality=false"
-    if find_spec("kv3d_core.tools.quality") is None:
-        return None, "kv3d quality is not available in this installation"
     passed = [o for o in overrides if override_key(o).split(".")[0] in ("model", "codec", "backend")
               or override_key(o) == "server.threads"]
     passed = [o for o in passed if override_key(o) != "codec"] + [f"codec={codec}"]

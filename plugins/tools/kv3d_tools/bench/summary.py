@@ -2,7 +2,7 @@
 
 Every job of a sweep writes ``<sweep dir>/<job num>/report.json``; after the
 last job Hydra calls :class:`SweepSummary` (``hydra.callbacks`` in
-``configs/bench.yaml``), which reads them all and writes into the sweep
+``conf/bench.yaml``), which reads them all and writes into the sweep
 directory:
 
 * ``summary.json`` -- ``{"sweep_dir", "runs": [{"job", "label", "overrides",
@@ -12,7 +12,7 @@ directory:
 
 A run's label is its overrides minus those every run shares (``codec=int8
 tier=ssd``). :func:`write_summary` can also be run by hand on a sweep dir:
-``python -m kv3d_core.bench.summary SWEEP_DIR``.
+``python -m kv3d_tools.bench.summary SWEEP_DIR``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kv3d_core.bench import plots, report
+from kv3d_tools.bench import plots, report
 
 try:
     from hydra.experimental.callback import Callback
@@ -107,7 +107,7 @@ class SweepSummary(Callback):  # type: ignore[misc]
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m kv3d_core.bench.summary SWEEP_DIR", file=sys.stderr)
+        print("usage: python -m kv3d_tools.bench.summary SWEEP_DIR", file=sys.stderr)
         return 2
     print(write_summary(Path(argv[0])))
     return 0

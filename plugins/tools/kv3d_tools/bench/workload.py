@@ -25,7 +25,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping
 
-from kv3d_core.bench import textgen
+from kv3d_tools.bench import textgen
 
 TokenCounter = Callable[[str], int]
 

@@ -1,7 +1,7 @@
 """Per-system figures of one benchmark run, from the measured requests and the
 server's own counters.
 
-* latency and throughput from :class:`~kv3d_core.bench.driver.DriveResult`;
+* latency and throughput from :class:`~kv3d_tools.bench.driver.DriveResult`;
 * KV memory per resumable session from kv3d's ``/debug/stats`` (``hot``, and
   ``warm``/``cold`` when tiers are configured): ``sessions_per_gb`` counts the
   sessions held in memory (hot + warm) per GiB of the KV bytes those tiers hold
@@ -9,7 +9,7 @@ server's own counters.
   sharing them); the cold tier is on disk and reported apart;
 * restore latency quantiles from the ``kv3d_restore_seconds`` histogram;
 * for the peer, the per-conversation state measured by
-  :mod:`kv3d_core.bench.peer_state`.
+  :mod:`kv3d_tools.bench.peer_state`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from kv3d_core.bench import prom
-from kv3d_core.bench.driver import DriveResult
+from kv3d_tools.bench import prom
+from kv3d_tools.bench.driver import DriveResult
 
 GIB = 1 << 30
 
