@@ -80,7 +80,7 @@ def main() -> None:
         snap = cache.maybe_snapshot(seq, len(tokens), tokens, fam, None)
         assert snap is not None, "the family prefix is long enough for a snapshot"
         cache.release(seq, tokens, len(tokens), fam, snap, keep=True)
-        entry = next(e for e in cache._by_key.values() if e.kind == "session")
+        entry = next(e for e in cache.entries() if e.kind == "session")
         cache.evict(entry)
         tiers.flush()
         stored = tiers.warm.get(entry.key)

@@ -250,7 +250,7 @@ def test_raw_prompts_sharing_a_prefix_get_an_implicit_family(layout):
         assert third["cached_tokens"] == 96
         assert eng.metrics.restores.labels("warm")._value.get() == restores_before, "no conversation restored"
         assert eng.metrics.derived_families._value.get() == 1
-        sessions = eng.scheduler.call(lambda: [e.n_prefix for e in eng.cache._by_key.values()
+        sessions = eng.scheduler.call(lambda: [e.n_prefix for e in eng.cache.entries()
                                                if e.kind == "session"]).result(60)
         assert 96 in sessions, "conversations after it store only their delta past the prefix"
         # the first conversation goes on, resending its prompt but not its reply: it resumes that

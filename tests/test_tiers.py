@@ -196,7 +196,7 @@ def test_idle_sessions_leave_the_hot_tier_while_others_run(hot_idle_s, watermark
     with Engine(compose(cfg)) as eng:
         reply, _ = engine_chat(eng, first_turn(1))
         on_scheduler = lambda fn: eng.scheduler.call(fn).result(timeout=60)   # after the release
-        session = on_scheduler(lambda: next(e for e in eng.cache._by_key.values() if e.kind == "session"))
+        session = on_scheduler(lambda: next(e for e in eng.cache.entries() if e.kind == "session"))
         engine_chat(eng, [{"role": "user", "content": "Name three rivers of Europe."}])   # another request runs
         on_scheduler(lambda: None)
         m = eng.metrics
@@ -230,7 +230,7 @@ def test_an_ended_request_leaves_its_stream_for_the_warm_tier(hot_sessions):
     with Engine(compose([*STREAMS, f"cache.hot_sessions={hot_sessions}"])) as eng:
         reply, first = engine_chat(eng, first_turn(1))
         on_scheduler = lambda fn: eng.scheduler.call(fn).result(timeout=60)   # noqa: E731
-        session = on_scheduler(lambda: next(e for e in eng.cache._by_key.values() if e.kind == "session"))
+        session = on_scheduler(lambda: next(e for e in eng.cache.entries() if e.kind == "session"))
         snap = on_scheduler(lambda: next(iter(eng.cache.snapshots.values())))
         stats = eng.stats()
         assert snap.blob is not None and stats["host"]["snapshots"] == 1 and stats["host"]["bytes"] > 0

@@ -159,12 +159,12 @@ class PrefixCache:
             # prefixes reach a stream through set_data too: stop loading them (recompute)
             self._prefix_loads = False
             for e in [e for e in self._by_key.values() if e.kind == "snapshot"]:
-                self._drop_entry(e)
+                self.drop_entry(e)
             log.error("loading family prefixes into KV streams switched off: family members recompute them")
         if self.tiers is None:
             return
         for e in [e for e in self._by_key.values() if e.state in (SessionState.WARM, SessionState.COLD)]:
-            self._drop_entry(e)
+            self.drop_entry(e)
         log.error("spilling and restoring switched off: idle sessions are dropped when cells are needed")
         self.tiers = None
 
@@ -174,13 +174,24 @@ class PrefixCache:
         if e in self._idle:
             self._idle.move_to_end(e)
 
-    def _add(self, e: CacheEntry) -> None:
+    # -- entries (scheduler thread; the tier stack's view of the cache, tiers/stack.CacheView) --
+    def entry(self, key: str) -> CacheEntry | None:
+        """The entry stored under ``key`` (a session's key, a snapshot's family digest)."""
+        return self._by_key.get(key)
+
+    def entries(self) -> list[CacheEntry]:
+        """Every entry, in every tier (a list: callers drop entries while walking it)."""
+        return list(self._by_key.values())
+
+    def add_entry(self, e: CacheEntry) -> None:
+        """Index ``e`` (found by its tokens from now on)."""
         self.index.insert(e)
         self._by_key[e.key] = e
         if e.kind == "snapshot":
             self.snapshots[(e.namespace, e.family)] = e
 
-    def _forget(self, e: CacheEntry) -> None:
+    def forget_entry(self, e: CacheEntry) -> None:
+        """Unindex ``e``; whatever it holds (cells, stored copies) is the caller's to release."""
         self.index.remove(e)
         self._by_key.pop(e.key, None)
         self._idle.pop(e, None)
@@ -303,7 +314,7 @@ class PrefixCache:
             e.state = SessionState.WARM
         else:
             e.state = SessionState.DROPPED
-            self._forget(e)
+            self.forget_entry(e)
         self.metrics.evictions.labels("hot").inc()
 
     def ensure_cells(self, n: int, exclude: Iterable[CacheEntry] = ()) -> bool:
@@ -452,7 +463,7 @@ class PrefixCache:
             if entry.kind == "session" and n == len(entry.tokens):
                 # the request continues this session: take its sequence over
                 seq = entry.seq
-                self._forget(entry)
+                self.forget_entry(entry)
                 entry.seq = None
                 entry.state = SessionState.PREFILL
                 if snap is not entry.snapshot:
@@ -492,7 +503,7 @@ class PrefixCache:
         if entry.kind == "session" and entry.seq is not None:
             if n == len(entry.tokens):           # the request continues this session: its stream is
                 seq = entry.seq                  # taken over as it is
-                self._forget(entry)
+                self.forget_entry(entry)
                 entry.seq = None
                 entry.state = SessionState.PREFILL
                 return Lease(seq, n, "hot", snap)
@@ -538,7 +549,7 @@ class PrefixCache:
                 self._quality_check(entry, seq, restored_snap, protect)
         except CacheFault:
             self._free_seq(seq)
-            self._drop_entry(entry)
+            self.drop_entry(entry)
             raise
         entry.pending = None
         if n < len(entry.tokens):
@@ -546,7 +557,7 @@ class PrefixCache:
             self.ledger.truncate(seq, n)
         else:
             self.tiers.discard(entry)            # the session continues; its stored copy is stale
-            self._forget(entry)
+            self.forget_entry(entry)
             entry.state = SessionState.PREFILL
         if restored_snap is None or n < len(restored_snap.tokens):
             return Lease(seq, n, tier, None)
@@ -603,7 +614,7 @@ class PrefixCache:
                 victim.state = SessionState.WARM
                 self.metrics.evictions.labels("hot").inc()
             else:                                # nowhere else: the family is computed anew later
-                self._drop_entry(victim)
+                self.drop_entry(victim)
 
     def _host_drop(self, e: CacheEntry) -> None:
         if e in self._host:
@@ -699,7 +710,8 @@ class PrefixCache:
             raise QualityGuardTripped(f"restored next-token distribution is {kl:.3g} nats (KL) from a "
                                       f"recompute's; the limit is {limit:g}")
 
-    def _drop_entry(self, e: CacheEntry) -> None:
+    def drop_entry(self, e: CacheEntry) -> None:
+        """Drop ``e`` everywhere: its cells, its host copy, its stored copies, its index entry."""
         self._host_drop(e)
         if e.seq is not None:
             self._free_seq(e.seq)
@@ -709,7 +721,7 @@ class PrefixCache:
         if self.tiers is not None:
             self.tiers.discard(e)
         e.state = SessionState.DROPPED
-        self._forget(e)
+        self.forget_entry(e)
 
     def snapshot_entry(self, family: FamilyKey) -> CacheEntry | None:
         return self.snapshots.get((family.scope, family.digest))
@@ -727,7 +739,7 @@ class PrefixCache:
             try:
                 blob = self.tiers.load_blob(snap)
             except CacheFault:
-                self._drop_entry(snap)
+                self.drop_entry(snap)
                 raise
             snap.blob = blob
             snap.state = SessionState.IDLE
@@ -744,7 +756,7 @@ class PrefixCache:
             self._restore_with_room(snap, seq, set(exclude))
         except CacheFault:
             self._free_seq(seq)
-            self._drop_entry(snap)
+            self.drop_entry(snap)
             raise
         self._touch(snap)
         snap.seq = seq
@@ -778,7 +790,7 @@ class PrefixCache:
             key=family.digest, kind="snapshot", namespace=family.scope, family=family.digest,
             tokens=np.asarray(tokens[:L], dtype=np.int32), seq=snap_seq,
         )
-        self._add(snap)
+        self.add_entry(snap)
         self._ref(snap)
         return snap
 
@@ -864,7 +876,7 @@ class PrefixCache:
         blob[:] = np.frombuffer(built, np.uint8)
         snap = CacheEntry(key=family.digest, kind="snapshot", namespace=family.scope, family=family.digest,
                           tokens=np.asarray(tokens[:L], dtype=np.int32), blob=blob)
-        self._add(snap)
+        self.add_entry(snap)
         self._host_add(snap)
         if self.tiers is not None:
             self.tiers.spill_blob(snap, blob)    # stored once below: the host copy may be dropped later
@@ -881,7 +893,7 @@ class PrefixCache:
                 n_prefix=len(snapshot.tokens) if snapshot is not None else 0,
                 seq=seq, snapshot=snapshot, n_prompt=min(n_prompt, n_past),
             )
-            self._add(entry)
+            self.add_entry(entry)
             self._make_idle(entry)
             self._spill_idle_sessions()
             return
@@ -933,7 +945,7 @@ class PrefixCache:
     def clear(self) -> None:
         """Drop everything cached (hot and below)."""
         for e in list(self._by_key.values()):
-            self._drop_entry(e)
+            self.drop_entry(e)
 
 
 def _same_conversation(entry: CacheEntry, n: int) -> bool:

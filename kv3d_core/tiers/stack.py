@@ -115,18 +115,20 @@ class Prepared:
 class CacheView(Protocol):
     """What the tier stack uses of the prefix cache that attaches it
     (:class:`kv3d_core.prefix.cache.PrefixCache`, one layer up, which this module does
-    not import). The stack works on the cache's own state: it adds the entries it
-    re-indexes, drops and forgets entries a tier lost, and restores into the cache's
-    backend and cell ledger. Only the scheduler thread touches it."""
+    not import): public members only. The stack adds the entries it re-indexes, drops and
+    forgets entries a tier lost, and restores into the cache's backend and cell ledger.
+    Only the scheduler thread calls these; the writer thread reaches entries through the
+    stack's queues (:meth:`TierStack.drain_gone`)."""
 
     backend: ExecutionBackend
     streams: bool                           # a KV stream per sequence (else one unified pool)
     ledger: CellLedger | StreamLedger
-    _by_key: dict[str, CacheEntry]
 
-    def _add(self, e: CacheEntry) -> None: ...
-    def _drop_entry(self, e: CacheEntry) -> None: ...
-    def _forget(self, e: CacheEntry) -> None: ...
+    def entry(self, key: str) -> CacheEntry | None: ...
+    def entries(self) -> list[CacheEntry]: ...
+    def add_entry(self, e: CacheEntry) -> None: ...
+    def drop_entry(self, e: CacheEntry) -> None: ...
+    def forget_entry(self, e: CacheEntry) -> None: ...
     def ensure_hot_snapshot(self, snap: CacheEntry, exclude: Iterable[CacheEntry] = ()) -> bool: ...
     def snapshot_arrays(self, snap: CacheEntry) -> KVArrays: ...
     def state_layout(self) -> StateLayout: ...
@@ -200,7 +202,7 @@ class TierStack:
                                tokens=np.asarray(m.tokens, np.int32), state=state)
                 snaps[(m.namespace, m.family)] = e
                 by_family[m.family] = e
-                self.cache._add(e)
+                self.cache.add_entry(e)
                 counts["snapshot"] += 1
         for m in metas:
             if m.kind != "session":
@@ -218,7 +220,7 @@ class TierStack:
                 self._drop_stored(m.key, tier.level, "prefix_mismatch",
                                   f"its {m.n_prefix}-token prefix differs from its family snapshot's tokens")
                 continue
-            self.cache._add(e)
+            self.cache.add_entry(e)
             counts["session"] += 1
         for kind, n in counts.items():
             self.metrics.tier_reindexed.labels(tier.level, kind).inc(n)
@@ -281,7 +283,7 @@ class TierStack:
                     self.cold = None
                 self.watch.remove(component)
                 log.error("%s tier %s switched off: its entries are dropped", component, tier.name)
-                for e in [e for e in self.cache._by_key.values() if e.state is state]:
+                for e in [e for e in self.cache.entries() if e.state is state]:
                     self._gone.put(e.key)
                 if self.warm is None and self.cold is None:
                     self.monitor.disable("restore", f"every tier below the hot one is off ({component} was last)")
@@ -355,7 +357,7 @@ class TierStack:
                 key, state = self._moved.get_nowait()
             except queue.Empty:
                 break
-            e = cache._by_key.get(key)
+            e = cache.entry(key)
             if e is not None and e.state in (SessionState.WARM, SessionState.COLD):
                 e.state = state
         while True:
@@ -363,9 +365,9 @@ class TierStack:
                 key = self._gone.get_nowait()
             except queue.Empty:
                 break
-            e = cache._by_key.get(key)
+            e = cache.entry(key)
             if e is not None and e.state in (SessionState.WARM, SessionState.COLD):
-                cache._drop_entry(e)
+                cache.drop_entry(e)
             else:
                 self._forget_orphan(key)
         if self._reconcile:
@@ -376,7 +378,7 @@ class TierStack:
                 family = self._snapshot_wanted.get_nowait()
             except queue.Empty:
                 break
-            snap = cache._by_key.get(family)
+            snap = cache.entry(family)
             if snap is not None and snap.kind == "snapshot":
                 self._persist_snapshot(snap)
         if self._orphans:
@@ -386,10 +388,10 @@ class TierStack:
         """A tier came back (its directory maybe re-created, empty): forget the entries no
         tier holds any more."""
         cache = self.cache
-        stored = [e for e in cache._by_key.values() if e.state in (SessionState.WARM, SessionState.COLD)]
+        stored = [e for e in cache.entries() if e.state in (SessionState.WARM, SessionState.COLD)]
         lost = [e for e in stored if not self.holds(e)]
         for e in sorted(lost, key=lambda e: e.kind != "session"):     # sessions before their snapshots
-            cache._drop_entry(e)
+            cache.drop_entry(e)
         for family, group in list(self._orphans.items()):
             for e in [e for e in group.values() if not self.holds(e)]:
                 self._forget_orphan(e.key)
@@ -399,10 +401,10 @@ class TierStack:
     def _orphan_dependents(self, snap: CacheEntry) -> None:
         """``snap`` is dropped: its stored sessions wait for it to be recomputed."""
         cache = self.cache
-        deps = [e for e in cache._by_key.values() if e.kind == "session" and e.snapshot is snap
+        deps = [e for e in cache.entries() if e.kind == "session" and e.snapshot is snap
                 and e.state in (SessionState.WARM, SessionState.COLD)]
         for e in deps:
-            cache._forget(e)
+            cache.forget_entry(e)
             e.snapshot = None
             self._orphans.setdefault(e.family, {})[e.key] = e
         if deps:
@@ -423,7 +425,7 @@ class TierStack:
         are resumable: linked to it, indexed, and the snapshot persisted."""
         cache = self.cache
         for family in list(self._orphans):
-            snap = cache._by_key.get(family)
+            snap = cache.entry(family)
             if snap is None or snap.kind != "snapshot":
                 continue
             group = self._orphans.pop(family)
@@ -437,7 +439,7 @@ class TierStack:
                     self._drop_stored(e.key, e.state.value, "prefix_mismatch",
                                       "its prefix differs from the recomputed family snapshot's tokens")
                     continue
-                cache._add(e)
+                cache.add_entry(e)
                 adopted += 1
             if adopted:
                 log.info("family snapshot %s recomputed: %d stored sessions resumable again", family[:12], adopted)
@@ -813,7 +815,7 @@ class TierStack:
     def _tier_stats(self, tier: StorageTier | None, state: SessionState) -> dict | None:
         if tier is None:
             return None
-        entries = [e for e in self.cache._by_key.values() if e.state is state] if self.cache else []
+        entries = [e for e in self.cache.entries() if e.state is state] if self.cache else []
         return {"name": tier.name, "bytes": tier.used_bytes, "capacity_bytes": tier.capacity_bytes,
                 "up": self.watch.up(tier.level),
                 "sessions": sum(1 for e in entries if e.kind == "session"),
