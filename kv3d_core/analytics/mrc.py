@@ -176,12 +176,16 @@ class ShardsMRC:
     def hit_ratio(self, nbytes: float) -> float | None:
         """The estimated hit ratio of an LRU cache of ``nbytes``, interpolated between bin
         edges; None before any sampled access."""
-        pts = self.curve()
-        if not pts:
-            return None
-        if nbytes < pts[0][0]:
-            return pts[0][1] * max(0.0, nbytes) / pts[0][0]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            if nbytes <= x1:
-                return y0 + (y1 - y0) * (nbytes - x0) / (x1 - x0)
-        return pts[-1][1]
+        return interpolate(self.curve(), nbytes)
+
+
+def interpolate(curve: list[tuple[float, float]], nbytes: float) -> float | None:
+    """A curve's hit ratio at ``nbytes``, linear between its points (0 at 0 bytes)."""
+    if not curve:
+        return None
+    if nbytes < curve[0][0]:
+        return curve[0][1] * max(0.0, nbytes) / curve[0][0]
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if nbytes <= x1:
+            return y0 + (y1 - y0) * (nbytes - x0) / (x1 - x0)
+    return curve[-1][1]
