@@ -152,7 +152,8 @@ def cmd_serve(args: Sequence[str]) -> int:
                          max_body_mb=cfg.server.max_body_mb, default_max_tokens=cfg.server.default_max_tokens,
                          cached_tokens=cfg.server.cached_tokens, cached_tokens_block=cfg.server.cached_tokens_block,
                          cors_origins=list(cfg.server.cors_origins), close_engine_on_shutdown=True,
-                         drain_s=cfg.server.drain_s, metrics_public=cfg.server.metrics_public)
+                         drain_s=cfg.server.drain_s, metrics_public=cfg.server.metrics_public,
+                         analytics=dict(cfg.analytics))
         info = engine.info
         log.info("kv3d serving %s (%s, %d cells = %.0f MiB hot KV, %d sequences, codec=%s, tier=%s, detector=%s%s) "
                  "on http://%s:%d", info.model_id, info.architecture, info.n_ctx,

@@ -98,12 +98,25 @@ class SafetySchema:
 
 
 @dataclass
+class AnalyticsSchema:
+    previews: bool = True
+    preview_words: int = 6
+    top_families: int = 20
+    window_s: float = 300
+    refresh_s: float = 3
+    gpu_hour_price: float = 2.0
+    mrc_sample_rate: float = 0.1
+    mrc_max_objects: int = 8192
+
+
+@dataclass
 class CoreSchema:
     server: ServerSchema = field(default_factory=ServerSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
     cache: CacheSchema = field(default_factory=CacheSchema)
     scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
     safety: SafetySchema = field(default_factory=SafetySchema)
+    analytics: AnalyticsSchema = field(default_factory=AnalyticsSchema)
     safe_mode: bool = False
 
 
@@ -317,6 +330,13 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("server.api_keys: a key may belong to one tenant only (and not repeat server.api_key)")
     if s.server.api_key and "default" in s.server.api_keys:
         problems.append("server.api_key is the tenant 'default': do not name another tenant 'default' in server.api_keys")
+    a = s.analytics
+    if a.preview_words < 1 or not 1 <= a.top_families <= 1000:
+        problems.append("analytics.preview_words must be >= 1 and analytics.top_families within 1..1000")
+    if a.window_s <= 0 or a.refresh_s <= 0 or a.gpu_hour_price < 0:
+        problems.append("analytics.window_s and analytics.refresh_s must be > 0, analytics.gpu_hour_price >= 0")
+    if not 0 < a.mrc_sample_rate <= 1 or a.mrc_max_objects < 16:
+        problems.append("analytics.mrc_sample_rate must be within (0, 1] and analytics.mrc_max_objects >= 16")
     if problems:
         raise ConfigError("; ".join(problems))
     for name in GROUPS:

@@ -176,7 +176,7 @@ def test_the_core_schema_and_config_yaml_agree():
                 yield prefix + f.name
 
     schema = set(fields(CoreSchema))
-    yaml_core = {k for k in keys if k.split(".")[0] in ("server", "model", "cache", "scheduler", "safety", "safe_mode")
+    yaml_core = {k for k in keys if k.split(".")[0] in ("server", "model", "cache", "scheduler", "safety", "analytics", "safe_mode")
                  and (k.count(".") == 1 or k == "safe_mode")}
     assert schema == yaml_core, f"only in the schema: {sorted(schema - yaml_core)}; only in config.yaml: " \
                                 f"{sorted(yaml_core - schema)}"

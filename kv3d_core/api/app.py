@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kv3d_core import __version__
-from kv3d_core.api import openapi
+from kv3d_core.api import dashboard, openapi
+from kv3d_core.api.analytics import Analytics, AnalyticsSettings
 from kv3d_core.api.cors import Cors
 from kv3d_core.api.drain import Drainer
 from kv3d_core.api.errors import APIError, from_validation_error
@@ -37,14 +38,16 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
                max_body_mb: float = 16, default_max_tokens: int | None = None,
                cached_tokens: str = "block", cached_tokens_block: int = 32,
                cors_origins: list[str] | None = None,
-               close_engine_on_shutdown: bool = False, drain_s: float = 25, metrics_public: bool = False) -> FastAPI:
+               close_engine_on_shutdown: bool = False, drain_s: float = 25, metrics_public: bool = False,
+               analytics: dict | None = None) -> FastAPI:
     """The app. Each API key is a tenant (``api_key`` the tenant ``default``, ``api_keys``
     {name: key} more): a tenant's requests reuse only its own cached KV. ``cached_tokens``
     says how usage reports reuse: ``block`` (rounded down to ``cached_tokens_block``),
     ``exact`` or ``off``. ``cors_origins``: origins browsers may call from (``["*"]``: any);
     their preflight requests are answered before the API key is checked. ``drain_s``: how
     long a SIGTERM lets requests in flight finish (:mod:`kv3d_core.api.drain`).
-    ``/metrics`` needs a key (when keys are configured) unless ``metrics_public``."""
+    ``/metrics`` needs a key (when keys are configured) unless ``metrics_public``.
+    ``analytics``: the ``analytics`` settings of ``/v1/kv3d/analytics`` and ``/dashboard``."""
     drainer = Drainer(drain_s)
     preparer = PromptPreparer(engine.backend)
 
@@ -74,7 +77,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, api_keys: dict[str
                     engine.model_id, bool(keys), protected)
     settings = ServiceSettings(max_body_mb=max_body_mb, default_max_tokens=default_max_tokens,
                                cached_tokens=cached_tokens, cached_tokens_block=cached_tokens_block)
-    app.include_router(router(CompletionService(engine, drainer, settings), preparer))
+    app.include_router(router(CompletionService(engine, drainer, settings), preparer,
+                              Analytics(engine, AnalyticsSettings(**(analytics or {})))))
+    app.include_router(dashboard.router())
     return app
 
 

@@ -27,7 +27,8 @@ def tenant_keys(api_key: str | None, api_keys: dict[str, str] | None) -> dict[st
     return out
 
 
-ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/v1/kv3d/analytics",
+             "/dashboard"}
 PROTECTED = ("/v1/", "/debug/")
 
 

@@ -10,8 +10,9 @@ import asyncio
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
+from kv3d_core.api.analytics import Analytics, finite
 from kv3d_core.api.choices import ChatChoice, CompletionChoice
 from kv3d_core.api.errors import APIError
 from kv3d_core.api.prepare import PromptPreparer
@@ -141,8 +142,8 @@ class Completions:
         return prepared
 
 
-def router(service: CompletionService, preparer: PromptPreparer) -> APIRouter:
-    """Every endpoint of the app."""
+def router(service: CompletionService, preparer: PromptPreparer, analytics: Analytics) -> APIRouter:
+    """Every endpoint of the app (the dashboard's page: ``api/dashboard.py``)."""
     engine = service.engine
     r = APIRouter()
     chat, legacy = ChatCompletions(service, preparer), Completions(service, preparer)
@@ -177,6 +178,11 @@ def router(service: CompletionService, preparer: PromptPreparer) -> APIRouter:
     async def debug_stats():
         """Cache tiers and scheduler state (read on the scheduler thread)."""
         return await asyncio.to_thread(engine.stats)
+
+    @r.get("/v1/kv3d/analytics")
+    async def workload_analytics(request: Request):
+        """The dashboard's figures (docs/ANALYTICS.md); a tenant sees only its own families."""
+        return JSONResponse(finite(await analytics.handle(request)))
 
     @r.get("/metrics")
     async def prometheus():

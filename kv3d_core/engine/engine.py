@@ -24,6 +24,7 @@ from kv3d_core.errors import PluginError
 from kv3d_core.metrics import Metrics
 from kv3d_core.plugins import PluginManager, make_plugin_manager
 from kv3d_core.prefix.cache import PrefixCache
+from kv3d_core.prefix.workload import WorkloadRecorder
 from kv3d_core.safety import FailureMonitor, SafetyConfig
 
 log = logging.getLogger("kv3d.engine")
@@ -71,6 +72,11 @@ class Engine:
         try:
             self.info = self.backend.info
             self.tiers = self._make_tiers(cfg)
+            an = cfg.get("analytics", {})
+            self.workload = WorkloadRecorder(self.info.kv_bytes_per_token,
+                                             sample_rate=float(an.get("mrc_sample_rate", 0.1)),
+                                             max_objects=int(an.get("mrc_max_objects", 8192)),
+                                             min_snapshot_tokens=cfg.cache.min_snapshot_tokens)
             self.cache = PrefixCache(
                 self.backend, self.detector, self.metrics,
                 enabled=not cfg.safe_mode,
@@ -86,6 +92,7 @@ class Engine:
                 # CPU, llama.cpp's threads take every core and a restore decoded beside them waits
                 prepare_restores=(cfg.cache.prepare_restores == "on" or (
                     cfg.cache.prepare_restores == "auto" and self.backend.info.gpu_layers != 0)),
+                workload=self.workload,
             )
             self.prompter = ChatPrompter.for_backend(self.backend)
             self.scheduler = Scheduler(self.backend, self.cache, self.metrics, SchedulerConfig(
@@ -207,3 +214,11 @@ class Engine:
                                     step_seconds=dict(self.scheduler.step_split))
             return out
         return self.scheduler.call(read).result(timeout)
+
+    def analytics_state(self, tenant: str | None, top: int, previews: bool, preview_words: int,
+                        timeout: float = 10.0) -> dict:
+        """What the analytics endpoint shows of the cache, read on the scheduler thread
+        (:mod:`kv3d_core.engine.analytics`); ``tenant`` sees only its own families."""
+        from kv3d_core.engine.analytics import read_state
+
+        return self.scheduler.call(lambda: read_state(self, tenant, top, previews, preview_words)).result(timeout)

@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kv3d_core.contracts.backend import ExecutionBackend
     from kv3d_core.safety import FailureMonitor
     from kv3d_core.metrics import Metrics
+    from kv3d_core.prefix.workload import WorkloadRecorder
     from kv3d_core.tiers.stack import Prepared, TierStack
 
 log = logging.getLogger("kv3d.prefix")
@@ -100,6 +101,7 @@ class PrefixCache:
         free_streams: int = 1,
         prefix_host_mb: float = 512,
         prepare_restores: bool = True,
+        workload: "WorkloadRecorder | None" = None,
     ) -> None:
         self.backend = backend
         self.info = backend.info
@@ -127,6 +129,7 @@ class PrefixCache:
         self.free_streams = max(0, int(free_streams))
         self.prefix_host_bytes = int(float(prefix_host_mb) * 2**20)
         self.prepare_restores = bool(prepare_restores)
+        self.workload = workload                 # the analytics' view of lookups (prefix/workload.py)
         self._host: OrderedDict[CacheEntry, None] = OrderedDict()   # snapshots' host copies, LRU first
         self._host_used = 0
         self._prefix_loads = True       # streams: copies into a stream (set_data) allowed
@@ -419,12 +422,17 @@ class PrefixCache:
                     and not _same_conversation(entry, lease.n_cached)):
                 lease.snapshot = self._derive_snapshot(lease.seq, prompt.tokens, lease.n_cached, family)
             if record:
-                self.metrics.record_prefix(lease.n_cached > 0, lease.n_cached)
+                self._record(prompt, family, lease.n_cached)
             return lease
         lease = self._acquire_from(None, 0, prompt)
         if lease is not None and record:
-            self.metrics.record_prefix(False, 0)
+            self._record(prompt, family, 0)
         return lease
+
+    def _record(self, prompt: PromptView, family: FamilyKey, n_cached: int) -> None:
+        self.metrics.record_prefix(n_cached > 0, n_cached)
+        if self.workload is not None:
+            self.workload.record(prompt, family, n_cached)
 
     def _derive_snapshot(self, seq: int, tokens, n: int, family: FamilyKey) -> CacheEntry | None:
         """A prompt without a family of its own (a raw completion, no system message) shared its
