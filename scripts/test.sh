@@ -4,4 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
+# tests/test_dashboard.py drives a real headless browser: Debian's chromium and its driver
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+        chromium chromium-driver
+fi
 exec "${KV3D_VENV:-.venv}/bin/python" -m pytest "$@"

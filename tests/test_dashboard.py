@@ -1,7 +1,7 @@
 """/dashboard in a real browser (headless Chromium through Selenium) against a real
 `kv3d serve` that served a seeded workload of two tenants, and /v1/kv3d/analytics over HTTP.
 
-Needs Debian's ``chromium`` and ``chromium-driver`` (.ci/run installs them when missing).
+Needs Debian's ``chromium`` and ``chromium-driver`` (scripts/test.sh installs them when missing).
 ``KV3D_DASHBOARD_SCREENSHOT=path.png`` also saves the laptop-sized screenshot there (the
 README's docs/dashboard.png is made that way).
 """
@@ -70,7 +70,7 @@ def served(tmp_path_factory):
 @pytest.fixture()
 def browser(tmp_path):
     if not (CHROMIUM and DRIVER):
-        pytest.fail("Debian's chromium and chromium-driver are needed (.ci/run installs them)")
+        pytest.fail("Debian's chromium and chromium-driver are needed (scripts/test.sh installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
