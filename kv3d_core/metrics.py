@@ -38,6 +38,11 @@ class Metrics:
                                     "sampling every sequence (sample), the rest (admission, batching, text, "
                                     "events: other)", ["part"], registry=r)
         self.prompt_tokens = Counter("kv3d_prompt_tokens", "Prompt tokens received", registry=r)
+        self.llama_steps = Counter("kv3d_llama_steps", "llama_decode steps by kind: with prefill tokens (prefill) "
+                                   "or decoding only (decode)", ["kind"], registry=r)
+        self.llama_step_seconds = Counter("kv3d_llama_step_seconds", "Time of those steps: llama_decode plus the "
+                                          "sampling that waits for the device", ["kind"], registry=r)
+        self.prefill_tokens = Counter("kv3d_prefill_tokens", "Prompt tokens computed (prefill chunks)", registry=r)
         self.rejected = Counter("kv3d_rejected", "Requests refused by the scheduler", ["reason"], registry=r)
         self.preemptions = Counter("kv3d_preemptions", "Running requests preempted (recomputed later) for lack of KV cells", registry=r)
         self.ttft = Histogram("kv3d_time_to_first_token_seconds", "Time to first token", ["cache"], buckets=LATENCY_BUCKETS, registry=r)

@@ -178,4 +178,8 @@ def test_the_json_endpoint_needs_the_key_and_checks_its_parameters(served):
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     for section in ("memory", "what_if", "roi", "latency"):
         assert "method" in body[section]
+    roi = body["roi"]                 # a prompt token priced from the steps by kind
+    assert roi["seconds_per_prefill_token_estimate"] in ("marginal", "upper bound")
+    assert roi["seconds_per_prefill_token"] > 0 and roi["prefill_tokens_saved"] > 0
+    assert roi["device_seconds_saved"] == pytest.approx(roi["prefill_tokens_saved"] * roi["seconds_per_prefill_token"])
     assert httpx.get(srv.url + "/dashboard/../pyproject.toml", timeout=10).status_code == 404

@@ -604,3 +604,20 @@ def test_the_scheduler_runs_concurrent_greedy_jobs_as_it_runs_them_alone(unified
     # one at a time, the later members of a family load its snapshot instead of computing it
     assert [a[2]["cached_tokens"] for a in alone[:2]] == [0, 0]
     assert all(a[2]["cached_tokens"] >= spec[1].length for a, spec in zip(alone[2:], specs[2:]))
+
+
+def test_steps_are_counted_by_kind_and_prefill_tokens_are_the_prompt_tokens_computed():
+    """The counters the analytics price a prompt token with: every step is a prefill step
+    (it held prompt tokens) or a decode-only one, and the prefill tokens are exactly the
+    prompt tokens not served from cache."""
+    b = FakeBackend()
+    specs = [(*chat(b, system, user), 5) for system, user in [(SYSTEM, "Fuses?"), (SYSTEM, "Cables?"),
+                                                               (OTHER_SYSTEM, "Good morning.")]]
+    results, sched = run_jobs(False, specs, together=False)
+    m = sched.metrics
+    steps = {k: m.llama_steps.labels(k)._value.get() for k in ("prefill", "decode")}
+    seconds = {k: m.llama_step_seconds.labels(k)._value.get() for k in ("prefill", "decode")}
+    assert steps["prefill"] >= len(specs) and steps["decode"] >= 1
+    assert sum(steps.values()) == sched.steps and all(v > 0 for v in seconds.values())
+    computed = sum(u["prompt_tokens"] - u["cached_tokens"] for _, _, u in results)
+    assert results[1][2]["cached_tokens"] > 0 and m.prefill_tokens._value.get() == computed

@@ -120,3 +120,23 @@ def test_curve_is_monotone_and_bounded():
 def test_bad_settings_are_refused(rate, objects):
     with pytest.raises(ValueError):
         ShardsMRC(rate=rate, max_objects=objects)
+
+
+def test_a_prompt_token_is_priced_at_its_marginal_step_time():
+    """The ROI's price of a prompt token: prefill steps' time less as many mean decode-only
+    steps, per prefill token; the whole prefill steps' time (an upper bound) before any
+    decode-only step, and nothing before any prefill."""
+    from kv3d_core.api.analytics import prefill_token_seconds
+
+    def samples(steps_p, steps_d, secs_p, secs_d, tokens):
+        return {("kv3d_llama_steps_total", (("kind", "prefill"),)): steps_p,
+                ("kv3d_llama_steps_total", (("kind", "decode"),)): steps_d,
+                ("kv3d_llama_step_seconds_total", (("kind", "prefill"),)): secs_p,
+                ("kv3d_llama_step_seconds_total", (("kind", "decode"),)): secs_d,
+                ("kv3d_prefill_tokens_total", ()): tokens}
+    # 10 prefill steps of 0.5 s holding 4,000 prompt tokens; decode-only steps take 0.1 s
+    assert prefill_token_seconds(samples(10, 50, 5.0, 5.0, 4000))[0] == pytest.approx((5.0 - 10 * 0.1) / 4000)
+    assert prefill_token_seconds(samples(10, 50, 5.0, 5.0, 4000))[1] == "marginal"
+    assert prefill_token_seconds(samples(10, 0, 5.0, 0.0, 4000)) == (5.0 / 4000, "upper bound")
+    assert prefill_token_seconds(samples(0, 5, 0.0, 1.0, 0)) == (None, "no prefill yet")
+    assert prefill_token_seconds(samples(1, 1, 0.05, 1.0, 10))[0] == 0.0    # never negative

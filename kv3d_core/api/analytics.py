@@ -198,12 +198,27 @@ def _what_if(state: dict, memory: dict) -> dict:
     }
 
 
+def prefill_token_seconds(now: dict[Sample, float]) -> tuple[float | None, str]:
+    """What computing one prompt token costs, from the scheduler's steps by kind: the time of
+    steps holding prefill tokens, less what the same number of decode-only steps took on
+    average, per prefill token. ``(seconds, how)``; ``how`` is ``"marginal"``, or
+    ``"upper bound"`` when no decode-only step was seen yet (the whole prefill steps' time)."""
+    steps_p = _sum(now, "kv3d_llama_steps_total", kind="prefill")
+    steps_d = _sum(now, "kv3d_llama_steps_total", kind="decode")
+    secs_p = _sum(now, "kv3d_llama_step_seconds_total", kind="prefill")
+    secs_d = _sum(now, "kv3d_llama_step_seconds_total", kind="decode")
+    tokens = _sum(now, "kv3d_prefill_tokens_total")
+    if not tokens:
+        return None, "no prefill yet"
+    if not steps_d:
+        return secs_p / tokens, "upper bound"
+    return max(0.0, secs_p - steps_p * secs_d / steps_d) / tokens, "marginal"
+
+
 def _roi(now: dict[Sample, float], price: float, gpu: bool) -> dict:
     saved_tokens = _sum(now, "kv3d_prefix_cached_tokens_total")
-    decode_s = _sum(now, "kv3d_step_seconds_total", part="decode")
     busy_s = _sum(now, "kv3d_step_seconds_total")
-    batch_tokens = _sum(now, "kv3d_batch_tokens_sum")
-    per_token = _ratio(decode_s, batch_tokens)
+    per_token, how = prefill_token_seconds(now)
     saved_s = saved_tokens * per_token if per_token is not None else None
     requests = _sum(now, "kv3d_prefix_requests_total")
 
@@ -217,16 +232,19 @@ def _roi(now: dict[Sample, float], price: float, gpu: bool) -> dict:
         "device": "gpu" if gpu else "cpu",
         "device_seconds_saved": saved_s,
         "device_seconds_busy": busy_s,
-        "seconds_per_token": per_token,     # an upper bound for prefill: one-token decode steps included
+        "seconds_per_prefill_token": per_token,
+        "seconds_per_prefill_token_estimate": how,
         "requests": int(requests),
         "price_per_device_hour": price,
         "cost_per_10k_requests": per_10k(busy_s),
         "cost_per_10k_requests_without_reuse": per_10k(busy_s + saved_s if saved_s is not None else None),
-        "method": "saved: prompt tokens served from cache (kv3d_prefix_cached_tokens) x the measured mean "
-                  "decode time per batched token (kv3d_step_seconds{part=decode} / kv3d_batch_tokens_sum; "
-                  "one-token decode steps included, so an upper bound of a prefill token's cost); "
-                  "cost: the scheduler's busy time (kv3d_step_seconds) per request x 10k x "
-                  "analytics.gpu_hour_price / 3600, without reuse adding the saved seconds",
+        "method": "saved: prompt tokens served from cache (kv3d_prefix_cached_tokens) x what one prompt "
+                  "token costs to compute: the time of steps holding prefill tokens less the mean "
+                  "decode-only step's time for as many steps, per prefill token (kv3d_llama_step_seconds, "
+                  "kv3d_llama_steps, kv3d_prefill_tokens; the whole prefill steps' time per token, an upper "
+                  "bound, until a decode-only step was seen); cost: the scheduler's busy time "
+                  "(kv3d_step_seconds) per request x 10k x analytics.gpu_hour_price / 3600, without reuse "
+                  "adding the saved seconds",
     }
 
 

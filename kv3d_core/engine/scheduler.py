@@ -178,6 +178,9 @@ class Scheduler:
         # per-step hot path: metric children and constants looked up once
         self._generated = metrics.generated_tokens
         self._split_metric = {p: metrics.step_seconds.labels(p) for p in self.step_split}
+        self._kind_steps = {k: metrics.llama_steps.labels(k) for k in ("prefill", "decode")}
+        self._kind_seconds = {k: metrics.llama_step_seconds.labels(k) for k in ("prefill", "decode")}
+        self._prefill_tokens = metrics.prefill_tokens
         self._n_ctx_seq = backend.info.n_ctx_seq
         self._gauges_at = 0.0
 
@@ -514,10 +517,12 @@ class Scheduler:
                 return
             break
         dt = time.perf_counter() - t0
+        step_s = dt
         self.step_split["decode"] += dt
         self._split_metric["decode"].inc(dt)
         self.steps += 1
         self.metrics.batch_tokens.observe(n_tokens)
+        n_prefill = sum(len(e.tokens) for j, e in plan if j.state is SessionState.PREFILL)
         self.metrics.batch_seqs.observe(len(plan))
         self.max_batch_seqs_seen = max(self.max_batch_seqs_seen, len(plan))
         sampling: list[tuple[Job, int]] = []
@@ -535,6 +540,7 @@ class Scheduler:
                     sampling.extend((child, out) for child in self._fork(job))
             sampling.append((job, out))
         if not sampling:
+            self._count_step(n_prefill, step_s)
             return
         # every sequence's next token in one call (greedy rows: one argmax over the logits matrix)
         t0 = time.perf_counter()
@@ -542,9 +548,20 @@ class Scheduler:
         dt = time.perf_counter() - t0
         self.step_split["sample"] += dt
         self._split_metric["sample"].inc(dt)
+        self._count_step(n_prefill, step_s + dt)
         self._generated.inc(len(tokens))
         for (job, out), token in zip(sampling, tokens):
             self._on_token(job, token, out)
+
+    def _count_step(self, n_prefill: int, seconds: float) -> None:
+        """A step's device time (llama_decode, and the sampling that waits for an accelerator
+        to finish) by kind: with prefill tokens or decoding only. From these the analytics
+        estimate what a prompt token costs to compute, beyond the decoding it rides along with."""
+        kind = "prefill" if n_prefill else "decode"
+        self._kind_steps[kind].inc()
+        self._kind_seconds[kind].inc(seconds)
+        if n_prefill:
+            self._prefill_tokens.inc(n_prefill)
 
     def _fork(self, job: Job) -> list[Job]:
         """The prompt of ``job`` is done: start its other choices from the same cells and
