@@ -278,6 +278,10 @@ def test_bench_run_kv3d_against_safe_mode(tmp_path):
         assert s["errors"] == 0 and s["requests"] == 8
         assert s["tokens_per_s"] > 0 and s["requests_per_s"] > 0 and s["ttft_p95_s"] > 0
         assert s["rss_bytes"] > 50 * 2**20
+        # the machine billed for the run's time at the dashboard's price setting (2.0 by default)
+        assert s["price_per_device_hour"] == 2.0
+        assert s["cost_per_10k_requests"] == pytest.approx(10_000 / s["requests_per_s"] * 2.0 / 3600)
+    assert "cost / 10k req" in (out / "report.md").read_text()
     kv, safe = systems["kv3d"], systems["kv3d_safe"]
     assert kv["hit_rate"] > 0 and kv["ttft_p50_hit_s"] > 0 and kv["ttft_p50_miss_s"] > 0
     assert safe["hit_rate"] == 0 and safe["ttft_p50_hit_s"] is None

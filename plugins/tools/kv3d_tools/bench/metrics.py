@@ -29,6 +29,17 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else None
 
 
+def cost_figures(fig: dict[str, Any], price_per_hour: float) -> dict[str, Any]:
+    """What 10,000 requests of this workload cost on the machine the system ran on, billed
+    by the hour at ``price_per_hour`` (``analytics.gpu_hour_price``, the dashboard's setting):
+    the run's wall time per answered request x 10,000 x price / 3600. Every system is billed
+    the same machine for the time it took, so the ratio between systems is that of their
+    request rates."""
+    rate = fig.get("requests_per_s")
+    return {"cost_per_10k_requests": 10_000 / rate * price_per_hour / 3600 if rate else None,
+            "price_per_device_hour": price_per_hour}
+
+
 def request_figures(run: DriveResult) -> dict[str, Any]:
     """Hit rate, TTFT quantiles (all, hits, misses), throughput."""
     ok = run.ok

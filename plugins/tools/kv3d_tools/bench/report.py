@@ -3,7 +3,7 @@
 ``report.json``::
 
     {"systems":  [{"name", "hit_rate", "ttft_p50_hit_s", "ttft_p50_miss_s", "ttft_p95_s",
-                   "requests_per_s", "tokens_per_s", "kv_bytes_per_session", "rss_bytes",
+                   "requests_per_s", "tokens_per_s", "cost_per_10k_requests", "kv_bytes_per_session", "rss_bytes",
                    "sessions_per_gb", "restore_p95_warm_s", "restore_p95_cold_s", "quality",
                    "config", ...}, ...],
      "baseline": "llama_server",      # what "ratios" divide by (llama_server, else the first other peer run)
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 STABLE_SYSTEM_KEYS = ("name", "hit_rate", "ttft_p50_hit_s", "ttft_p50_miss_s", "ttft_p95_s", "requests_per_s",
-                      "tokens_per_s", "kv_bytes_per_session", "rss_bytes", "sessions_per_gb",
+                      "tokens_per_s", "cost_per_10k_requests", "kv_bytes_per_session", "rss_bytes", "sessions_per_gb",
                       "restore_p95_warm_s", "restore_p95_cold_s", "quality", "config")
 REPORT_KEYS = ("systems", "ratios", "workload", "machine", "targets")
 TARGET_TTFT_HIT_FRACTION = 0.1
@@ -235,8 +235,8 @@ def rounds_summary(round_figures: list[dict[str, dict]], round_ratios: list[dict
 
 def system_table(systems: list[dict], label: str | None = None) -> list[str]:
     head = ("| " + ("run | " if label is not None else "") + "system | hit rate | TTFT p50 hit | TTFT p50 miss | "
-            "TTFT p95 | req/s | gen tok/s | KV/session | sessions/GiB | RSS | restore p95 warm | restore p95 cold "
-            "| quality (mean KL) |")
+            "TTFT p95 | req/s | gen tok/s | cost / 10k req | KV/session | sessions/GiB | RSS | restore p95 warm "
+            "| restore p95 cold | quality (mean KL) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in systems:
         q = s.get("quality") or {}
@@ -244,7 +244,7 @@ def system_table(systems: list[dict], label: str | None = None) -> list[str]:
         lines.append("| " + (f"{label} | " if label is not None else "") + " | ".join([
             s["name"], hit, _fmt(s.get("ttft_p50_hit_s"), "s"), _fmt(s.get("ttft_p50_miss_s"), "s"),
             _fmt(s.get("ttft_p95_s"), "s"), _fmt(s.get("requests_per_s")), _fmt(s.get("tokens_per_s")),
-            _fmt(s.get("kv_bytes_per_session"), "B"), _fmt(s.get("sessions_per_gb"), "", 4),
+            _fmt(s.get("cost_per_10k_requests"), "", 3), _fmt(s.get("kv_bytes_per_session"), "B"), _fmt(s.get("sessions_per_gb"), "", 4),
             _fmt(s.get("rss_bytes"), "B"), _fmt(s.get("restore_p95_warm_s"), "s"),
             _fmt(s.get("restore_p95_cold_s"), "s"), _fmt(q.get("mean_kl"), "", 3)]) + " |")
     return lines
@@ -296,7 +296,10 @@ def write_markdown(path: Path, report: dict, plots: list[str]) -> None:
         "Hit rate: share of requests with `usage.prompt_tokens_details.cached_tokens > 0` (llamacpp_peer reports no "
         "usage in streams: its TTFT is split by the workload's reusable label instead). sessions/GiB: " +
         "; ".join(f"{s['name']}: {s.get('sessions_per_gb_method')}" for s in report["systems"]
-                  if s.get("sessions_per_gb_method")) + ".", "",
+                  if s.get("sessions_per_gb_method")) + ". cost / 10k req: the run's wall time per answered "
+        "request x 10,000, the machine billed at " + _fmt(next((s.get("price_per_device_hour") for s in
+                                                               report["systems"]), None)) +
+        " per device-hour (`analytics.gpu_hour_price`; the same machine for every system).", "",
         f"## Ratios (kv3d / {report.get('baseline') or 'n/a'})", "",
         *[f"- {k}: {_fmt(v, 'x', 3)}" + _range_note(report, k) for k, v in report["ratios"].items()], "",
         *[f"kv3d / {n}: " + ", ".join(f"{k} {_fmt(v, 'x', 3)}" for k, v in r.items())

@@ -246,6 +246,7 @@ def _run_system(name: str, cfg: DictConfig, wl: Workload, out: Path, overrides: 
                     sampling=OmegaConf.to_container(cfg.sampling) if cfg.get("sampling") else None,
                     token_ids_vocab=n_vocab if cfg.prompts == "token_ids" else None)
         sys_report: dict[str, Any] = {"name": name, **figures.request_figures(run)}
+        sys_report.update(figures.cost_figures(sys_report, float(cfg.analytics.gpu_hour_price)))
         # the machine may be shared: its load while this system ran puts the timings in context
         sys_report["loadavg_1m_start_end"] = [load_start, _loadavg()]
         sys_report["rss_bytes"] = srv.rss()
