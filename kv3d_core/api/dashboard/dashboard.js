@@ -10,6 +10,7 @@
   window.kv3d = { charts, last: null };
 
   const pct = (v) => (v == null ? "–" : (100 * v).toFixed(1) + "%");
+  const tick = (v) => (v == null ? "" : Math.round(100 * v) + "%");     // axis labels: whole percent
   const num = (v, d = 1) => (v == null ? "–" : Number(v).toLocaleString(undefined, { maximumFractionDigits: d }));
   const bytes = (v) => {
     if (v == null) return "–";
@@ -141,7 +142,7 @@
     const xs = w.curve.map((p) => p.bytes), ys = w.curve.map((p) => p.hit_ratio);
     chart("whatif", $("whatif-chart"), {
       scales: { x: { time: false, distr: 3 }, y: { range: [0, 1] } },
-      axes: [{ values: (u, v) => v.map(bytes), size: 40 }, { values: (u, v) => v.map(pct), size: 56 }],
+      axes: [{ values: (u, v) => v.map(bytes), size: 40 }, { values: (u, v) => v.map(tick), size: 60 }],
       series: [{ label: "cache size", value: (u, v) => bytes(v) },
         { label: "hit ratio (LRU)", stroke: "#2b6cb0", width: 2, value: (u, v) => pct(v) }],
     }, [xs, ys]);
@@ -160,7 +161,7 @@
     for (const k in history) if (history[k].length > 600) history[k].shift();
     chart("history", $("history-chart"), {
       scales: { x: { time: true }, y: { range: [0, 1] }, tok: {} },
-      axes: [{}, { values: (u, v) => v.map(pct), size: 56 }, { scale: "tok", side: 1, grid: { show: false } }],
+      axes: [{}, { values: (u, v) => v.map(tick), size: 60 }, { scale: "tok", side: 1, grid: { show: false }, size: 60 }],
       series: [{}, { label: "hit rate", stroke: "#2b6cb0", width: 2, value: (u, v) => pct(v) },
         { label: "prefill avoided (tok/s)", stroke: "#38a169", scale: "tok", value: (u, v) => num(v) }],
     }, [history.t, history.hit, history.prefill]);
