@@ -606,6 +606,30 @@ def test_the_scheduler_runs_concurrent_greedy_jobs_as_it_runs_them_alone(unified
     assert all(a[2]["cached_tokens"] >= spec[1].length for a, spec in zip(alone[2:], specs[2:]))
 
 
+@LAYOUTS
+def test_raw_prompts_arriving_together_share_their_common_prefix_within_a_namespace_only(unified):
+    """Prompts without a family (family_len 0) admitted together and sharing 80 tokens get one
+    implicit family per namespace: in each namespace one computes the prefix, the other loads
+    its snapshot; a tenant's request never waits for or loads another namespace's prefix.
+    Replies equal those of the requests run one by one."""
+    b = FakeBackend()
+    shared = toks(21, 80)
+    specs = []
+    for salt in ("tenant-a", "tenant-b"):
+        for i in range(2):
+            view = PromptView(shared + toks(30 + i, 12), 0, b.info.model_id, salt)
+            family = ExactDetector().family(view)
+            assert family.length == 0
+            specs.append((view, family, 4))
+    together, sched = run_jobs(unified, specs, together=True)
+    assert sched.metrics.snapshot_adoptions._value.get() == 2
+    assert [r[2]["cached_tokens"] >= 80 for r in together].count(True) == 2
+    for salt in (0, 2):                                   # one of each namespace's pair was served from cache
+        assert [together[salt][2]["cached_tokens"] > 0, together[salt + 1][2]["cached_tokens"] > 0].count(True) == 1
+    alone, _ = run_jobs(unified, specs, together=False)
+    assert [r[:2] for r in together] == [r[:2] for r in alone]
+
+
 def test_steps_are_counted_by_kind_and_prefill_tokens_are_the_prompt_tokens_computed():
     """The counters the analytics price a prompt token with: every step is a prefill step
     (it held prompt tokens) or a decode-only one, and the prefill tokens are exactly the

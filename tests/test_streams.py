@@ -176,6 +176,52 @@ def test_requests_of_a_new_family_arriving_together_compute_its_prefix_once(layo
             assert text.split()[:1] == expected.split()[:1], (text, expected)
 
 
+@pytest.mark.parametrize("layout", ["streams", "unified"])
+def test_raw_completions_sharing_a_prefix_arriving_together_compute_it_once(layout):
+    """Four raw completions (no template, no declared family) that share a long beginning and
+    are admitted in one step get one implicit family of their common prefix: the first
+    computes it, the others load its snapshot. Every reply equals a cold server's."""
+    import queue
+    import threading
+
+    from kv3d_core.config import compose
+    from kv3d_core.contracts import SamplingParams
+    from kv3d_core.engine.engine import Engine
+
+    prompts = [f"{SYSTEM}\n\nQuestion: {q}\nAnswer:" for q in TURNS[:4]]
+
+    def complete(eng, views) -> list[tuple[str, dict]]:
+        gate = threading.Event()
+        eng.scheduler.call(lambda: gate.wait(30))        # hold the scheduler: all arrive together
+        queues = []
+        for v in views:
+            q: queue.Queue = queue.Queue()
+            eng.submit(v, SamplingParams(temperature=0), 8, [], q.put)
+            queues.append(q)
+        gate.set()
+        return [(text, done.usage) for text, done in map(collect, queues)]
+
+    with Engine(compose(["server.threads=2", f"cache.layout={layout}", "scheduler.n_seq_max=6",
+                         "scheduler.max_running=4", "cache.stream_ctx=512"])) as eng:
+        views = [eng.prepare_completion(p) for p in prompts]
+        assert all(v.family.length == 0 for v in views)
+        toks = [list(v.prompt.tokens) for v in views]
+        common = min(next((i for i, (a, b) in enumerate(zip(toks[0], t)) if a != b), len(t)) for t in toks[1:])
+        assert common >= 48
+        replies = complete(eng, views)
+        decoded = eng.metrics.batch_tokens._sum.get()
+        adopted = eng.metrics.snapshot_adoptions._value.get()
+    total = sum(u["prompt_tokens"] for _, u in replies)
+    generated = sum(u["completion_tokens"] for _, u in replies)
+    assert adopted == 3, adopted
+    assert decoded <= total - 3 * common + generated, (decoded, total, common, generated)
+    assert sum(1 for _, u in replies if u["cached_tokens"] > 0) == 3
+    with Engine(compose(["server.threads=2", "safe_mode=true"])) as cold:
+        for (text, _), p in zip(replies, prompts):
+            expected, _ = complete(cold, [cold.prepare_completion(p)])[0]
+            assert text.split()[:1] == expected.split()[:1], (text, expected)
+
+
 def test_a_request_longer_than_a_stream_is_refused_not_crashed(tmp_path):
     with running_server(tmp_path, ["cache.stream_ctx=512"]) as srv:
         long_text = " ".join(["lantern meadow copper"] * 250)          # ~750 tokens

@@ -49,6 +49,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, Sampler, SamplingParams, TokenLogprob
 from kv3d_core.contracts.detector import FamilyKey, PromptView
 from kv3d_core.contracts.session import SessionState, check_transition
@@ -57,6 +59,7 @@ from kv3d_core.engine.textstream import TextStream
 from kv3d_core.errors import BackendError, KVCacheFullError
 from kv3d_core.metrics import Metrics
 from kv3d_core.prefix.cache import PrefixCache
+from kv3d_core.prefix.radix import common_prefix_len
 from kv3d_core.tiers.entry import CacheEntry
 
 log = logging.getLogger("kv3d.scheduler")
@@ -439,6 +442,7 @@ class Scheduler:
         prefix all but the one furthest along wait for it (returned: not prefilled this step).
         When the prefix gives no snapshot, the waiting ones go on by themselves once the one
         ahead has passed it."""
+        self._implicit_families()
         groups: dict[tuple[str, str], list[Job]] = {}
         for job in self._running:
             if (job.state is not SessionState.PREFILL or job.snapshot is not None
@@ -457,6 +461,45 @@ class Scheduler:
                 lead = max(jobs, key=lambda j: (j.n_past, -j.t_submit))
                 parked.update(j for j in jobs if j is not lead)
         return parked
+
+    def _implicit_families(self) -> None:
+        """Prompts without a family of their own (raw completions) that arrive together and
+        share their first tokens -- at least a snapshot's worth, within one namespace -- get
+        one implicit family of their common prefix, so :meth:`_share_prefixes` has it computed
+        once, as for a declared family. Requests that share less with the one furthest along
+        keep going by themselves."""
+        head = self.cache.min_snapshot_tokens
+        by_head: dict[tuple[str, str, tuple[int, ...]], list[Job]] = {}
+        known: dict[tuple[str, str, tuple[int, ...]], list[Job]] = {}     # prefilling ones with a family
+        for job in self._running:
+            if job.state is not SessionState.PREFILL or len(job.context) <= head:
+                continue
+            key = (job.family.namespace, job.family.scope, tuple(job.context[:head]))
+            if job.snapshot is None and job.family.length == 0:
+                by_head.setdefault(key, []).append(job)
+            elif job.family.length >= head:
+                known.setdefault(key, []).append(job)
+        for key, jobs in by_head.items():
+            for job in list(jobs):              # a family some request is already computing: join it
+                other = next((o for o in known.get(key, ()) if o.family.length < len(job.context)
+                              and o.context[:o.family.length] == job.context[:o.family.length]), None)
+                if other is not None:
+                    job.family = other.family
+                    jobs.remove(job)
+            if len(jobs) < 2:
+                continue
+            lead = max(jobs, key=lambda j: (j.n_past, -j.t_submit))
+            ref = np.asarray(lead.context)
+            lcp = {j: common_prefix_len(ref, np.asarray(j.context)) for j in jobs if j is not lead}
+            members = [lead] + [j for j, n in lcp.items() if n >= head]
+            if len(members) < 2:
+                continue
+            n = min([lcp[j] for j in members[1:]] + [len(j.context) - 1 for j in members])
+            if n < head or not self.cache.shares_prefix(
+                    family := self.cache.implicit_family(lead.family, lead.context, n)):
+                continue
+            for job in members:
+                job.family = family
 
     def _prefill_order(self) -> list[Job]:
         jobs = [j for j in self._running if j.state is SessionState.PREFILL]

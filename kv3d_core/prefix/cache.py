@@ -434,14 +434,19 @@ class PrefixCache:
         if self.workload is not None:
             self.workload.record(prompt, family, n_cached)
 
+    def implicit_family(self, family: FamilyKey, tokens, n: int) -> FamilyKey:
+        """The implicit family of a prompt without one of its own (a raw completion, no system
+        message) whose first ``n`` tokens other requests share: named by those tokens, in the
+        prompt's own namespace."""
+        return FamilyKey(family.namespace, family_digest(family.scope, list(tokens[:n])), n, family.snapshot_namespace)
+
     def _derive_snapshot(self, seq: int, tokens, n: int, family: FamilyKey) -> CacheEntry | None:
         """A prompt without a family of its own (a raw completion, no system message) shared its
         first ``n`` tokens with a cached conversation it does not continue: those tokens are a
         prefix several requests share -- an implicit family. Its snapshot is made now from the
         request's sequence (which holds them), so later requests sharing it load the prefix
         instead of restoring whole conversations, and conversations store only their deltas."""
-        derived = FamilyKey(family.namespace, family_digest(family.scope, tokens[:n]), n, family.snapshot_namespace)
-        snap = self.maybe_snapshot(seq, n, list(tokens), derived, None)
+        snap = self.maybe_snapshot(seq, n, list(tokens), self.implicit_family(family, tokens, n), None)
         if snap is not None:
             self.metrics.derived_families.inc()
         return snap
