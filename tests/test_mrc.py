@@ -140,3 +140,19 @@ def test_a_prompt_token_is_priced_at_its_marginal_step_time():
     assert prefill_token_seconds(samples(10, 0, 5.0, 0.0, 4000)) == (5.0 / 4000, "upper bound")
     assert prefill_token_seconds(samples(0, 5, 0.0, 1.0, 0)) == (None, "no prefill yet")
     assert prefill_token_seconds(samples(1, 1, 0.05, 1.0, 10))[0] == 0.0    # never negative
+
+
+def test_the_metric_window_ignores_a_sample_older_than_its_newest():
+    """The endpoint's requests run on worker threads: one may add its sample after another
+    request added a newer one. The older sample is dropped, so the window never spans
+    backwards and its growth is never negative."""
+    from kv3d_core.analytics.window import MetricWindow
+
+    w = MetricWindow(window_s=60)
+    x = ("x_total", ())
+    w.add(0.0, {x: 0.0})
+    w.add(2.0, {x: 20.0})
+    w.add(1.0, {x: 10.0})                  # taken before the 2.0 one, added after it
+    assert w.delta() == (2.0, {x: 20.0})
+    w.add(3.0, {x: 30.0})
+    assert w.delta() == (3.0, {x: 30.0})

@@ -69,6 +69,11 @@ class Fenwick:
 class ShardsMRC:
     """The online miss-ratio curve of one access stream (see the module docstring)."""
 
+    @property
+    def tracked(self) -> int:
+        """Objects tracked now (at most ``max_objects``)."""
+        return len(self._objects)
+
     def __init__(self, rate: float = 0.1, max_objects: int = 8192, *, class_rates: tuple[float, ...] = (),
                  bins_per_octave: int = 16, min_bytes: int = 1024, max_bytes: int = 2 ** 44) -> None:
         rates = (rate, *class_rates)

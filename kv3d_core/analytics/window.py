@@ -6,6 +6,7 @@ quantiles interpolated linearly within the bucket they fall in."""
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from typing import Iterable, Mapping
 
@@ -28,18 +29,23 @@ class MetricWindow:
     def __init__(self, window_s: float) -> None:
         self.window_s = float(window_s)
         self._samples: deque[tuple[float, dict[Sample, float]]] = deque()
+        self._lock = threading.Lock()     # the endpoint's requests add and read from worker threads
 
     def add(self, t: float, values: dict[Sample, float]) -> None:
-        self._samples.append((t, values))
-        # keep the newest sample at or before the window's start, so the delta spans the window
-        while len(self._samples) > 2 and self._samples[1][0] <= t - self.window_s:
-            self._samples.popleft()
+        with self._lock:
+            if self._samples and t < self._samples[-1][0]:
+                return          # taken before one another request added: older than what is there
+            self._samples.append((t, values))
+            # keep the newest sample at or before the window's start, so the delta spans the window
+            while len(self._samples) > 2 and self._samples[1][0] <= t - self.window_s:
+                self._samples.popleft()
 
     def delta(self) -> tuple[float, dict[Sample, float]]:
         """``(seconds spanned, {sample: growth})``."""
-        if not self._samples:
-            return 0.0, {}
-        (t0, first), (t1, last) = self._samples[0], self._samples[-1]
+        with self._lock:
+            if not self._samples:
+                return 0.0, {}
+            (t0, first), (t1, last) = self._samples[0], self._samples[-1]
         return t1 - t0, {k: v - first.get(k, 0.0) for k, v in last.items()}
 
 

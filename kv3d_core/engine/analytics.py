@@ -32,7 +32,7 @@ def read_state(engine: "Engine", tenant: str | None, top: int, previews: bool, p
     cache, workload = engine.cache, engine.workload
     cache.update_gauges()
     bpt = engine.info.kv_bytes_per_token
-    sessions = [e for e in cache._by_key.values() if e.kind == "session"]
+    sessions = [e for e in cache.entries() if e.kind == "session"]
     by_scope_family = Counter(e.family for e in sessions)
     mine, others = workload.visible_families(tenant)
     rows = []
@@ -62,5 +62,5 @@ def read_state(engine: "Engine", tenant: str | None, top: int, previews: bool, p
         "sessions_held": len(sessions),
         "bytes_per_token": bpt,
         "mrc": {"curve": mrc.curve(), "accesses": mrc.accesses, "sampled": mrc.sampled,
-                "rate": mrc.rate, "snapshot_rate": mrc.class_rate(1), "tracked": len(mrc._objects)},
+                "rate": mrc.rate, "snapshot_rate": mrc.class_rate(1), "tracked": mrc.tracked},
     }
