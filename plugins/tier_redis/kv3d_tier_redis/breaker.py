@@ -6,7 +6,8 @@ authentication or server error), the tier stops asking it for a while:
 network. The pause starts at ``backoff_s`` and doubles up to ``backoff_max_s``
 while failures go on; the first call after it tries the store again (the client
 reconnects on its own), and the first success resets it. So an outage costs a
-request at most one timeout, and the tier comes back without a restart.
+request at most the timeouts of one get (two commands: ``connect_timeout_s`` plus
+``timeout_s`` each), and the tier comes back without a restart.
 """
 
 from __future__ import annotations
