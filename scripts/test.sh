@@ -10,4 +10,10 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
         chromium chromium-driver
 fi
+# the redis tier's tests (plugins/tier_redis, tests/test_tier_redis.py) run a real store: Debian's redis-server
+if ! command -v redis-server >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+        redis-server
+fi
 exec "${KV3D_VENV:-.venv}/bin/python" -m pytest "$@"

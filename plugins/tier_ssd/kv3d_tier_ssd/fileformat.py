@@ -29,6 +29,10 @@ A file's size must equal the size its header announces exactly. Readers raise
 (bad magic, malformed header), ``"version"`` (other format version or an
 unknown checksum algorithm), ``"checksum"``.
 
+The same bytes held in memory (the ``redis`` tier stores them, chunked) are read
+with :func:`decode` (every check above) and :func:`header_of_head` (a head alone,
+for an index).
+
 File names are ``<key>.kv3d`` where the key is lowercase hex of 16..128 digits
 (:func:`valid_key`); temp files are ``<key>.kv3d.<pid>.<n>.tmp``.
 """
@@ -280,9 +284,15 @@ def _parse_body(body: bytes) -> tuple[EntryMeta, int]:
 def read_header(fd: int, file_size: int) -> Header:
     """Check and parse the header of the open entry file ``fd`` of ``file_size`` bytes
     (header digest verified, size checked against the header; payload not read)."""
-    if file_size < _PREFIX.size:
-        raise FormatError("truncated", f"{file_size} bytes")
-    prefix = _pread_exact(fd, _PREFIX.size, 0)
+    return _read_header(lambda n, offset: _pread_exact(fd, n, offset), file_size)
+
+
+def _read_header(read: Callable[[int, int], bytes], size: int, *, head_only: bool = False) -> Header:
+    """The header of an entry of ``size`` bytes whose bytes ``read(n, offset)`` returns;
+    ``head_only``: ``size`` is that of the head alone (the entry's is the one announced)."""
+    if size < _PREFIX.size:
+        raise FormatError("truncated", f"{size} bytes")
+    prefix = read(_PREFIX.size, 0)
     magic, version, cid, reserved, hlen = _PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise FormatError("format", "bad magic")
@@ -293,9 +303,9 @@ def read_header(fd: int, file_size: int) -> Header:
         raise FormatError("version", f"checksum algorithm {cid} unknown or not installed")
     if reserved != 0 or not _FIXED.size <= hlen <= MAX_HEADER:
         raise FormatError("format", "bad header length")
-    if _PREFIX.size + hlen + 2 * checksum.size > file_size:
+    if _PREFIX.size + hlen + (1 if head_only else 2) * checksum.size > size:
         raise FormatError("truncated", "file shorter than its header")
-    rest = _pread_exact(fd, hlen + checksum.size, _PREFIX.size)
+    rest = read(hlen + checksum.size, _PREFIX.size)
     h = checksum.new()
     h.update(prefix)
     h.update(memoryview(rest)[:hlen])
@@ -303,10 +313,11 @@ def read_header(fd: int, file_size: int) -> Header:
         raise FormatError("checksum", "header digest")
     meta, payload_len = _parse_body(rest[:hlen])
     header = Header(meta, payload_len, checksum, prefix + rest)
-    if file_size < header.size:
-        raise FormatError("truncated", f"{file_size} bytes, header announces {header.size}")
-    if file_size > header.size:
-        raise FormatError("format", f"{file_size} bytes, header announces {header.size}")
+    want = len(header.head) if head_only else header.size
+    if size < want:
+        raise FormatError("truncated", f"{size} bytes, header announces {want}")
+    if size > want:
+        raise FormatError("format", f"{size} bytes, header announces {want}")
     return header
 
 
@@ -321,3 +332,36 @@ def read_payload(fd: int, header: Header) -> bytes:
     if not hmac.compare_digest(t.digest(), trailer):
         raise FormatError("checksum", "payload digest")
     return payload
+
+
+# -- in memory (entries kept elsewhere than in files, e.g. the redis tier) ------------------------
+def _slicer(data: bytes | memoryview) -> Callable[[int, int], bytes]:
+    view = memoryview(data).cast("B")
+
+    def read(n: int, offset: int) -> bytes:
+        if offset + n > view.nbytes:
+            raise FormatError("truncated", f"{view.nbytes} bytes, {offset + n} needed")
+        return bytes(view[offset:offset + n])
+    return read
+
+
+def header_of_head(head: bytes) -> Header:
+    """The header of an entry from its :attr:`Encoded.head` bytes alone: header digest
+    verified, nothing may follow the header digest."""
+    return _read_header(_slicer(head), len(head), head_only=True)
+
+
+def decode(data: bytes | memoryview) -> tuple[Header, bytes]:
+    """``(header, payload)`` of a whole entry held in memory: every check a file read
+    makes (header digest, exact size, payload digest)."""
+    read = _slicer(data)
+    header = _read_header(read, memoryview(data).nbytes)
+    offset = len(header.head)
+    payload = read(header.payload_len, offset) if header.payload_len else b""
+    trailer = read(header.checksum.size, offset + header.payload_len)
+    t = header.checksum.new()
+    t.update(header.head)
+    t.update(payload)
+    if not hmac.compare_digest(t.digest(), trailer):
+        raise FormatError("checksum", "payload digest")
+    return header, payload
