@@ -353,30 +353,32 @@ def check_model(cfg: DictConfig) -> tuple[list[Check], ModelFacts | None]:
             ModelFacts(path, size, None, header.block_count)
     rows = [Check("model", OK, f"{base}, KV {kv_bytes:,} bytes/token ({type_k}/{type_v})")]
     facts = ModelFacts(path, size, kv_bytes, header.block_count)
-    if kv_bytes > 0 and cfg.cache.get("layout", "unified") == "streams":
+    if kv_bytes > 0:
+        rows.append(_hot_cache_row(cfg, kv_bytes, ctx))
+    return rows, facts
+
+
+def _hot_cache_row(cfg: DictConfig, kv_bytes: int, ctx: int | None) -> Check:
+    """The hot KV cache the configuration buys: streams x cells each, or one pool of cells."""
+    if cfg.cache.get("layout", "unified") == "streams":
         n, per = int(cfg.scheduler.n_seq_max), max(256, int(cfg.cache.stream_ctx) // 256 * 256)
         detail = (f"streams layout: {n} KV streams (scheduler.n_seq_max) x {per:,} cells (cache.stream_ctx) = "
                   f"{_mib(n * per * kv_bytes)}; a request (prompt + completion) may use {per:,} tokens")
         if ctx and per > ctx:
-            rows.append(Check("hot KV cache", INFO, detail + f"; more than the model's context length {ctx:,}",
-                              f"cache.stream_ctx={ctx} is enough"))
-        else:
-            rows.append(Check("hot KV cache", OK, detail))
-    elif kv_bytes > 0:
-        if "n_ctx" in cfg.backend and cfg.backend.n_ctx:
-            cells, how = max(256, int(cfg.backend.n_ctx) // 256 * 256), f"backend.n_ctx={cfg.backend.n_ctx}"
-        else:
-            cells = max(256, int(cfg.cache.gpu_hot_mb * MiB // kv_bytes) // 256 * 256)
-            how = f"cache.gpu_hot_mb={cfg.cache.gpu_hot_mb:g}"
-        detail = f"{how} -> {cells:,} KV cells ({_mib(cells * kv_bytes)}) shared by all sequences"
-        if ctx and cells < ctx:
-            rows.append(Check("hot KV cache", INFO, detail + f"; fewer than the model's context length {ctx:,}: "
-                                                              "long conversations are cut at that size",
-                              f"for full-length contexts raise cache.gpu_hot_mb to "
-                              f"{-(-ctx * kv_bytes // MiB)} or more"))
-        else:
-            rows.append(Check("hot KV cache", OK, detail))
-    return rows, facts
+            return Check("hot KV cache", INFO, detail + f"; more than the model's context length {ctx:,}",
+                         f"cache.stream_ctx={ctx} is enough")
+        return Check("hot KV cache", OK, detail)
+    if "n_ctx" in cfg.backend and cfg.backend.n_ctx:
+        cells, how = max(256, int(cfg.backend.n_ctx) // 256 * 256), f"backend.n_ctx={cfg.backend.n_ctx}"
+    else:
+        cells = max(256, int(cfg.cache.gpu_hot_mb * MiB // kv_bytes) // 256 * 256)
+        how = f"cache.gpu_hot_mb={cfg.cache.gpu_hot_mb:g}"
+    detail = f"{how} -> {cells:,} KV cells ({_mib(cells * kv_bytes)}) shared by all sequences"
+    if ctx and cells < ctx:
+        return Check("hot KV cache", INFO, detail + f"; fewer than the model's context length {ctx:,}: "
+                                                    "long conversations are cut at that size",
+                     f"for full-length contexts raise cache.gpu_hot_mb to {-(-ctx * kv_bytes // MiB)} or more")
+    return Check("hot KV cache", OK, detail)
 
 
 # -- memory and the cold path ------------------------------------------------------------------
