@@ -151,8 +151,10 @@ def test_requests_of_a_new_family_arriving_together_compute_its_prefix_once(layo
         views = [eng.prepare_chat(m) for m in chats]
         family = views[0].family.length
         assert family >= 32 and all(v.family == views[0].family for v in views)
-        gate = threading.Event()
-        eng.scheduler.call(lambda: gate.wait(30))        # hold the scheduler: all four arrive together
+        held, gate = threading.Event(), threading.Event()
+        # hold the scheduler thread (and wait until it is held) so all four arrive together
+        eng.scheduler.call(lambda: (held.set(), gate.wait(30)))
+        assert held.wait(30)
         queues = []
         for v in views:
             q: queue.Queue = queue.Queue()
@@ -191,8 +193,10 @@ def test_raw_completions_sharing_a_prefix_arriving_together_compute_it_once(layo
     prompts = [f"{SYSTEM}\n\nQuestion: {q}\nAnswer:" for q in TURNS[:4]]
 
     def complete(eng, views) -> list[tuple[str, dict]]:
-        gate = threading.Event()
-        eng.scheduler.call(lambda: gate.wait(30))        # hold the scheduler: all arrive together
+        held, gate = threading.Event(), threading.Event()
+        # hold the scheduler thread (and wait until it is held) so all arrive together
+        eng.scheduler.call(lambda: (held.set(), gate.wait(30)))
+        assert held.wait(30)
         queues = []
         for v in views:
             q: queue.Queue = queue.Queue()
