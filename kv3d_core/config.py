@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from kv3d_core import userconfig
+from kv3d_core.analytics.settings import AnalyticsSettings
 from kv3d_core.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,25 +99,13 @@ class SafetySchema:
 
 
 @dataclass
-class AnalyticsSchema:
-    previews: bool = True
-    preview_words: int = 6
-    top_families: int = 20
-    window_s: float = 300
-    refresh_s: float = 3
-    gpu_hour_price: float = 2.0
-    mrc_sample_rate: float = 0.1
-    mrc_max_objects: int = 8192
-
-
-@dataclass
 class CoreSchema:
     server: ServerSchema = field(default_factory=ServerSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
     cache: CacheSchema = field(default_factory=CacheSchema)
     scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
     safety: SafetySchema = field(default_factory=SafetySchema)
-    analytics: AnalyticsSchema = field(default_factory=AnalyticsSchema)
+    analytics: AnalyticsSettings = field(default_factory=AnalyticsSettings)
     safe_mode: bool = False
 
 

@@ -132,17 +132,33 @@ def test_a_request_behind_a_restore_being_prepared_is_not_held_up(monkeypatch):
     assert text.split()[:1] == expected.split()[:1]
 
 
+def submit_together(eng, views, max_tokens: int = 8) -> list[tuple[str, dict]]:
+    """Greedy requests admitted in one scheduler step: the scheduler thread is held (and the
+    test waits until it is) while they are submitted. Returns [(text, usage)]."""
+    import queue
+    import threading
+
+    from kv3d_core.contracts import SamplingParams
+
+    held, gate = threading.Event(), threading.Event()
+    eng.scheduler.call(lambda: (held.set(), gate.wait(30)))
+    assert held.wait(30)
+    queues = []
+    for v in views:
+        q: queue.Queue = queue.Queue()
+        eng.submit(v, SamplingParams(temperature=0), max_tokens, [], q.put)
+        queues.append(q)
+    gate.set()
+    return [(text, done.usage) for text, done in map(collect, queues)]
+
+
 @pytest.mark.parametrize("layout", ["streams", "unified"])
 def test_requests_of_a_new_family_arriving_together_compute_its_prefix_once(layout):
     """Four requests of a family whose snapshot does not exist yet are admitted in one step:
     the first computes the family prefix, the others wait for it and load its snapshot
     (``kv3d_snapshot_adoptions_total``), so the prefix is decoded once, not four times. Every
     reply equals a cold server's."""
-    import queue
-    import threading
-
     from kv3d_core.config import compose
-    from kv3d_core.contracts import SamplingParams
     from kv3d_core.engine.engine import Engine
 
     chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in TURNS[:4]]
@@ -151,20 +167,7 @@ def test_requests_of_a_new_family_arriving_together_compute_its_prefix_once(layo
         views = [eng.prepare_chat(m) for m in chats]
         family = views[0].family.length
         assert family >= 32 and all(v.family == views[0].family for v in views)
-        held, gate = threading.Event(), threading.Event()
-        # hold the scheduler thread (and wait until it is held) so all four arrive together
-        eng.scheduler.call(lambda: (held.set(), gate.wait(30)))
-        assert held.wait(30)
-        queues = []
-        for v in views:
-            q: queue.Queue = queue.Queue()
-            eng.submit(v, SamplingParams(temperature=0), 8, [], q.put)
-            queues.append(q)
-        gate.set()
-        replies = []
-        for q in queues:
-            text, done = collect(q)
-            replies.append((text, done.usage))
+        replies = submit_together(eng, views)
         decoded = eng.metrics.batch_tokens._sum.get()
         adopted = eng.metrics.snapshot_adoptions._value.get()
     prompts = sum(u["prompt_tokens"] for _, u in replies)
@@ -183,27 +186,10 @@ def test_raw_completions_sharing_a_prefix_arriving_together_compute_it_once(layo
     """Four raw completions (no template, no declared family) that share a long beginning and
     are admitted in one step get one implicit family of their common prefix: the first
     computes it, the others load its snapshot. Every reply equals a cold server's."""
-    import queue
-    import threading
-
     from kv3d_core.config import compose
-    from kv3d_core.contracts import SamplingParams
     from kv3d_core.engine.engine import Engine
 
     prompts = [f"{SYSTEM}\n\nQuestion: {q}\nAnswer:" for q in TURNS[:4]]
-
-    def complete(eng, views) -> list[tuple[str, dict]]:
-        held, gate = threading.Event(), threading.Event()
-        # hold the scheduler thread (and wait until it is held) so all arrive together
-        eng.scheduler.call(lambda: (held.set(), gate.wait(30)))
-        assert held.wait(30)
-        queues = []
-        for v in views:
-            q: queue.Queue = queue.Queue()
-            eng.submit(v, SamplingParams(temperature=0), 8, [], q.put)
-            queues.append(q)
-        gate.set()
-        return [(text, done.usage) for text, done in map(collect, queues)]
 
     with Engine(compose(["server.threads=2", f"cache.layout={layout}", "scheduler.n_seq_max=6",
                          "scheduler.max_running=4", "cache.stream_ctx=512"])) as eng:
@@ -212,7 +198,7 @@ def test_raw_completions_sharing_a_prefix_arriving_together_compute_it_once(layo
         toks = [list(v.prompt.tokens) for v in views]
         common = min(next((i for i, (a, b) in enumerate(zip(toks[0], t)) if a != b), len(t)) for t in toks[1:])
         assert common >= 48
-        replies = complete(eng, views)
+        replies = submit_together(eng, views)
         decoded = eng.metrics.batch_tokens._sum.get()
         adopted = eng.metrics.snapshot_adoptions._value.get()
     total = sum(u["prompt_tokens"] for _, u in replies)
@@ -222,7 +208,7 @@ def test_raw_completions_sharing_a_prefix_arriving_together_compute_it_once(layo
     assert sum(1 for _, u in replies if u["cached_tokens"] > 0) == 3
     with Engine(compose(["server.threads=2", "safe_mode=true"])) as cold:
         for (text, _), p in zip(replies, prompts):
-            expected, _ = complete(cold, [cold.prepare_completion(p)])[0]
+            expected, _ = submit_together(cold, [cold.prepare_completion(p)])[0]
             assert text.split()[:1] == expected.split()[:1], (text, expected)
 
 

@@ -14,26 +14,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass
 
 from kv3d_core.analytics.mrc import interpolate
+from kv3d_core.analytics.settings import AnalyticsSettings
 from kv3d_core.analytics.window import MetricWindow, Sample, flatten, histogram_quantile
 from kv3d_core.api.errors import APIError
 
 GIB = 2 ** 30
 FACTORS = (0.5, 1, 2, 4, 8)
-
-
-@dataclass
-class AnalyticsSettings:
-    previews: bool = True
-    preview_words: int = 6
-    top_families: int = 20
-    window_s: float = 300
-    refresh_s: float = 3
-    gpu_hour_price: float = 2.0
-    mrc_sample_rate: float = 0.1
-    mrc_max_objects: int = 8192
 
 
 def _sum(values: dict[Sample, float], name: str, **labels: str) -> float:
