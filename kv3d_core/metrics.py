@@ -45,6 +45,8 @@ class Metrics:
         self.prefill_tokens = Counter("kv3d_prefill_tokens", "Prompt tokens computed (prefill chunks)", registry=r)
         self.rejected = Counter("kv3d_rejected", "Requests refused by the scheduler", ["reason"], registry=r)
         self.preemptions = Counter("kv3d_preemptions", "Running requests preempted (recomputed later) for lack of KV cells", registry=r)
+        self.queue_seconds = Histogram("kv3d_queue_seconds", "Time a request waited for a sequence (submit to "
+                                       "admission)", buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("kv3d_time_to_first_token_seconds", "Time to first token", ["cache"], buckets=LATENCY_BUCKETS, registry=r)
         # prefix families
         self.prefix_requests = Counter("kv3d_prefix_requests", "Requests looked up in the prefix cache", registry=r)
