@@ -21,8 +21,10 @@ What it models (every assumption is a parameter; docs/SCALING.md states them):
   else a store hit if less than T_store ago (``shared`` on), else a miss. A family's prefix is
   on a replica (in the store) with the probability that the family was used there (anywhere)
   in the last T_local (T_store): 1 - exp(-rate x T).
-- **Store traffic**: every turn's session entry is written (write-through: an upper bound on
-  writes), a computed family prefix is published; a store hit reads the entry or snapshot.
+- **Store traffic**: every turn's session entry is written (``publish=turn``: kv3d's default
+  ``cache.cold_write_through=true`` writes each spill to the persistent tier too), or only the
+  entries that leave a replica's warm tier (``publish=spill``); a computed family prefix is
+  published; a store hit reads the entry or snapshot.
 
 Monte Carlo over a fixed sample of sessions (``sample_sessions``), rates analytic, so a run takes
 the same few seconds at 10 or 1,000 replicas. Same seed, same figures.
@@ -66,9 +68,9 @@ class SimConfig:
     sessions_per_s: float | None = None  # cluster-wide new sessions a second; None: from utilization
     policy: str = "family"            # family | session | random
     shared: bool = True               # the shared Valkey/Redis tier (tier=redis)
-    publish: str = "spill"            # spill: an entry reaches the store when it leaves the replica's
-                                      # local tiers (kv3d's tier order); turn: every turn's entry
-                                      # (cache.cold_write_through=true)
+    publish: str = "turn"             # turn: every turn's entry is written to the store when its
+                                      # session spills (cache.cold_write_through=true, the default);
+                                      # spill: only when it leaves the replica's warm tier (=false)
     families: int = 10_000
     zipf_s: float = 1.0
     shared_ratio: float = 0.8
@@ -222,12 +224,26 @@ def simulate(cfg: SimConfig) -> SimResult:
 
     # -- characteristic times -------------------------------------------------------------------
     # bytes of entries arriving at a replica a second: a request whose session was not there
-    # (a session's new state replaces its older one where it was; elsewhere it is all new bytes)
+    # (a session's new state replaces its older one where it was; elsewhere it is all new bytes),
+    # and the family snapshots it had to fetch or compute: T_local depends on the latter, which
+    # depend on T_local (a fixed point, reached in a few rounds)
     prev_entry = np.maximum(own_tokens - (cfg.user_tokens + reply), 0) * entry_per_token
     inserted = np.where((k == 0) | moved, entry, entry - prev_entry)
-    t_local = (cfg.local_gib * GIB) / np.maximum(served * inserted.mean(), 1e-300)
     resume = k > 0
-    local_hit = resume & ~moved & (gap < t_local[replica])
+    f = np.maximum(fam, 0)
+    if cfg.policy == "family":
+        rate_here = np.where(replica == fam_home[f], fam_req_s[f] * keep[fam_home[f]],
+                             fam_req_s[f] * (1 - keep[fam_home[f]]) / cfg.replicas)
+    else:
+        rate_here = fam_req_s[f] / cfg.replicas        # a family's requests reaching this replica
+    snapshots_in = 0.0
+    for _ in range(12):
+        t_local = (cfg.local_gib * GIB) / np.maximum(served * (inserted.mean() + snapshots_in), 1e-300)
+        local_hit = resume & ~moved & (gap < t_local[replica])
+        # a request that does not resume local state needs its family's prefix on this replica
+        needs_prefix = (fam >= 0) & ~local_hit
+        p_local = 1 - np.exp(-rate_here * t_local[replica])
+        snapshots_in = 0.5 * snapshots_in + 0.5 * snapshot_bytes * float((needs_prefix * (1 - p_local)).mean())
     # written to the store: every turn's entry, or (spill) those whose next turn does not find them
     # local (the session ended, or came back after T_local, or elsewhere)
     next_local = np.append(local_hit[1:], False)
@@ -244,15 +260,7 @@ def simulate(cfg: SimConfig) -> SimResult:
     store_hit = resume & ~local_hit & written_prev & (gap < t_store)
     resume_miss = resume & ~local_hit & ~store_hit
 
-    # -- family prefixes: needed by a first turn, and by a resume that missed -----------------------
-    needs_prefix = (fam >= 0) & ((k == 0) | resume_miss)
-    f = np.maximum(fam, 0)
-    if cfg.policy == "family":
-        rate_here = np.where(replica == fam_home[f], fam_req_s[f] * keep[fam_home[f]],
-                             fam_req_s[f] * (1 - keep[fam_home[f]]) / cfg.replicas)
-    else:
-        rate_here = fam_req_s[f] / cfg.replicas
-    p_local = 1 - np.exp(-rate_here * t_local[replica])
+    # -- family prefixes: on this replica, else in the store, else computed (and published) ------------
     p_store = 1 - np.exp(-fam_req_s[f] * t_store)
     draw = rng.random(len(sess))
     fam_local = needs_prefix & (draw < p_local)
