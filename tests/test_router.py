@@ -169,3 +169,4 @@ def test_requests_for_a_stopped_replica_go_to_the_other(cluster):
         before = left.metrics().get(CHAT_OK, 0.0)
         chat(cluster.url, [{"role": "user", "content": "Hi"}], {"X-Session-Id": key})
         assert left.metrics().get(CHAT_OK, 0.0) == before + 1, f"{key} (was on replica {i}) not served by the other"
+
