@@ -60,7 +60,9 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("router")
-    replicas = [Server([f"cache.ssd_cold_path={tmp / f'cold{i}'}"], tmp / f"replica{i}.log") for i in range(2)]
+    # one llama.cpp thread each: two replicas' spinning thread pairs on 2 cores slow every request
+    replicas = [Server([f"cache.ssd_cold_path={tmp / f'cold{i}'}", "server.threads=1"], tmp / f"replica{i}.log")
+                for i in range(2)]
     with ThreadPoolExecutor(2) as pool:            # start both at once (each takes a while)
         list(pool.map(lambda s: s.start(), replicas))
     port = free_port()
