@@ -5,18 +5,23 @@ Following is driven by hand (``Follower.poll``) so every step is deterministic."
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 
 import numpy as np
 import pytest
 import redis
 
+from kv3d_core.config import compose
 from kv3d_core.contracts import PromptView
+from kv3d_core.errors import ConfigError
 from kv3d_core.kv.codec_none import NoneCodec
 from kv3d_core.metrics import Metrics
 from kv3d_core.prefix.cache import PrefixCache
 from kv3d_core.prefix.detectors import ExactDetector
 from kv3d_core.testing import FakeBackend
+from kv3d_core.tiers import feed
 from kv3d_core.tiers.ram import RamTier
 from kv3d_core.tiers.stack import TierStack
 
@@ -178,3 +183,42 @@ def test_publishing_idle_sessions_can_be_off(replicas):
     assert b.sample("kv3d_tier_followed_total", kind="snapshot") == 1       # the family snapshot: always
     assert b.sample("kv3d_tier_followed_total", kind="session") == 0
 
+
+
+def test_the_follow_thread_reads_the_feed_by_itself(store):
+    prefix = f"feed-{uuid.uuid4().hex[:10]}"
+    a = Replica(store.url, prefix, False)
+    b = FakeBackend(kv_unified=False)
+    metrics = Metrics()
+    stack = TierStack(None, RedisTier(url=store.url, prefix=prefix, capacity_mb=16), NoneCodec(), b.info, metrics,
+                      follow_s=0.05)
+    try:
+        cache = PrefixCache(b, ExactDetector(), metrics, tiers=stack)
+        assert any(t.name == "kv3d-tier-follow" for t in threading.enumerate())
+        converse(a)
+        deadline = time.monotonic() + 10
+        while (metrics.registry.get_sample_value("kv3d_tier_feed_total", {"op": "added"}) or 0) < 2:
+            assert time.monotonic() < deadline, "the follow thread read nothing"
+            time.sleep(0.02)
+        stack.drain_gone()
+        assert sorted(e.kind for e in cache.entries()) == ["session", "snapshot"]
+    finally:
+        stack.close()
+        a.close()
+    assert not any(t.name == "kv3d-tier-follow" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_feed_nobody_takes_is_replaced_by_one_listing(replicas, monkeypatch):
+    a, b = replicas(False), replicas(False)
+    monkeypatch.setattr(feed, "MAX_PENDING", 1)
+    converse(a)                                       # two entries: more than the follower may hold
+    assert b.stack._follower.poll()
+    held = b.stack._follower.take()
+    assert len(held) == 1 and held[0].rescan and len(held[0].added) == 2
+    assert b.sample("kv3d_tier_feed_rescans_total") == 1
+
+
+@pytest.mark.parametrize("bad", ["cache.follow_s=-1", "cache.follow_s=soon"])
+def test_bad_follow_setting(bad):
+    with pytest.raises(ConfigError, match="follow_s"):
+        compose([bad])

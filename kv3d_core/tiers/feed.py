@@ -130,19 +130,22 @@ class Follower:
             return False
         if got is None:
             return False
-        self.metrics.tier_feed.labels("added").inc(len(got.added))
-        self.metrics.tier_feed.labels("removed").inc(len(got.removed))
-        if got.rescan:
+        n_added, n_removed, rescan = len(got.added), len(got.removed), got.rescan
+        with self._lock:
+            overflow = not got.rescan and self._held + len(got.added) > MAX_PENDING
+        if overflow:                              # nobody took them for long: one full listing instead
+            got = Followed(added=tuple(self.tier.entries()), rescan=True)
             self.metrics.tier_feed_rescans.inc()
         with self._lock:
             if got.rescan:                        # it lists everything: what waited is in it
                 self._pending, self._held = [], 0
-            elif self._held + len(got.added) > MAX_PENDING:
-                self._pending, self._held = [], 0
-                got = Followed(added=tuple(self.tier.entries()), rescan=True)
-                self.metrics.tier_feed_rescans.inc()
             self._pending.append(got)
             self._held += len(got.added)
+        # counted once held: an admission after the count sees the entries
+        self.metrics.tier_feed.labels("added").inc(n_added)
+        self.metrics.tier_feed.labels("removed").inc(n_removed)
+        if rescan:
+            self.metrics.tier_feed_rescans.inc()
         return True
 
     def take(self) -> list[Followed]:
