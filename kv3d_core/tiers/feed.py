@@ -202,8 +202,10 @@ def publish(stack: "TierStack", e: CacheEntry, seq: int | None) -> None:
     if not stack.shared:
         return
     if e.kind == "snapshot":
+        before = e.pending
         stack._persist_snapshot(e)
-        stack.metrics.tier_published.labels("snapshot").inc()
+        if e.pending is not None and e.pending is not before:
+            stack.metrics.tier_published.labels("snapshot").inc()
         return
     if not stack.publish_idle or seq is None or stack.cache is None:
         return
