@@ -26,6 +26,9 @@ SYSTEMS = {
     "garden": ("You are a gardening assistant for a community allotment. You answer questions about "
                "vegetables, watering, compost and pests in a few plain sentences, and you always mention "
                "the season the advice is for."),
+    "museum": ("You are the guide of a small railway museum. You answer visitors' questions about the "
+               "steam engines on show, the opening hours (ten to five, closed on Mondays) and the cafe, "
+               "in two or three sentences."),
     "bakery": ("You answer questions for a village bakery: opening hours are seven to two, bread is baked "
                "twice a day, cakes are ordered two days ahead, and nothing contains nuts. Be brief."),
 }
@@ -136,13 +139,13 @@ def test_tenants_never_share_entries(cluster):
 def test_a_replica_killed_and_started_again_serves_its_sessions_from_the_store(cluster):
     a, b = cluster.a, cluster.b
     before = followed(b)
-    first = chat(a.url, turn("library", "Which author should I read first?"), "tenant-k")
-    wait_followed(b, before + 1)                       # the session (the family snapshot is stored already)
+    first = chat(a.url, turn("museum", "Which engine is the oldest?"), "tenant-k")
+    wait_followed(b, before + 2)                       # both are in the store: the family snapshot, the session
     a.stop(signal.SIGKILL)
     cluster.a = a = cluster.start("a-again")
-    history = [{"role": "user", "content": "Which author should I read first?"},
+    history = [{"role": "user", "content": "Which engine is the oldest?"},
                {"role": "assistant", "content": reply(first)}]
-    second = chat(a.url, turn("library", "Is there a sequel?", history), "tenant-k")
+    second = chat(a.url, turn("museum", "Can I ride on it?", history), "tenant-k")
     assert cached(second) >= first["usage"]["prompt_tokens"], second["usage"]
     assert a.metrics().get('kv3d_restores_total{tier="cold"}', 0) >= 1
     assert not any(k.startswith("kv3d_tier_errors_total") and v for k, v in a.metrics().items())
