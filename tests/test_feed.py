@@ -222,3 +222,14 @@ def test_a_feed_nobody_takes_is_replaced_by_one_listing(replicas, monkeypatch):
 def test_bad_follow_setting(bad):
     with pytest.raises(ConfigError, match="follow_s"):
         compose([bad])
+
+
+def test_following_stops_when_the_shared_tier_is_switched_off(replicas):
+    a, b = replicas(False), replicas(False)
+    follower, tier = b.stack._follower, b.stack.cold
+    b.stack.cold = None                               # what apply_disables does to a tier breaking its contract
+    converse(a)
+    assert follower.poll()
+    b.stack.drain_gone()
+    assert b.stack._follower is None and follower._stop.is_set() and b.cache.entries() == []
+    tier.close()

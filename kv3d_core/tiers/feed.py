@@ -154,9 +154,10 @@ class Follower:
             out, self._pending, self._held = self._pending, [], 0
         return out
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop reading; ``wait``: until the thread has ended (its read in flight done)."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
 
@@ -164,7 +165,9 @@ def apply(stack: "TierStack", follower: Follower) -> None:
     """Scheduler thread (``TierStack.drain_gone``): index what the follower read; forget the
     sessions other servers removed that only the shared tier held here."""
     batches = follower.take()
-    if stack.cold is not follower.tier:           # the tier was switched off meanwhile
+    if stack.cold is not follower.tier:           # the tier was switched off meanwhile: stop reading it
+        follower.close(wait=False)
+        stack._follower = None
         return
     for got in batches:
         counts = index_metas(stack, got.added, SessionState.COLD, follower.tier.level)
