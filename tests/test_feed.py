@@ -41,12 +41,13 @@ def store(tmp_path_factory):
 class Replica:
     """One server's cache over the shared store; it reads the feed only when told."""
 
-    def __init__(self, url: str, prefix: str, unified: bool, seed: int = 0, publish_idle: bool = True) -> None:
+    def __init__(self, url: str, prefix: str, unified: bool, seed: int = 0, publish_idle: bool = True,
+                 write_through: bool = True) -> None:
         self.b = FakeBackend(kv_unified=unified, seed=seed)
         self.metrics = Metrics()
         self.tier = RedisTier(url=url, prefix=prefix, capacity_mb=16)
         self.stack = TierStack(RamTier(capacity_mb=8), self.tier, NoneCodec(), self.b.info, self.metrics,
-                               follow_s=3600, publish_idle=publish_idle)
+                               follow_s=3600, publish_idle=publish_idle, write_through=write_through)
         self.cache = PrefixCache(self.b, ExactDetector(), self.metrics, tiers=self.stack)
 
     def follow(self) -> None:
@@ -173,6 +174,17 @@ def test_sessions_wait_for_a_family_snapshot_published_later(replicas, store):
     lease = b.cache.acquire(turn2, family)             # admission adopts the orphan, then restores it
     assert (lease.source, lease.n_cached) == ("cold", len(ctx))
     assert b.sample("kv3d_tier_orphans_adopted_total") == 1
+
+
+@LAYOUTS
+def test_family_snapshots_reach_a_shared_tier_without_write_through(replicas, unified):
+    a, b = replicas(unified, write_through=False, publish_idle=False), replicas(unified)
+    view, family = chat(a.b, SYSTEM, "What does the manual say about fuses?")
+    lease, snap, _ = run_prompt(a.cache, a.b, view, family)
+    a.stack.flush()
+    assert snap is not None and snap.hot and a.tier.contains(family.digest)
+    b.follow()
+    assert [e.key for e in b.cache.entries()] == [family.digest]
 
 
 def test_publishing_idle_sessions_can_be_off(replicas):
