@@ -1,7 +1,8 @@
 """Two real ``kv3d serve`` replicas sharing one real ``redis-server`` (``tier=redis``), over
 real HTTP on loopback: what one computes -- a conversation, a family prefix -- the other
-finds while both run (the tier's feed, ``cache.follow_s``); a replica killed with SIGKILL
-and started again serves its sessions from the store; tenants never share entries.
+finds while both run (the tier's feed, ``cache.follow_s``); a published entry damaged in the
+store is a counted miss; a replica killed with SIGKILL and started again serves its sessions
+from the store; tenants never share entries.
 
 Two model servers on a 2-core machine are slow: the replicas are started once for the
 module, requests ask for few tokens, and the SIGKILL test, which replaces replica A,
@@ -15,8 +16,10 @@ import uuid
 
 import httpx
 import pytest
+import redis
 
 from conftest import MODEL_ID, Server
+from kv3d_tier_redis import layout
 from kv3d_tier_redis.testing import RedisServer
 
 SYSTEMS = {
@@ -29,6 +32,9 @@ SYSTEMS = {
     "museum": ("You are the guide of a small railway museum. You answer visitors' questions about the "
                "steam engines on show, the opening hours (ten to five, closed on Mondays) and the cafe, "
                "in two or three sentences."),
+    "clinic": ("You are the receptionist of a family doctor's practice. You explain opening hours (eight "
+               "to six on weekdays), how to book, repeat prescriptions and vaccinations, and you never give "
+               "medical advice yourself."),
     "bakery": ("You answer questions for a village bakery: opening hours are seven to two, bread is baked "
                "twice a day, cakes are ordered two days ahead, and nothing contains nuts. Be brief."),
 }
@@ -71,7 +77,8 @@ class Cluster:
     def __init__(self, tmp) -> None:
         self.tmp = tmp
         self.store = RedisServer(tmp / "redis").start()
-        self.overrides = ["tier=redis", f"tier.url={self.store.url}", f"tier.prefix=r-{uuid.uuid4().hex[:8]}",
+        self.prefix = f"r-{uuid.uuid4().hex[:8]}"
+        self.overrides = ["tier=redis", f"tier.url={self.store.url}", f"tier.prefix={self.prefix}",
                           "tier.capacity_mb=256", "cache.follow_s=0.2"]
         self.a = self.start("a")
         self.b = self.start("b")
@@ -134,6 +141,36 @@ def test_tenants_never_share_entries(cluster):
     assert cached(other) == 0, "another tenant was served tenant x's entries"
     same = chat(b.url, turn("bakery", "And bread?", history), "tenant-x")
     assert cached(same) >= mine["usage"]["prompt_tokens"]
+
+
+def test_a_damaged_published_session_is_a_counted_miss(cluster):
+    a, b = cluster.a, cluster.b
+    r = redis.Redis.from_url(cluster.store.url)
+    pattern = f"{{{cluster.prefix}}}:m:*"
+    known = set(r.keys(pattern))
+    before = followed(b)
+    first = chat(a.url, turn("clinic", "Do I need an appointment for a flu shot?"), "tenant-d")
+    wait_followed(b, before + 2)
+    new = [(k, layout.read_manifest(r.get(k))) for k in r.keys(pattern) if k not in known]
+    family = [man.header.meta.family for _, man in new if man.header.meta.kind == "snapshot"]
+    assert len(family) == 1, new                       # (b may still be publishing its own sessions)
+    sessions = [(k, man) for k, man in new if man.header.meta.kind == "session" and man.header.meta.family == family[0]]
+    assert len(sessions) == 1, new
+    key, man = sessions[0]
+    member = key.decode().split(":m:", 1)[1]
+    chunk = f"{cluster.prefix}:c:{member}:{man.wid}:0"
+    data = bytearray(r.get(chunk))
+    data[len(data) // 2] ^= 0x01
+    r.set(chunk, bytes(data), keepttl=True)
+    history = [{"role": "user", "content": "Do I need an appointment for a flu shot?"},
+               {"role": "assistant", "content": reply(first)}]
+    messages = turn("clinic", "How long does it take?", history)
+    errors = b.metrics().get('kv3d_tier_errors_total{reason="checksum",tier="cold"}', 0)
+    second = chat(b.url, messages, "tenant-d")
+    assert 0 < cached(second) < first["usage"]["prompt_tokens"], "the family snapshot, not the damaged session"
+    assert b.metrics().get('kv3d_tier_errors_total{reason="checksum",tier="cold"}', 0) == errors + 1
+    cold = chat(b.url, messages, f"cold-{uuid.uuid4().hex}")
+    assert reply(second) == reply(cold)
 
 
 def test_a_replica_killed_and_started_again_serves_its_sessions_from_the_store(cluster):
