@@ -88,7 +88,7 @@ class SchedulerSchema:
     prefill_order: str = "shortest"
     prefill_aging_s: float = 30
     prefill_seqs: Optional[int] = None
-    implicit_families: bool = True
+    implicit_families: bool = False
 
 
 @dataclass

@@ -621,14 +621,14 @@ def test_raw_prompts_arriving_together_share_their_common_prefix_within_a_namesp
             family = ExactDetector().family(view)
             assert family.length == 0
             specs.append((view, family, 4))
-    together, sched = run_jobs(unified, specs, together=True)
+    together, sched = run_jobs(unified, specs, together=True, implicit_families=True)
     assert sched.metrics.snapshot_adoptions._value.get() == 2
     assert [r[2]["cached_tokens"] >= 80 for r in together].count(True) == 2
     for salt in (0, 2):                                   # one of each namespace's pair was served from cache
         assert [together[salt][2]["cached_tokens"] > 0, together[salt + 1][2]["cached_tokens"] > 0].count(True) == 1
     alone, _ = run_jobs(unified, specs, together=False)
     assert [r[:2] for r in together] == [r[:2] for r in alone]
-    off, sched = run_jobs(unified, specs, together=True, implicit_families=False)
+    off, sched = run_jobs(unified, specs, together=True)          # the default: off
     assert sched.metrics.snapshot_adoptions._value.get() == 0, "scheduler.implicit_families=false still grouped them"
     assert [r[:2] for r in off] == [r[:2] for r in alone]
     split = sched.ttft_split

@@ -98,7 +98,7 @@ class SchedulerConfig:
     prefill_order: str = "shortest"    # or "fifo", or "fair" (the oldest first, then shortest)
     prefill_aging_s: float = 30.0
     prefill_seqs: int | None = None    # most sequences one step prefills (None: as many as fit)
-    implicit_families: bool = True     # raw prompts prefilling together share their common prefix
+    implicit_families: bool = False    # raw prompts prefilling together share their common prefix
 
 
 @dataclass(eq=False)
