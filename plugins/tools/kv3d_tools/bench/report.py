@@ -278,6 +278,13 @@ def _rounds_lines(report: dict) -> list[str]:
     return lines + [""]
 
 
+def _cluster_lines(report: dict) -> list[str]:
+    """The replica systems' section (kv3d_cluster / kv3d_rr), when they ran or were skipped."""
+    from kv3d_tools.bench import cluster   # it imports the bench's other modules
+
+    return cluster.markdown(report)
+
+
 def write_markdown(path: Path, report: dict, plots: list[str]) -> None:
     w, m = report["workload"], report["machine"]
     lines = [
@@ -305,6 +312,7 @@ def write_markdown(path: Path, report: dict, plots: list[str]) -> None:
         *[f"kv3d / {n}: " + ", ".join(f"{k} {_fmt(v, 'x', 3)}" for k, v in r.items())
           for n, r in (report.get("ratios_by_system") or {}).items() if n != report.get("baseline")], "",
         *_rounds_lines(report),
+        *_cluster_lines(report),
         "## Targets", "",
     ]
     for name, t in report["targets"].items():
