@@ -66,7 +66,11 @@ def router_dir(cfg) -> Path:
 
 
 def _binary(setting, name: str) -> str | None:
-    return str(setting) if setting else shutil.which(name)
+    """The binary a setting names (None when it is not an executable file), else ``name`` on PATH."""
+    if setting:
+        p = Path(str(setting)).expanduser()
+        return str(p) if p.is_file() and os.access(p, os.X_OK) else None
+    return shutil.which(name)
 
 
 def unavailable(name: str, cfg) -> str | None:
@@ -75,15 +79,21 @@ def unavailable(name: str, cfg) -> str | None:
     if not (d / "haproxy.cfg").is_file() or not (d / "run-haproxy.sh").is_file():
         return f"no HAProxy configuration at {d} (set cluster.router_dir to deploy/router)"
     if _binary(cfg.cluster.haproxy, "haproxy") is None:
-        return "haproxy is not installed (Debian: apt-get install haproxy; scripts/test.sh installs it)"
+        return (f"haproxy is not installed{_at(cfg.cluster.haproxy)} (Debian: apt-get install haproxy; "
+                "scripts/test.sh installs it)")
     if name == KV3D_CLUSTER:
         if _binary(cfg.cluster.redis_server, "redis-server") is None:
-            return "redis-server is not installed (Debian: apt-get install redis-server; scripts/test.sh installs it)"
+            return (f"redis-server is not installed{_at(cfg.cluster.redis_server)} (Debian: apt-get install "
+                    "redis-server; scripts/test.sh installs it)")
         try:
             import kv3d_tier_redis  # noqa: F401
         except ImportError:
             return "the tier_redis plugin is not installed (pip install -e plugins/tier_redis)"
     return None
+
+
+def _at(setting) -> str:
+    return f" at {setting}" if setting else ""
 
 
 def round_robin_config(text: str) -> str:
@@ -168,7 +178,9 @@ class Cluster:
         self.replicas: list[ServerProcess] = []
         self.router: subprocess.Popen | None = None
         self.proc = None                 # the bench checks a server's exit code; the replicas are checked here
-        self.argv: list[str] = []
+        # what the bench logs when it starts the system (the router's command line once started)
+        self.argv: list[str] = [f"{self.n} x kv3d serve", "tier=redis (a new redis-server)" if self.shared
+                                else "tier=ram", "behind haproxy"]
         self._tmp: str | None = None
         self._health_before: list[float] = []
 
