@@ -15,6 +15,9 @@
      "rounds":   {"count", "chosen": round, "systems": {system: [{"round", "tokens_per_s",
                    "ttft_p50_s", "ttft_p50_hit_s", "ttft_p50_miss_s", "wall_s", "loadavg_1m_start_end"}]},
                   "ratios": [{per-round ratios}], "ratio_range": {ratio: [min, max]}},
+     "cluster":  {"ratios": {"ttft_p50_resume", "tokens_per_s", "resume_state_hit_rate", ...},
+                  "route_key", "systems"} | null,   # kv3d_cluster / kv3d_rr (bench/cluster.py)
+     "skipped":  {system: why},                     # replica systems whose haproxy/redis-server is missing
      "overrides": [...], "out_dir": "..."}
 
 With ``rounds`` > 1 every system runs once per round, in turn; the figures reported are
