@@ -488,4 +488,3 @@ def test_bench_token_id_prompts_against_llama_server(tmp_path):
         assert s["ttft_p50_resume_s"] > 0 and s["ttft_p95_turn1_s"] > 0
     kv = next(s for s in rep["systems"] if s["name"] == "kv3d")
     assert kv["hit_rate"] > 0
-
