@@ -310,6 +310,7 @@ def test_bench_two_replica_systems_shared_store_against_round_robin(tmp_path):
     assert c["route_key"].startswith("X-Session-Id") and rr["balance"] == "roundrobin"
     assert c["store_keys"] > 0 and c["store_used_memory_bytes"] > 0 and c["store_prefix"].startswith("kv3d-bench-")
     assert "store_keys" not in rr
+    assert set(c["tier_followed"]) <= {"session", "snapshot", "orphan", "removed"} and rr["tier_followed"] == {}
     rr_cfg = (out / "kv3d_rr-haproxy.cfg").read_text()
     assert "balance roundrobin" in rr_cfg and rr_cfg.count("\n    server r") == 2
     ratios = rep["cluster"]["ratios"]

@@ -314,6 +314,7 @@ class Cluster:
         out["restore_p95_cold_s"] = max((c["restore_p95_cold_s"] for c in counters
                                          if c["restore_p95_cold_s"] is not None), default=None)
         out["requests_by_replica"] = [int(_sample(t, CHAT_OK) + _sample(t, COMPLETIONS_OK)) for t in texts]
+        out.update(feed_figures(texts))
         out["replica_rss_bytes"] = [r.rss() for r in self.replicas]
         out["replica_exit_codes"] = [r.proc.poll() if r.proc else None for r in self.replicas]
         out.update(self.routing())
@@ -365,6 +366,21 @@ def _pid_rss(proc) -> int | None:
         return int(psutil.Process(proc.pid).memory_info().rss) if proc is not None else None
     except psutil.Error:
         return None
+
+
+def feed_figures(texts: list[str]) -> dict[str, Any]:
+    """Summed over the replicas' ``/metrics``: entries each wrote to the shared tier while they
+    stayed hot (``kv3d_tier_published``) and the others' entries each indexed from the tier's
+    feed while running (``kv3d_tier_followed``), by kind. Empty without a shared tier."""
+    out: dict[str, dict[str, float]] = {"tier_published": {}, "tier_followed": {}}
+    for text in texts:
+        for sample in prom.parse(text):
+            for key, name in (("tier_published", "kv3d_tier_published_total"),
+                              ("tier_followed", "kv3d_tier_followed_total")):
+                if sample.name == name:
+                    kind = sample.labels.get("kind", "")
+                    out[key][kind] = out[key].get(kind, 0.0) + sample.value
+    return out
 
 
 def _merge_stats(stats: list[dict]) -> dict:
@@ -450,7 +466,8 @@ def targets(results: dict[str, dict], skipped: dict[str, str] | None = None) -> 
         facts = (f"{v:.3f} of {c.get('n_resume_usage')} resumes found their session's state "
                  f"({c.get('resume_hit_rate', 0) or 0:.3f} had some cached prefix; requests by replica "
                  f"{c.get('requests_by_replica')}, restores warm {c.get('restores', {}).get('warm')}, "
-                 f"from the store {c.get('restores', {}).get('cold')}; routed by {c.get('route_key')})")
+                 f"from the store {c.get('restores', {}).get('cold')}; entries indexed from the store's feed "
+                 f"{c.get('tier_followed')}; routed by {c.get('route_key')})")
         if rr and rr.get("resume_state_hit_rate") is not None:
             facts += f"; kv3d_rr {rr['resume_state_hit_rate']:.3f}"
         t.update(value=v, met=v >= TARGET_RESUME_HIT_RATE, why=facts)
@@ -516,7 +533,11 @@ def markdown(report: dict) -> list[str]:
         lines.append("")
         meth = next((s.get("resume_state_hit_method") for s in rows if s.get("resume_state_hit_method")), "")
         lines += [f"Resumes are the follow-up turns; one has its session's state when {meth}. "
-                  f"{KV3D_CLUSTER}'s store is `redis` (`store` column: restores from it).", ""]
+                  f"{KV3D_CLUSTER}'s store is `redis` (`store` column: restores from it)."]
+        lines += [f"{s['name']}: entries written to the store while hot {s.get('tier_published')}, the other "
+                  f"replica's entries indexed from its feed {s.get('tier_followed')}." for s in rows
+                  if s.get("tier_followed") or s.get("tier_published")]
+        lines.append("")
     if comp:
         lines.append(f"Ratios {KV3D_CLUSTER} / {KV3D_RR}: " + ", ".join(
             f"{k} {_f(v)}x" if v is not None else f"{k} n/a" for k, v in comp["ratios"].items()))
