@@ -78,7 +78,7 @@ def open_tier(where, prefix: str, fp: str = FP, **settings) -> tuple[RedisTier, 
     """A bound tier on ``where``: a url, or a store of :func:`start_store` (its settings)."""
     events = Events()
     conn = {"url": where} if isinstance(where, str) else where.settings
-    tier = RedisTier(**conn, prefix=prefix, **{"capacity_mb": 16, **settings})
+    tier = RedisTier(prefix=prefix, **{**conn, "capacity_mb": 16, **settings})
     events.bind(tier, fp)
     return tier, events
 
