@@ -185,6 +185,27 @@ def test_cluster_node_down_is_a_miss_then_the_tier_recovers(cluster, prefix):
 
 
 @needs_cli
+def test_a_stalled_cluster_is_a_miss_within_the_timeout(cluster, prefix):
+    tier, events = open_tier(cluster, prefix, chunk_kb=16, timeout_s=0.3, backoff_s=5, backoff_max_s=5)
+    try:
+        assert tier.put(entry(1, 100_000))
+        for node in cluster.nodes:
+            node.proc.send_signal(19)                     # SIGSTOP: connected, answering nothing
+        t0 = time.monotonic()
+        assert tier.get(key(1)) is None
+        assert time.monotonic() - t0 < 1.0, "a get waited longer than the timeout"
+        assert tier.put(entry(2)) is False and events.dropped == ["io_error"]
+        for node in cluster.nodes:
+            node.proc.send_signal(18)                     # SIGCONT
+        assert tier.check() is None and tier.get(key(1)).payload == entry(1, 100_000).payload
+    finally:
+        for node in cluster.nodes:
+            if node.proc is not None:
+                node.proc.send_signal(18)
+        tier.close()
+
+
+@needs_cli
 def test_cluster_down_at_start_is_not_fatal(tmp_path, prefix):
     cluster = RedisClusterServers(tmp_path / "cluster")
     try:
