@@ -148,6 +148,8 @@ class RedisServer:
         return args + self.extra
 
     def start(self, timeout: float = 20.0) -> "RedisServer":
+        if self.running:
+            raise RuntimeError(f"redis-server on port {self.port} is already running (pid {self.proc.pid})")
         self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -162,6 +164,10 @@ class RedisServer:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s: {self.log()}")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def _connect(self) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
@@ -257,7 +263,8 @@ class RedisClusterServers:
     def start(self, timeout: float = 60.0) -> "RedisClusterServers":
         try:
             for node in self.nodes:
-                node.start()
+                if not node.running:          # nodes stopped and started again one by one stay up
+                    node.start()
             if not self._formed():
                 self.nodes[0].cli("--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
                                   "--cluster-replicas", "0", "--cluster-yes", timeout=timeout)
