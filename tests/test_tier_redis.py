@@ -93,18 +93,24 @@ def test_store_stopped_mid_run_costs_misses_then_recovers(tmp_path):
         store.stop()
 
 
-def test_conversation_resumes_after_a_restart_from_a_redis_cluster(tmp_path):
-    """``tier.cluster=true`` on a real three-master Redis Cluster: the session and its family
-    snapshot are stored across the masters (index in the ``{prefix}`` slot, chunks spread)
-    and a restarted server resumes the conversation from them."""
-    from kv3d_tier_redis.testing import RedisClusterServers, cli_missing
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_conversation_resumes_after_a_restart_from_a_redis_cluster(tmp_path, tls):
+    """``tier.cluster=true`` on a real three-master Redis Cluster, plain or over TLS (the
+    certificate verified against the test CA, client certificates required): the session and
+    its family snapshot are stored across the masters (index in the ``{prefix}`` slot, chunks
+    spread) and a restarted server resumes the conversation from them."""
+    from kv3d_tier_redis.testing import RedisClusterServers, cli_missing, make_certs, tls_missing
 
-    if cli_missing():
-        pytest.skip(cli_missing())
-    cluster = RedisClusterServers(tmp_path / "cluster").start()
+    if cli_missing() or (tls and tls_missing()):
+        pytest.skip(cli_missing() or tls_missing())
+    certs = make_certs(tmp_path) if tls else None
+    cluster = RedisClusterServers(tmp_path / "cluster", tls=certs, tls_auth_clients=tls).start()
     prefix = f"e2e-{uuid.uuid4().hex[:8]}"
     overrides = ["tier=redis", f"tier.url={cluster.url}", "tier.cluster=true", f"tier.prefix={prefix}",
                  "tier.capacity_mb=256", "tier.chunk_kb=64"]
+    if tls:
+        overrides += ["tier.tls=true", f"tier.tls_ca_file={certs.ca}", f"tier.tls_cert_file={certs.client_cert}",
+                      f"tier.tls_key_file={certs.client_key}"]
     try:
         with running_server(tmp_path, overrides) as srv:
             first = chat(srv.url, first_turn(), cache_salt="tenant-a")
