@@ -27,10 +27,13 @@ names and the manifest: :mod:`kv3d_tier_redis.layout`; the atomic steps:
   time; a use renews it) is a second bound. Entries whose TTL ran out leave the
   index when next met (a lookup, ``entries()``, or the eviction loop).
 - The store failing (refused, lost, slow past ``timeout_s``, AUTH refused, out of
-  memory): ``get`` is a miss, ``put`` a dropped write (``on_dropped("io_error")``,
-  ``"disk_full"`` when the server is out of memory), and for a backoff
+  memory; on a cluster any master, or the slot map unreadable): ``get`` is a miss,
+  ``put`` a dropped write (``on_dropped("io_error")``, ``"disk_full"`` when the
+  server is out of memory), and for a backoff
   (:mod:`kv3d_tier_redis.breaker`) neither touches the network; :meth:`check`
-  pings and says why it fails. The client reconnects by itself.
+  pings (every master of a cluster) and says why it fails. The client reconnects by
+  itself. At load, refused credentials or a server certificate that does not verify are a
+  ``ConfigError``; a store that does not answer is not (the tier starts degraded).
 - :meth:`entries` lists what the store holds for the bound model, least recently
   used first (from the manifests: a restart, or another server, sees them).
 - :meth:`follow` (the tier is :attr:`shared`): what other servers published or removed
@@ -159,11 +162,9 @@ class RedisTier(StorageTier):
         breaker's backoff), a success resets the breaker."""
         import redis.exceptions as rx
 
-        from redis.exceptions import RedisClusterException
-
         try:
             out = fn(self._ensure_client())
-        except RedisClusterException as exc:
+        except rx.RedisClusterException as exc:
             # a cluster client that cannot read the slot map (no node answers) or finds a slot
             # uncovered: not a RedisError, but the store failing all the same
             self.breaker.failed(f"{type(exc).__name__}: {exc}")
@@ -632,7 +633,7 @@ def _misconfigured(exc: BaseException) -> str | None:
         if isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
             return ("presented a TLS certificate that does not verify (tls_ca_file, tls_verify, "
                     f"the host name): {e}")
-        if isinstance(e, ssl.SSLError) and "WRONG_VERSION_NUMBER" in text.upper() or \
+        if (isinstance(e, ssl.SSLError) and "WRONG_VERSION_NUMBER" in text.upper()) or \
                 "wrong version number" in text:
             return f"does not speak TLS on that port (tls is on): {e}"
         if "certificate required" in text.lower() or "TLSV13_ALERT_CERTIFICATE_REQUIRED" in text.upper():
