@@ -184,3 +184,54 @@ def test_chain_keys_name_the_tokens_up_to_each_block_end():
     assert not set(chain_keys(codec, "ns", "other-model", t, 6)) & set(keys)
     assert not set(chain_keys(collab.CollabCodec(block_tokens=4, inner="none"), "ns", "fp", t, 6)) & set(keys)
     assert not set(chain_keys(collab.CollabCodec(block_tokens=5), "ns", "fp", t, 6)) & set(keys)
+
+
+def ssd_stack(unified: bool, path, warm_mb: float, write_through: bool):
+    from kv3d_tier_ssd.tier import SsdTier
+
+    b = FakeBackend(kv_unified=unified)
+    metrics = Metrics()
+    stack = TierStack(RamTier(capacity_mb=warm_mb), SsdTier(path=str(path), capacity_mb=64),
+                      collab.CollabCodec(block_tokens=B, inner="none"), b.info, metrics, write_through=write_through)
+    cache = PrefixCache(b, ExactDetector(), metrics, tiers=stack, hot_sessions=0)
+    return b, stack, cache
+
+
+def cold_blocks(stack: TierStack) -> set[str]:
+    return {m.key for m in stack.cold.entries() if m.kind == BLOCK}
+
+
+@LAYOUTS
+def test_block_references_survive_eviction_to_the_ssd_tier_and_a_restart(unified, tmp_path):
+    pytest.importorskip("kv3d_tier_ssd")
+    # a warm tier of 5 KB holds a few blocks only: the rest reach the SSD tier by eviction
+    b, stack, cache = ssd_stack(unified, tmp_path, warm_mb=0.005, write_through=False)
+    family, view, a, b_ctx = branch_pair(cache, b, stack)
+    assert stack.metrics.evictions.labels("warm")._value.get() > 0
+    before = stack.stats()["blocks"]
+    assert before["references"] > before["blocks"]
+    cache.persist()                                    # a graceful shutdown: warm entries to the SSD tier
+    stack.close()
+
+    b, stack, cache = ssd_stack(unified, tmp_path, warm_mb=8, write_through=True)    # restart
+    try:
+        assert stack.stats()["blocks"] == before       # counted again from the stored sessions
+        assert len(cold_blocks(stack)) == before["blocks"]
+        lease, _ = restore_kv(cache, b, a, family)     # A resumes from the SSD tier: its own blocks are freed
+        assert lease.source == "cold"
+        cache.release(lease.seq, a, len(a), family, lease.snapshot, keep=False)
+        stack.flush()
+        stack.drain_gone()
+        stack.flush()
+        left = cold_blocks(stack)
+        assert len(left) == (len(b_ctx) - family.length) // B == stack.stats()["blocks"]["blocks"]
+        stack.close()
+
+        b, stack, cache = ssd_stack(unified, tmp_path, warm_mb=8, write_through=True)    # and again
+        assert cold_blocks(stack) == left
+        ref = FakeBackend(kv_unified=unified)
+        fill(ref, 0, b_ctx)
+        lease, (pos, kv) = restore_kv(cache, b, b_ctx, family)
+        assert lease.source == "cold" and np.array_equal(kv, ref.seq_kv(0)[1])
+    finally:
+        stack.close()
