@@ -235,3 +235,56 @@ def test_block_references_survive_eviction_to_the_ssd_tier_and_a_restart(unified
         assert lease.source == "cold" and np.array_equal(kv, ref.seq_kv(0)[1])
     finally:
         stack.close()
+
+
+# -- the real llama.cpp backend, default model ------------------------------------------------------
+LIBRARY = ("You are the librarian of a small town library. You help visitors find books, explain the "
+           "borrowing rules (three weeks, two renewals, no fines for children) and suggest authors. "
+           "Keep every answer short and friendly.")
+
+
+def branching_replies(codec: list[str]) -> tuple[list[str], dict]:
+    """Four conversations, each: a first turn, a second turn, the second turn edited (a branch
+    of the stored conversation), and a third turn on the branch -- in a hot tier of four
+    sequences, so every resume comes from the warm tier. The replies (greedy) and the stats."""
+    from conftest import engine_chat
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+
+    cfg = compose(["server.threads=2", "cache.gpu_hot_mb=8", "scheduler.n_seq_max=4", "scheduler.max_running=1",
+                   *codec])
+    replies: list[str] = []
+    with Engine(cfg) as eng:
+        def ask(messages):
+            text, _ = engine_chat(eng, messages, max_tokens=12)
+            replies.append(text)
+            return text
+
+        first = [[{"role": "system", "content": LIBRARY},
+                  {"role": "user", "content": f"Visitor {i} here. Can you suggest a good book about the sea, "
+                                              f"number {i}? I read slowly and like long chapters."}] for i in range(4)]
+        r1 = [ask(m) for m in first]
+        turn1 = [m + [{"role": "assistant", "content": r}] for m, r in zip(first, r1)]
+        for t in turn1:
+            ask(t + [{"role": "user", "content": "Thanks! How long can I keep it?"}])
+        edited = [t + [{"role": "user", "content": "Thanks! Which author would you read next?"}] for t in turn1]
+        r3 = [ask(m) for m in edited]
+        for m, r in zip(edited, r3):
+            ask(m + [{"role": "assistant", "content": r}, {"role": "user", "content": "And after that one?"}])
+        eng.tiers.flush()
+        stats = eng.tiers.stats()
+        stats["restores"] = eng.metrics.restores.labels("warm")._value.get()
+    return replies, stats
+
+
+@pytest.mark.parametrize("inner", ["none", "int8"])
+def test_sessions_restored_from_shared_blocks_answer_as_the_per_session_codec(inner):
+    """Dedup is exact: collab with the lossless inner coding answers as ``none`` does, with int8
+    blocks as ``int8`` does (the same codes: int8 scales per token and KV head), greedy, token for
+    token -- while the edited branches share their conversation's blocks."""
+    base = [] if inner == "none" else ["codec=int8"]
+    expected, _ = branching_replies(base)
+    got, stats = branching_replies(["codec=collab", f"codec.inner={inner}"])
+    assert stats["restores"] >= 8, "the conversations were resumed from the warm tier"
+    assert stats["blocks"]["references"] > stats["blocks"]["blocks"] > 0, "the branches share blocks"
+    assert got == expected
