@@ -18,7 +18,10 @@ codec's bytes as they are, framed by the core.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import struct
+import threading
 import zlib
 from typing import Callable
 
@@ -30,13 +33,23 @@ from kv3d_core.kv import framing
 from kv3d_core.kv.codec_none import NoneCodec, check_layout, layout_meta
 
 _CRC = struct.Struct("<I")
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A shared pool of ``n`` block decoders (one per size, made on first use)."""
+    with _POOLS_LOCK:
+        if n not in _POOLS:
+            _POOLS[n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="kv3d-collab")
+        return _POOLS[n]
 
 
 def _inner(name: str, zstd_level: int):
     if name == "int8":
         from kv3d_codec_int8.codec import Int8Codec
 
-        return Int8Codec(zstd_level=zstd_level)
+        return Int8Codec(zstd_level=zstd_level, decode_threads=1)    # blocks decode in parallel instead
     if name == "none":
         return NoneCodec()
     raise TypeError(f"inner={name!r}: use int8 or none")
@@ -51,17 +64,24 @@ class CollabCodec(BlockCodec):
     """Blocks of ``block_tokens`` cells shared across sessions, each coded by ``inner``.
 
     Settings: ``block_tokens`` (1..4096, default 32), ``inner`` (``int8``, default, or
-    ``none``), ``zstd_level`` (the inner int8 codec's, default 3). Error bound: the inner
-    codec's (int8: half a scale step plus one float16 ulp per value; none: bit-exact).
+    ``none``), ``zstd_level`` (the inner int8 codec's, default 3), ``decode_threads`` (blocks
+    decoded in parallel on restore, default min(2, usable cores): the int8 kernels leave the GIL,
+    so one block's Python work overlaps another's decoding). Error bound: the inner codec's
+    (int8: half a scale step plus one float16 ulp per value; none: bit-exact).
     """
 
     codec_id = "collab"
     version = 1
 
     def __init__(self, block_tokens: int = 32, inner: str = "int8", zstd_level: int = 3,
-                 **unknown: object) -> None:
+                 decode_threads: int | None = None, **unknown: object) -> None:
         if unknown:
-            raise TypeError(f"unknown settings {sorted(unknown)}; collab takes block_tokens, inner, zstd_level")
+            raise TypeError(f"unknown settings {sorted(unknown)}; collab takes block_tokens, inner, zstd_level, "
+                            "decode_threads")
+        if decode_threads is not None and (isinstance(decode_threads, bool) or not isinstance(decode_threads, int)
+                                           or not 1 <= decode_threads <= 64):
+            raise TypeError(f"decode_threads={decode_threads!r}: use an integer 1..64, or null (automatic)")
+        self.decode_threads = decode_threads if decode_threads is not None else min(2, len(os.sched_getaffinity(0)))
         if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or not 1 <= block_tokens <= 4096:
             raise TypeError(f"block_tokens={block_tokens!r}: use an integer 1..4096")
         self.block_tokens = block_tokens
@@ -139,9 +159,21 @@ class CollabCodec(BlockCodec):
         if ([a.shape for a in out.k], [a.shape for a in out.v]) != ([(n, w) for w in kw], [(n, w) for w in vw]):
             raise CodecError("decode_into: alloc returned arrays of another layout than the decoded one")
         b = self.block_tokens
-        for i, key in enumerate(keys):
-            self._decode_part(fetch(key), _rows(out, i * b, (i + 1) * b), positions[i * b:(i + 1) * b])
-        self._decode_part(tail, _rows(out, len(keys) * b, n), positions[len(keys) * b:])
+        parts = [(i * b, (i + 1) * b) for i in range(len(keys))] + [(len(keys) * b, n)]
+
+        def work(j: int) -> None:
+            lo, hi = parts[j]
+            self._decode_part(fetch(keys[j]) if j < len(keys) else tail, _rows(out, lo, hi), positions[lo:hi])
+
+        if self.decode_threads > 1 and len(parts) > 1:
+            # the inner kernels leave the GIL while they decode: one block's Python work overlaps another's
+            futures = [_pool(self.decode_threads).submit(work, j) for j in range(len(parts))]
+            concurrent.futures.wait(futures)        # every write into ``out`` ends before we return or raise
+            for f in futures:
+                f.result()
+        else:
+            for j in range(len(parts)):
+                work(j)
         return out
 
     def _decode_part(self, data, target: KVArrays, positions: np.ndarray) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from kv3d_core import hookimpl
 
@@ -16,6 +17,7 @@ class CollabSettings:
     block_tokens: int = 32
     inner: str = "int8"
     zstd_level: int = 3
+    decode_threads: Optional[int] = None
 
 
 @hookimpl

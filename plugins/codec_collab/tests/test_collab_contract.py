@@ -31,3 +31,9 @@ class TestCollabLossless(CodecContract):
     @pytest.fixture
     def codec(self):
         return CollabCodec(inner="none", block_tokens=4)
+
+
+class TestCollabSerialDecode(TestCollabInt8):
+    @pytest.fixture
+    def codec(self):
+        return CollabCodec(decode_threads=1, block_tokens=2)
