@@ -149,6 +149,33 @@ def test_a_damaged_shared_block_is_a_miss_for_every_session_listing_it(unified):
         stack.close()
 
 
+@LAYOUTS
+def test_when_the_codec_is_switched_off_collab_sessions_are_misses_and_spills_use_none(unified):
+    from kv3d_core.safety import FailureMonitor
+
+    b = FakeBackend(kv_unified=unified)
+    metrics = Metrics()
+    monitor = FailureMonitor(metrics)
+    stack = TierStack(RamTier(capacity_mb=8), None, collab.CollabCodec(block_tokens=B, inner="none"), b.info, metrics,
+                      monitor=monitor)
+    cache = PrefixCache(b, ExactDetector(), metrics, tiers=stack, monitor=monitor, hot_sessions=0)
+    try:
+        family, view, a, b_ctx = branch_pair(cache, b, stack)
+        monitor.disable("codec", "switched off by the test")
+        lease, _ = restore_kv(cache, b, a, family)              # the collab manifest is not restored
+        assert lease.source != "warm" and lease.n_cached <= family.length
+        ctx = force(cache, b, lease, PromptView(a + [7], family.length, b.info.model_id), family, [41, 42])
+        cache.release(lease.seq, ctx, len(ctx), family, lease.snapshot or cache.snapshot_entry(family), keep=True)
+        spill_all(cache, stack)
+        assert stack.codec.codec_id == "none"
+        stored = {m.key: m for m in stack.warm.entries() if m.kind == "session"}
+        new = [m for m in stored.values() if len(m.tokens) == len(ctx)]
+        assert len(new) == 1 and new[0].codec_id == "none"    # stored whole by the lossless codec, no blocks
+        assert not any(tuple(stack.blocks.refs.keys_of(k)) for k in stored if stored[k].codec_id == "none")
+    finally:
+        stack.close()
+
+
 def test_two_tenants_never_share_a_block():
     b, stack, cache = make(True)
     try:
