@@ -94,6 +94,20 @@ def main() -> None:
         sizes["int8"] += len(int8.encode(x))
         sizes["int8_raw_zstd"] += len(plain_c.compress(r))
         sizes["int8_raw_family_dict"] += len(dict_c.compress(r))
+    # what cutting into blocks costs by itself: int8 of each whole delta against collab's payloads
+    # (int8 per whole block plus the tail) for a few block sizes, every block new
+    from kv3d_codec_collab.codec import CollabCodec
+
+    whole = sum(len(int8.encode(d)) for d in deltas)
+    per_block = {}
+    for bt in (16, 32, 64):
+        c = CollabCodec(block_tokens=bt)
+        total = 0
+        for d in deltas:
+            keys = [f"{i:040x}" for i in range(d.n_cells // bt)]
+            manifest, blocks = c.encode_blocks(d, keys, lambda _k: False)
+            total += len(manifest) + sum(len(x) for x in blocks.values())
+        per_block[bt] = total / whole
     dict_bytes = len(dictionary.as_bytes())
     f16 = sum(x.f16_bytes() for x in test)
     out = {
@@ -102,6 +116,8 @@ def main() -> None:
         "dictionary_bytes": dict_bytes,
         "ratio_f16": {k: f16 / v for k, v in sizes.items()},
         "family_dict_vs_int8": (sizes["int8_raw_family_dict"] + dict_bytes) / sizes["int8"],
+        "family_dict_vs_int8_without_dict_bytes": sizes["int8_raw_family_dict"] / sizes["int8"],
+        "int8_whole_delta_bytes": whole, "collab_bytes_over_int8_whole": per_block,
         "machine": machine(), "load_avg_at_end": list(os.getloadavg()),
     }
     print(json.dumps(out, indent=2))
