@@ -438,3 +438,17 @@ def test_bench_token_id_prompts_against_llama_server(tmp_path):
         assert s["ttft_p50_resume_s"] > 0 and s["ttft_p95_turn1_s"] > 0
     kv = next(s for s in rep["systems"] if s["name"] == "kv3d")
     assert kv["hit_rate"] > 0
+
+
+def test_stored_bytes_per_session_are_the_warm_tiers_else_the_cold_tiers():
+    from kv3d_tools.bench.metrics import GIB, kv3d_memory
+
+    stats = {"hot": {"bytes": 8_000_000, "sessions": 2},
+             "warm": {"bytes": 3_000_000, "sessions": 3, "capacity_bytes": 10**9},
+             "cold": {"bytes": 9_000_000, "sessions": 4}}
+    m = kv3d_memory(stats)
+    assert m["stored_bytes_per_session"] == 1_000_000 and m["stored_sessions_per_gb"] == GIB / 1_000_000
+    assert m["kv_bytes_per_session"] == 11_000_000 / 5                # hot + warm, as before
+    del stats["warm"]
+    assert kv3d_memory(stats)["stored_bytes_per_session"] == 9_000_000 / 4
+    assert kv3d_memory({"hot": {"bytes": 1, "sessions": 1}})["stored_bytes_per_session"] is None
