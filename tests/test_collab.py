@@ -315,3 +315,25 @@ def test_sessions_restored_from_shared_blocks_answer_as_the_per_session_codec(in
     assert stats["restores"] >= 8, "the conversations were resumed from the warm tier"
     assert stats["blocks"]["references"] > stats["blocks"]["blocks"] > 0, "the branches share blocks"
     assert got == expected
+
+
+def test_a_block_no_tier_takes_leaves_the_session_unstored_without_a_codec_failure():
+    from kv3d_core.safety import FailureMonitor
+
+    b = FakeBackend(kv_unified=True)
+    metrics = Metrics()
+    monitor = FailureMonitor(metrics)
+    # 1 KB of RAM: a manifest fits, a block (~1.5 KB here) does not
+    stack = TierStack(RamTier(capacity_mb=1 / 1024), None, collab.CollabCodec(block_tokens=B, inner="none"), b.info,
+                      metrics, monitor=monitor)
+    cache = PrefixCache(b, ExactDetector(), metrics, tiers=stack, monitor=monitor, hot_sessions=0)
+    try:
+        view, family = chat(b, SYSTEM, "Please list every fuse rating the manual gives, one per line, and why.")
+        session(cache, b, view, family, [11, 12, 13])
+        spill_all(cache, stack)
+        stack.drain_gone()
+        assert not stored_sessions(cache) and not any(m.kind == "session" for m in stack.warm.entries())
+        assert metrics.registry.get_sample_value("kv3d_fallbacks_total", {"reason": "encode"}) is None
+        assert not monitor.disabled
+    finally:
+        stack.close()

@@ -72,7 +72,7 @@ from kv3d_core.errors import (CacheFault, CodecError, StateFormatError, StateRes
                               TierError)
 from kv3d_core.kv import framing, opaque
 from kv3d_core.metrics import Metrics
-from kv3d_core.tiers.blocks import KIND as BLOCK, BlockStore
+from kv3d_core.tiers.blocks import KIND as BLOCK, BlockMissing, BlockStore
 from kv3d_core.tiers.entry import CacheEntry
 from kv3d_core.tiers.health import SYSTEMIC, TierWatch
 from kv3d_core.tiers.hot import CellLedger, StreamLedger
@@ -603,6 +603,10 @@ class TierStack:
             if not (in_warm or in_cold):
                 self._gone.put(entry.meta.key)
             return in_warm or in_cold
+        except BlockMissing as exc:             # a block no tier took: not stored, not a codec failure
+            log.debug("session %s not stored: %s", meta_base["key"][:8], exc)
+            self._gone.put(meta_base["key"])
+            return False
         except Exception as exc:
             log.exception("spill failed")
             self._gone.put(meta_base["key"])
