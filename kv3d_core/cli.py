@@ -30,7 +30,7 @@ overrides are Hydra overrides of configs/config.yaml (`kv3d config` prints every
 
 `kv3d <command> --help` shows a command's own options. Installed plugins may add commands
 (listed under "plugin commands"); `pip install kv3d[bench]` adds the tools (kv3d-tools):
-bench, quality and synth-model."""
+bench, quality, synth-model and scale-sim."""
 
 # kv3d serve's flags: flag -> (config key, value kind, help)
 SERVE_FLAGS: dict[str, tuple[str, str, str, str]] = {

@@ -73,6 +73,8 @@ class CacheSchema:
     prefix_host_mb: float = 512
     prepare_restores: str = "auto"
     cold_write_through: bool = True
+    follow_s: float = 0.5
+    publish_idle: bool = True
 
 
 @dataclass
@@ -86,6 +88,7 @@ class SchedulerSchema:
     prefill_order: str = "shortest"
     prefill_aging_s: float = 30
     prefill_seqs: Optional[int] = None
+    implicit_families: bool = False
 
 
 @dataclass
@@ -283,6 +286,8 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("cache.hot_sessions must be >= 0 (or null: idle sessions stay while streams are free)")
     if s.cache.free_streams < 0 or s.cache.prefix_host_mb < 0:
         problems.append("cache.free_streams and cache.prefix_host_mb must be >= 0")
+    if not s.cache.follow_s >= 0:
+        problems.append("cache.follow_s must be >= 0 (seconds between reads of a shared tier's feed; 0 = off)")
     if s.cache.prepare_restores not in ("auto", "on", "off"):
         problems.append(f"cache.prepare_restores must be 'auto', 'on' or 'off', not {s.cache.prepare_restores!r}")
     if s.cache.hot_idle_s is not None and s.cache.hot_idle_s < 0:

@@ -45,6 +45,8 @@ class Metrics:
         self.prefill_tokens = Counter("kv3d_prefill_tokens", "Prompt tokens computed (prefill chunks)", registry=r)
         self.rejected = Counter("kv3d_rejected", "Requests refused by the scheduler", ["reason"], registry=r)
         self.preemptions = Counter("kv3d_preemptions", "Running requests preempted (recomputed later) for lack of KV cells", registry=r)
+        self.queue_seconds = Histogram("kv3d_queue_seconds", "Time a request waited for a sequence (submit to "
+                                       "admission)", buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("kv3d_time_to_first_token_seconds", "Time to first token", ["cache"], buckets=LATENCY_BUCKETS, registry=r)
         # prefix families
         self.prefix_requests = Counter("kv3d_prefix_requests", "Requests looked up in the prefix cache", registry=r)
@@ -74,6 +76,11 @@ class Metrics:
         self.tier_entries_dropped = Counter("kv3d_tier_entries_dropped", "Intact stored entries dropped as unusable, by reason (damaged ones are kv3d_tier_errors)", ["tier", "reason"], registry=r)
         self.tier_orphans = Gauge("kv3d_tier_orphans", "Stored sessions waiting for their family snapshot (lost or damaged) to be recomputed", registry=r)
         self.tier_orphans_adopted = Counter("kv3d_tier_orphans_adopted", "Orphaned sessions resumable again: a request recomputed their family snapshot", registry=r)
+        # a shared tier (tiers/feed.py)
+        self.tier_feed = Counter("kv3d_tier_feed", "Entries other servers published (added) or removed, read from a shared tier's feed", ["op"], registry=r)
+        self.tier_feed_rescans = Counter("kv3d_tier_feed_rescans", "Full listings of a shared tier after its feed lost track (trimmed, store restarted)", registry=r)
+        self.tier_followed = Counter("kv3d_tier_followed", "Entries other servers published, added to the index (orphan: a session waiting for its family snapshot); removed: their sessions forgotten", ["kind"], registry=r)
+        self.tier_published = Counter("kv3d_tier_published", "Entries written to a shared tier while they stay hot, so other servers can use them: idle sessions when their request ends, unified-layout family snapshots when made (the streams layout stores every snapshot when made: kv3d_spills_total)", ["kind"], registry=r)
         # safety
         self.safe_mode = Gauge("kv3d_safe_mode", "1 while the cache path is off or degraded", registry=r)
         self.fallbacks = Counter("kv3d_fallbacks", "Requests served by recompute after a cache fault", ["reason"], registry=r)

@@ -16,4 +16,10 @@ if ! command -v redis-server >/dev/null; then
     $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
         redis-server
 fi
+# tests/test_router.py routes between two replicas through a real HAProxy (deploy/router/): Debian's haproxy
+if ! command -v haproxy >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+        haproxy
+fi
 exec "${KV3D_VENV:-.venv}/bin/python" -m pytest "$@"

@@ -211,3 +211,24 @@ def test_api_key(tmp_path):
         bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
+
+
+def test_health_is_a_503_once_the_scheduler_stopped():
+    """A replica that can serve nothing says so in /health's status code too (routers that read
+    only the code: Kubernetes probes, vllm-router), not only in its body (deploy/router's HAProxy
+    check reads both). In process, on the real model."""
+    from starlette.testclient import TestClient
+
+    from kv3d_core.api.app import create_app
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+
+    with Engine(compose(["server.threads=1", "cache.stream_ctx=256", "scheduler.n_seq_max=2"])) as eng:
+        client = TestClient(create_app(eng))
+        ok = client.get("/health")
+        assert ok.status_code == 200 and ok.json()["status"] == "ok", ok.text
+        eng.scheduler.stop()
+        down = client.get("/health")
+        assert down.status_code == 503, down.text
+        assert down.json() == {"status": "error", "service": "kv3d-engine",
+                               "reason": "the scheduler thread is not running"}

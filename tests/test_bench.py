@@ -45,11 +45,11 @@ def kv3d(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 # -- the tools are a plugin: kv3d-tools ---------------------------------------------------------------
-TOOLS = ("bench", "quality", "synth-model")
+TOOLS = ("bench", "quality", "synth-model", "scale-sim")
 
 
 def test_the_tools_are_plugin_commands_of_kv3d_tools():
-    """bench, quality and synth-model are no commands of the core: kv3d-tools registers them
+    """bench, quality, synth-model and scale-sim are no commands of the core: kv3d-tools registers them
     (register_commands), with the doctor's llama-server row, and `kv3d --help` lists them as plugin
     commands."""
     from kv3d_core import cli

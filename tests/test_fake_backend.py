@@ -546,13 +546,13 @@ def collect(q: queue.Queue) -> tuple[str, str, dict]:
 
 
 def run_jobs(unified: bool, specs: list[tuple[PromptView, FamilyKey, int]],
-             together: bool) -> tuple[list[tuple[str, str, dict]], Scheduler]:
+             together: bool, **config) -> tuple[list[tuple[str, str, dict]], Scheduler]:
     """Greedy jobs on a fresh fake, engine and scheduler: all submitted at once, or each
     after the previous one finished. Returns ([(text, reason, usage)], scheduler)."""
     b = FakeBackend(kv_unified=unified)
     metrics = Metrics()
     cache = PrefixCache(b, ExactDetector(), metrics)
-    sched = Scheduler(b, cache, metrics, SchedulerConfig(max_running=8, prefill_chunk=32))
+    sched = Scheduler(b, cache, metrics, SchedulerConfig(max_running=8, prefill_chunk=32, **config))
     sched.start()
     try:
         def submit(i: int) -> queue.Queue:
@@ -621,13 +621,18 @@ def test_raw_prompts_arriving_together_share_their_common_prefix_within_a_namesp
             family = ExactDetector().family(view)
             assert family.length == 0
             specs.append((view, family, 4))
-    together, sched = run_jobs(unified, specs, together=True)
+    together, sched = run_jobs(unified, specs, together=True, implicit_families=True)
     assert sched.metrics.snapshot_adoptions._value.get() == 2
     assert [r[2]["cached_tokens"] >= 80 for r in together].count(True) == 2
     for salt in (0, 2):                                   # one of each namespace's pair was served from cache
         assert [together[salt][2]["cached_tokens"] > 0, together[salt + 1][2]["cached_tokens"] > 0].count(True) == 1
     alone, _ = run_jobs(unified, specs, together=False)
     assert [r[:2] for r in together] == [r[:2] for r in alone]
+    off, sched = run_jobs(unified, specs, together=True)          # the default: off
+    assert sched.metrics.snapshot_adoptions._value.get() == 0, "scheduler.implicit_families=false still grouped them"
+    assert [r[:2] for r in off] == [r[:2] for r in alone]
+    split = sched.ttft_split
+    assert split["n"] == len(specs) and split["parked"] == 0 and split["queued"] >= 0 and split["admitted"] > 0
 
 
 def test_steps_are_counted_by_kind_and_prefill_tokens_are_the_prompt_tokens_computed():

@@ -185,14 +185,16 @@ def test_requests_of_a_new_family_arriving_together_compute_its_prefix_once(layo
 def test_raw_completions_sharing_a_prefix_arriving_together_compute_it_once(layout):
     """Four raw completions (no template, no declared family) that share a long beginning and
     are admitted in one step get one implicit family of their common prefix: the first
-    computes it, the others load its snapshot. Every reply equals a cold server's."""
+    computes it, the others load its snapshot (``scheduler.implicit_families=true``; off by
+    default). Every reply equals a cold server's."""
     from kv3d_core.config import compose
     from kv3d_core.engine.engine import Engine
 
     prompts = [f"{SYSTEM}\n\nQuestion: {q}\nAnswer:" for q in TURNS[:4]]
 
     with Engine(compose(["server.threads=2", f"cache.layout={layout}", "scheduler.n_seq_max=6",
-                         "scheduler.max_running=4", "cache.stream_ctx=512"])) as eng:
+                         "scheduler.max_running=4", "cache.stream_ctx=512",
+                         "scheduler.implicit_families=true"])) as eng:
         views = [eng.prepare_completion(p) for p in prompts]
         assert all(v.family.length == 0 for v in views)
         toks = [list(v.prompt.tokens) for v in views]

@@ -172,7 +172,11 @@ def router(service: CompletionService, preparer: PromptPreparer, analytics: Anal
 
     @r.get("/health")
     async def health():
-        return engine.health()
+        """200 while the replica serves (``ok``, or ``degraded``: part of the cache path is off,
+        requests still succeed); 503 on ``error`` (the scheduler thread stopped: nothing can be
+        served), so a router or orchestrator that reads only the status code takes it out."""
+        out = engine.health()
+        return JSONResponse(out, status_code=503 if out.get("status") == "error" else 200)
 
     @r.get("/debug/stats")
     async def debug_stats():

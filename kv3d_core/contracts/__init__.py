@@ -25,7 +25,7 @@ from kv3d_core.contracts.backend import (
 from kv3d_core.contracts.codec import BlockCodec, DeltaCodec, KVArrays
 from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView
 from kv3d_core.contracts.state import StateLayout, StateWriter
-from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
+from kv3d_core.contracts.tier import EntryMeta, Followed, StorageTier, TierEntry
 
 KINDS = ("backend", "detector", "codec", "tier")
 
@@ -38,6 +38,7 @@ __all__ = [
     "EntryMeta",
     "ExecutionBackend",
     "FamilyKey",
+    "Followed",
     "KVArrays",
     "ModelInfo",
     "PrefixDetector",

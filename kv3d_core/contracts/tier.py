@@ -51,6 +51,22 @@ class TierEntry:
 Evicted = Callable[[TierEntry], None]
 
 
+@dataclass(frozen=True)
+class Followed:
+    """What :meth:`StorageTier.follow` returns: what other servers changed in a shared store."""
+
+    added: tuple[EntryMeta, ...] = ()
+    """Entries other servers published since the previous call, oldest first (this model's
+    fingerprint only; this server's own puts are left out)."""
+    removed: tuple[str, ...] = ()
+    """Keys of this model's entries other servers removed (deleted, evicted) since the
+    previous call, where the tier can tell cheaply; may stay empty."""
+    rescan: bool = False
+    """The feed lost track (trimmed past this reader, the store restarted): ``added`` then
+    lists every entry the tier holds, as :meth:`StorageTier.entries` does (this server's
+    own included), and ``removed`` is empty."""
+
+
 class StorageTier(abc.ABC):
     """A byte-budgeted store of :class:`TierEntry`.
 
@@ -74,11 +90,18 @@ class StorageTier(abc.ABC):
     - :meth:`put` and :meth:`get` may be called from several threads.
     - :meth:`entries` lists what the tier holds (after a restart, what survived),
       so the core can rebuild its index.
+    - A *shared* tier (:attr:`shared`: other servers read and write the same store)
+      may offer a feed (:meth:`follow`) of what the others publish, so the core
+      indexes their entries while it runs, not only at start.
     """
 
     name: str = "?"
     level: str = "warm"  # "warm" or "cold"
     persistent: bool = False
+    shared: bool = False
+    """True when other servers read and write the same store (the ``redis`` tier): the core
+    then publishes what it computes to it promptly (family snapshots, idle sessions) and
+    follows what the others publish (:meth:`follow`)."""
 
     def bind(self, *, model_fingerprint: str, on_evict: Evicted | None = None,
              on_error: Callable[[str], None] | None = None,
@@ -126,6 +149,18 @@ class StorageTier(abc.ABC):
         the sessions first). False when the tier does not hold it. Default: no recency
         change."""
         return self.contains(key)
+
+    def follow(self) -> Followed | None:
+        """Optional, for shared tiers: what other servers published -- and, where the tier
+        can tell cheaply, removed -- since the previous call (the first call: since
+        :meth:`bind`), as :class:`Followed`. Only entries of the bound model fingerprint;
+        never this server's own puts (a rescan may list them). When the tier cannot tell
+        what it missed, it answers ``rescan=True`` with every entry it holds. None when the
+        tier has no feed (the default) or cannot read it now (the next call catches up).
+        The core calls it from one thread of its own (never the scheduler thread), every
+        ``cache.follow_s`` seconds, and indexes the entries it does not know yet; an entry
+        that turns out gone or damaged on :meth:`get` is a miss as ever. Must not raise."""
+        return None
 
     def check(self) -> str | None:
         """Whether the tier can take writes now: None when it can, else why not (for

@@ -104,6 +104,7 @@ class Engine:
                 prefill_order=cfg.scheduler.prefill_order,
                 prefill_aging_s=cfg.scheduler.prefill_aging_s,
                 prefill_seqs=cfg.scheduler.prefill_seqs,
+                implicit_families=cfg.scheduler.implicit_families,
             ))
         except BaseException:
             self.backend.close()
@@ -211,7 +212,8 @@ class Engine:
             out = self.cache.stats()
             out["scheduler"] = dict(self.scheduler.load, steps=self.scheduler.steps,
                                     max_batch_sequences=self.scheduler.max_batch_seqs_seen,
-                                    step_seconds=dict(self.scheduler.step_split))
+                                    step_seconds=dict(self.scheduler.step_split),
+                                    ttft_split=dict(self.scheduler.ttft_split))
             return out
         return self.scheduler.call(read).result(timeout)
 

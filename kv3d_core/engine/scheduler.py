@@ -98,6 +98,7 @@ class SchedulerConfig:
     prefill_order: str = "shortest"    # or "fifo", or "fair" (the oldest first, then shortest)
     prefill_aging_s: float = 30.0
     prefill_seqs: int | None = None    # most sequences one step prefills (None: as many as fit)
+    implicit_families: bool = False    # raw prompts prefilling together share their common prefix
 
 
 @dataclass(eq=False)
@@ -122,6 +123,7 @@ class Job:
     stream: TextStream | None = None
     generated: int = 0
     t_submit: float = field(default_factory=time.monotonic)
+    t_admit: float | None = None      # first admission (a sequence was leased)
     t_first: float | None = None
     cancelled: bool = False
     preemptions: int = 0
@@ -178,6 +180,10 @@ class Scheduler:
         self.steps = 0
         self.max_batch_seqs_seen = 0
         self.step_split = {"decode": 0.0, "sample": 0.0, "other": 0.0}   # seconds, since start
+        # where first tokens' time goes, since start: queued (no sequence yet) and admitted (prefill,
+        # loads, waiting for a shared prefix), summed over ``n`` first tokens; ``parked``: prefill
+        # steps a request sat out while another computed the prefix it will load
+        self.ttft_split = {"queued": 0.0, "admitted": 0.0, "n": 0, "parked": 0}
         # per-step hot path: metric children and constants looked up once
         self._generated = metrics.generated_tokens
         self._split_metric = {p: metrics.step_seconds.labels(p) for p in self.step_split}
@@ -404,6 +410,9 @@ class Scheduler:
         self._waiting.remove(job)
         job.seq, job.n_past, job.snapshot = lease.seq, lease.n_cached, lease.snapshot
         self._running.append(job)        # from here on a failure releases the sequence
+        if job.t_admit is None:
+            job.t_admit = time.monotonic()
+            self.metrics.queue_seconds.observe(job.t_admit - job.t_submit)
         if job.preemptions == 0:
             job.n_cached, job.cache_source = lease.n_cached, lease.source
         if job.sampler is None:
@@ -422,6 +431,7 @@ class Scheduler:
                 plan.append((job, BatchEntry(job.seq, job.context[job.n_past:job.n_past + 1], job.n_past, True)))
                 budget -= 1
         parked = self._share_prefixes()
+        self.ttft_split["parked"] += len(parked)
         prefills = [j for j in self._prefill_order() if j not in parked]   # then prefill chunks
         if self.cfg.prefill_seqs is not None:
             prefills = prefills[:self.cfg.prefill_seqs]
@@ -442,7 +452,8 @@ class Scheduler:
         prefix all but the one furthest along wait for it (returned: not prefilled this step).
         When the prefix gives no snapshot, the waiting ones go on by themselves once the one
         ahead has passed it."""
-        self._implicit_families()
+        if self.cfg.implicit_families:
+            self._implicit_families()
         groups: dict[tuple[str, str], list[Job]] = {}
         for job in self._running:
             if (job.state is not SessionState.PREFILL or job.snapshot is not None
@@ -657,6 +668,11 @@ class Scheduler:
         if job.t_first is None:
             job.t_first = time.monotonic()
             self.metrics.ttft.labels("hit" if job.n_cached > 0 else "miss").observe(job.t_first - job.t_submit)
+            if job.t_admit is not None and job.parent is None:
+                split = self.ttft_split
+                split["queued"] += job.t_admit - job.t_submit
+                split["admitted"] += job.t_first - job.t_admit
+                split["n"] += 1
         if self.backend.is_eog(token) and not job.params.ignore_eos:
             self._finish(job, "stop")
             return

@@ -301,8 +301,9 @@ class PrefixCache:
         seq = e.seq
         self._idle.pop(e, None)
         kept = False
-        if self.tiers is not None and self.enabled and e.kind == "snapshot" and self.tiers.holds(e):
-            kept = True                          # its stored copy is still valid: nothing to write
+        if (self.tiers is not None and self.enabled and (e.kind == "snapshot" or e.pending is not None)
+                and self.tiers.holds(e)):
+            kept = True                          # its stored (or published) copy is still valid: nothing to write
         elif self.tiers is not None and self.enabled:
             try:
                 kept = self.tiers.spill(e, seq)
@@ -476,6 +477,7 @@ class PrefixCache:
             if entry.kind == "session" and n == len(entry.tokens):
                 # the request continues this session: take its sequence over
                 seq = entry.seq
+                self._discard_published(entry)
                 self.forget_entry(entry)
                 entry.seq = None
                 entry.state = SessionState.PREFILL
@@ -516,6 +518,7 @@ class PrefixCache:
         if entry.kind == "session" and entry.seq is not None:
             if n == len(entry.tokens):           # the request continues this session: its stream is
                 seq = entry.seq                  # taken over as it is
+                self._discard_published(entry)
                 self.forget_entry(entry)
                 entry.seq = None
                 entry.state = SessionState.PREFILL
@@ -546,6 +549,14 @@ class PrefixCache:
         assert self.tiers is not None
         protect = {entry} | ({entry.snapshot} if entry.snapshot is not None else set())
         return self._restore_spilled(entry, n, protect, prepared)
+
+    def _discard_published(self, entry: CacheEntry) -> None:
+        """A hot session another request takes over had been published to a shared tier
+        (:meth:`TierStack.publish`): that copy is stale now; the session is published again,
+        longer, when this request ends."""
+        if entry.pending is not None and self.tiers is not None:
+            self.tiers.discard(entry)
+            entry.pending = None
 
     def _restore_spilled(self, entry: CacheEntry, n: int, protect: set[CacheEntry],
                          prepared: "Prepared | None" = None) -> Lease | None:
@@ -805,6 +816,8 @@ class PrefixCache:
         )
         self.add_entry(snap)
         self._ref(snap)
+        if self.tiers is not None:
+            self.tiers.publish(snap, snap_seq)   # a shared tier: other servers need not compute it
         return snap
 
     def shares_prefix(self, family: FamilyKey) -> bool:
@@ -908,6 +921,8 @@ class PrefixCache:
             )
             self.add_entry(entry)
             self._make_idle(entry)
+            if self.tiers is not None:
+                self.tiers.publish(entry, seq)   # a shared tier: another server may resume it
             self._spill_idle_sessions()
             return
         self._free_seq(seq)

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
+from kv3d_core.contracts.tier import EntryMeta, Followed, StorageTier, TierEntry
 
 FINGERPRINT = "kv3d-contract-model-a"
 OTHER_FINGERPRINT = "kv3d-contract-model-b"
@@ -101,6 +101,8 @@ class TierContract:
     - :meth:`reopen` -- required when ``tier.persistent``: a new unbound instance over the
       same storage and settings, after the contract closed the old one.
     - :meth:`damage` -- alter the stored bytes of one entry behind the tier's back.
+    - :meth:`peer` -- shared tiers (``tier.shared``): a second unbound instance over the same
+      store, as another server opens it (for :meth:`StorageTier.follow`).
 
     A tier that keeps the default :meth:`StorageTier.touch` (no recency change) skips the
     touch test.
@@ -116,6 +118,10 @@ class TierContract:
 
     def damage(self, tier: StorageTier, key: str) -> None:
         """Alter the stored bytes of entry ``key`` (e.g. flip a byte of its file)."""
+        raise NotImplementedError
+
+    def peer(self, tier: StorageTier) -> StorageTier:
+        """Shared tiers: a new, unbound instance over the same store as ``tier`` (still open)."""
         raise NotImplementedError
 
     # -- fixtures and helpers -------------------------------------------------------------------------
@@ -408,3 +414,39 @@ class TierContract:
         assert not problems, "\n".join(problems[:10])
         self._put(bound, make_entry(0, size, version=10**6))
         assert_same_entry(make_entry(0, size, version=10**6), bound.get(entry_key(0)), "a put after the threads")
+
+    def test_follow_reports_what_other_servers_publish(self, bound, events):
+        """A tier that is not shared has no feed; a shared one with a feed reports a peer's
+        puts of this model (exact metadata) and maybe its removals, never its own puts nor
+        another model's entries."""
+        if not bound.shared:
+            assert bound.follow() is None, "follow() of a tier that is not shared must be None"
+            return
+        try:
+            peers = [self.peer(bound), self.peer(bound)]
+        except NotImplementedError:
+            pytest.skip("shared tier without a peer() hook")
+        self._open += peers
+        peer, other = events.bind(peers[0]), Events().bind(peers[1], OTHER_FINGERPRINT)
+        first = bound.follow()
+        if first is None:
+            pytest.skip("this shared tier offers no feed")
+        assert isinstance(first, Followed) and (first.rescan or first.added == ())
+        size = self._capacity(bound) // 16
+        self._put(peer, make_entry(1, size))
+        self._put(other, make_entry(2, size, fingerprint=OTHER_FINGERPRINT))
+        self._put(bound, make_entry(3, size))
+        got = bound.follow()
+        assert isinstance(got, Followed), "follow() answered nothing although the store answers"
+        keys = [m.key for m in got.added]
+        assert entry_key(2) not in keys, "follow() reported another model's entry"
+        if got.rescan:
+            assert {entry_key(1), entry_key(3)} <= set(keys)
+        else:
+            assert keys == [entry_key(1)], f"follow() reported {keys}: not the peer's put alone"
+        meta = next(m for m in got.added if m.key == entry_key(1))
+        assert_same_entry(make_entry(1, size), TierEntry(meta, make_entry(1, size).payload), "followed entry")
+        peer.delete(entry_key(1))
+        got = bound.follow()
+        assert got is not None and entry_key(1) not in [m.key for m in got.added]
+        assert got.removed in ((), (entry_key(1),)), f"removed {got.removed}: not the peer's delete"

@@ -43,6 +43,10 @@ Durability, with a persistent (cold) tier:
   same happens at run time when a stored snapshot turns out damaged. Anything
   re-indexing drops is logged and counted with its reason.
 
+A *shared* cold tier (several servers on one store: ``StorageTier.shared``) gets family
+snapshots as soon as they are made and idle sessions when their request ends, and what
+other servers publish is indexed while this one runs (:mod:`kv3d_core.tiers.feed`).
+
 Failures are handled per entry: a damaged entry is a miss, removed and counted
 (``kv3d_tier_errors_total``); only a systemic fault -- a write failing for an I/O
 error or a full disk -- takes a tier down, until a check passes
@@ -51,7 +55,6 @@ error or a full disk -- takes a tier down, until a check passes
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import logging
 import os
@@ -72,6 +75,7 @@ from kv3d_core.errors import (CacheFault, CodecError, StateFormatError, StateRes
                               TierError)
 from kv3d_core.kv import framing, opaque
 from kv3d_core.metrics import Metrics
+from kv3d_core.tiers import feed
 from kv3d_core.tiers.blocks import KIND as BLOCK, BlockMissing, BlockStore
 from kv3d_core.tiers.entry import CacheEntry
 from kv3d_core.tiers.health import SYSTEMIC, TierWatch
@@ -139,7 +143,8 @@ class TierStack:
     def __init__(self, warm: StorageTier | None, cold: StorageTier | None, codec: DeltaCodec,
                  info: ModelInfo, metrics: Metrics, *, max_pending_mb: float = 256,
                  monitor: "FailureMonitor | None" = None, write_through: bool = True,
-                 retry_s: float = 1.0, retry_max_s: float = 60.0) -> None:
+                 retry_s: float = 1.0, retry_max_s: float = 60.0, follow_s: float = 0.0,
+                 publish_idle: bool = True) -> None:
         if warm is None and cold is None:
             raise ValueError("a tier stack needs at least one tier")
         self.warm = warm
@@ -173,6 +178,9 @@ class TierStack:
         # from other threads to the scheduler thread:
         self._snapshot_wanted: queue.SimpleQueue[str] = queue.SimpleQueue()  # families to persist from hot
         self._reconcile = False            # a tier came back (maybe empty): forget what it no longer holds
+        self.follow_s = float(follow_s)    # a shared cold tier: read its feed this often (0: never)
+        self.publish_idle = bool(publish_idle)
+        self._follower: feed.Follower | None = None
         # a block codec's sessions share blocks of KV (tiers/blocks.py)
         self.blocks = BlockStore(codec, info.fingerprint, lambda: (self.warm, self.cold), self._put_cold) \
             if isinstance(codec, BlockCodec) else None
@@ -195,6 +203,8 @@ class TierStack:
             self._reindex(self.cold, SessionState.COLD)
             if self.blocks is not None:
                 self._reindex_blocks(self.cold)
+        if self.shared and self.follow_s > 0 and self._follower is None:
+            self._follower = feed.Follower(self.cold, self.follow_s, self.metrics).start()
 
     def _reindex_blocks(self, tier: StorageTier) -> None:
         """Count the stored sessions' block references again; drop sessions missing a block,
@@ -212,36 +222,7 @@ class TierStack:
 
     def _reindex(self, tier: StorageTier, state: SessionState) -> None:
         assert self.cache is not None
-        metas = [m for m in tier.entries() if m.model_fingerprint == self.info.fingerprint]
-        snaps: dict[tuple[str, str], CacheEntry] = {}
-        by_family: dict[str, CacheEntry] = {}   # snapshots shared across tenants live in another namespace
-        counts: collections.Counter[str] = collections.Counter()
-        for m in metas:
-            if m.kind == "snapshot":
-                e = CacheEntry(key=m.key, kind="snapshot", namespace=m.namespace, family=m.family,
-                               tokens=np.asarray(m.tokens, np.int32), state=state)
-                snaps[(m.namespace, m.family)] = e
-                by_family[m.family] = e
-                self.cache.add_entry(e)
-                counts["snapshot"] += 1
-        for m in metas:
-            if m.kind != "session":
-                continue
-            tokens = np.asarray(m.tokens, np.int32)
-            snap = (snaps.get((m.namespace, m.family)) or by_family.get(m.family)) if m.n_prefix > 0 else None
-            e = CacheEntry(key=m.key, kind="session", namespace=m.namespace, family=m.family,
-                           tokens=tokens, n_prefix=m.n_prefix, state=state, snapshot=snap)
-            if m.n_prefix > 0 and snap is None:
-                # its family snapshot is missing: kept, resumable once a request recomputes that prefix
-                self._orphans.setdefault(m.family, {})[m.key] = e
-                counts["orphan"] += 1
-                continue
-            if snap is not None and not _prefix_of(snap, e):
-                self._drop_stored(m.key, tier.level, "prefix_mismatch",
-                                  f"its {m.n_prefix}-token prefix differs from its family snapshot's tokens")
-                continue
-            self.cache.add_entry(e)
-            counts["session"] += 1
+        counts = feed.index_metas(self, tier.entries(), state, tier.level)
         for kind, n in counts.items():
             self.metrics.tier_reindexed.labels(tier.level, kind).inc(n)
         self.metrics.tier_orphans.set(self._n_orphans())
@@ -374,6 +355,8 @@ class TierStack:
         snapshots the writer asked for, let orphans join a recomputed family snapshot."""
         cache = self.cache
         assert cache is not None
+        if self._follower is not None:           # what other servers published to a shared tier
+            feed.apply(self, self._follower)
         while True:                              # moves first: a key that moved, then went, is gone
             try:
                 key, state = self._moved.get_nowait()
@@ -470,7 +453,7 @@ class TierStack:
                 if not self.holds(e):
                     continue
                 e.snapshot = snap
-                if not _prefix_of(snap, e):
+                if not feed.prefix_of(snap, e):
                     e.snapshot = None
                     self._drop_stored(e.key, e.state.value, "prefix_mismatch",
                                       "its prefix differs from the recomputed family snapshot's tokens")
@@ -505,13 +488,17 @@ class TierStack:
             return 0
         return len(e.snapshot.tokens)
 
-    def spill_blob(self, e: CacheEntry, blob, *, delta_only: bool = False) -> bool:
+    def spill_blob(self, e: CacheEntry, blob, *, delta_only: bool = False, to_cold: bool | None = None) -> bool:
         """Store ``e`` from its state blob (a sequence's, or a snapshot's host copy;
-        ``delta_only``: a session's blob without its family prefix's cells)."""
+        ``delta_only``: a session's blob without its family prefix's cells). ``to_cold``:
+        write it to the cold tier too (default: with write-through, and a family snapshot
+        always to a shared tier, so other servers need not compute it)."""
         if e.kind == "session" and e.snapshot is not None:
             self._persist_snapshot(e.snapshot)      # queued ahead of the delta that needs it
-        ok = self._submit(e, blob, to_cold=self.write_through, delta_only=delta_only)
-        if ok and e.kind == "snapshot" and self.write_through:
+        if to_cold is None:
+            to_cold = self.write_through or (e.kind == "snapshot" and self.shared)
+        ok = self._submit(e, blob, to_cold=to_cold, delta_only=delta_only)
+        if ok and e.kind == "snapshot" and to_cold:
             self._snap_writes[e.key] = e.pending    # (a streams snapshot, stored when it is made)
         return ok
 
@@ -903,6 +890,15 @@ class TierStack:
     def persistent(self) -> bool:
         return self.cold is not None and self.cold.persistent
 
+    @property
+    def shared(self) -> bool:
+        """The cold tier is shared with other servers (:mod:`kv3d_core.tiers.feed`)."""
+        return self.cold is not None and self.cold.shared
+
+    def publish(self, e: CacheEntry, seq: int | None) -> None:
+        """A shared tier gets ``e`` now, though it stays hot (:func:`feed.publish`)."""
+        feed.publish(self, e, seq)
+
     def persist(self) -> int:
         """Write every warm entry to the persistent tier too (shutdown): family snapshots
         first, then the sessions that need them."""
@@ -929,6 +925,8 @@ class TierStack:
             self.flush()
         except Exception:
             pass
+        if self._follower is not None:
+            self._follower.close()
         self._writer.shutdown(wait=True)
         self._preparer.shutdown(wait=True, cancel_futures=True)
         self.watch.close()
@@ -954,10 +952,7 @@ def build_tier_stack(cfg: DictConfig, plugins: "PluginManager", info: ModelInfo,
     return TierStack(warm, cold, codec, info, metrics, monitor=monitor,
                      write_through=bool(cfg.cache.get("cold_write_through", True)),
                      retry_s=float(safety.get("tier_retry_s", 1.0)),
-                     retry_max_s=float(safety.get("tier_retry_max_s", 60.0)))
+                     retry_max_s=float(safety.get("tier_retry_max_s", 60.0)),
+                     follow_s=float(cfg.cache.get("follow_s", 0.0) or 0.0),
+                     publish_idle=bool(cfg.cache.get("publish_idle", True)))
 
-
-def _prefix_of(snap: CacheEntry, e: CacheEntry) -> bool:
-    """``snap`` holds exactly the first ``e.n_prefix`` tokens of session ``e``."""
-    n = e.n_prefix
-    return len(snap.tokens) == n and np.array_equal(snap.tokens, e.tokens[:n])

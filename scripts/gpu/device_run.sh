@@ -8,7 +8,8 @@
 # Qwen2.5-1.5B-shaped model, serve it, run kv3d bench side by side with llama-server) as its own
 # process session (setsid), so it outlives the call; every call then waits up to SECONDS (default 560)
 # for it and copies what exists to $OUT: pipeline.log, setup.log, serve.log, results.tgz, servers.log.
-# A second call while the machine is still warm just keeps waiting for the same pipeline.
+# A second call while the machine is still warm just keeps waiting for the same pipeline (which runs
+# from a copy of the tree, so the second call's fresh copy does not touch it).
 set -u
 W=${KV3D_GPU_WORK:-/tmp/kv3d-gpu}
 OUT=${OUT:-$W/out}
@@ -16,8 +17,11 @@ mkdir -p "$W" "$OUT"
 deadline=$((SECONDS + ${1:-560}))
 if [ ! -e "$W/started" ]; then
   date > "$W/started"
-  setsid bash scripts/gpu/pipeline.sh > "$W/pipeline.log" 2>&1 < /dev/null &
-  echo "pipeline started (pid $!)"
+  # the pipeline runs from its own copy of the tree: the next call's copy of the working tree
+  # (refreshed by the device tool) must not change files under a running server
+  rm -rf "$W/src" && mkdir -p "$W/src" && tar -cf - --exclude=./.venv --exclude=./.git . | tar -xf - -C "$W/src"
+  (cd "$W/src" && setsid bash scripts/gpu/pipeline.sh > "$W/pipeline.log" 2>&1 < /dev/null &)
+  echo "pipeline started in $W/src"
 else
   echo "pipeline already running since $(cat "$W/started")"
 fi

@@ -10,6 +10,8 @@ over its nodes::
     {P}:bytes            integer: sum of {P}:size, the budget's use
     {P}:clock            integer: the recency counter
     {P}:w:<fp>           hash: entry key -> member, one per model fingerprint
+    {P}:feed             stream: puts and removals announced to other servers (scripts.py)
+    {P}:feedn            integer: the feed's sequence number
     {P}:m:<member>       the entry's manifest (below); published last, read first
     P:c:<member>:<wid>:<i>   chunk i of the entry's bytes, written under a fresh wid each put
 
@@ -76,6 +78,10 @@ class Keys:
     @property
     def bytes(self) -> str:
         return f"{self.base}:bytes"
+
+    @property
+    def feed(self) -> str:
+        return f"{self.base}:feed"
 
     def chunks(self, member: str, wid: str, n: int) -> list[str]:
         return [f"{self.prefix}:c:{member}:{wid}:{i}" for i in range(n)]

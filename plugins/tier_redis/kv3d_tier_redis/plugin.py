@@ -36,6 +36,7 @@ class RedisSettings:
     retries: int = 0
     backoff_s: float = 0.5
     backoff_max_s: float = 10.0
+    feed_len: int = 10000
 
 
 @hookimpl

@@ -33,6 +33,10 @@ names and the manifest: :mod:`kv3d_tier_redis.layout`; the atomic steps:
   pings and says why it fails. The client reconnects by itself.
 - :meth:`entries` lists what the store holds for the bound model, least recently
   used first (from the manifests: a restart, or another server, sees them).
+- :meth:`follow` (the tier is :attr:`shared`): what other servers published or removed
+  since the last call, read from the feed stream the scripts announce every put and
+  removal on (:mod:`kv3d_tier_redis.feed`; ``feed_len`` entries kept); when this reader
+  fell behind the trimmed stream, or the store restarted, a full listing (a rescan).
 """
 
 from __future__ import annotations
@@ -42,11 +46,11 @@ import secrets
 import threading
 from typing import Any, Callable, Iterable
 
-from kv3d_core.contracts.tier import EntryMeta, Evicted, StorageTier, TierEntry
+from kv3d_core.contracts.tier import EntryMeta, Evicted, Followed, StorageTier, TierEntry
 from kv3d_core.errors import ConfigError
 from kv3d_tier_ssd import fileformat as ff
 
-from kv3d_tier_redis import layout, scripts
+from kv3d_tier_redis import feed, layout, scripts
 from kv3d_tier_redis.breaker import Breaker
 from kv3d_tier_redis.connect import Conn, check_conn, check_prefix, make_client
 from kv3d_tier_redis.layout import Keys
@@ -74,18 +78,21 @@ class RedisTier(StorageTier):
 
     name = "redis"
     persistent = True
+    shared = True
 
     level = "cold"
 
     def __init__(self, *, prefix: str = "kv3d", capacity_mb: float = 4096, ttl_s: float = 0,
                  chunk_kb: int = 1024, checksum: str = "xxh3", backoff_s: float = 0.5, backoff_max_s: float = 10.0,
-                 **conn: Any) -> None:
+                 feed_len: int = 10000, **conn: Any) -> None:
         try:
             self.conn = Conn(**conn)
         except TypeError as exc:
             raise TypeError(f"tier redis: {exc}") from exc
         check_conn(self.conn)
         self._check_own(capacity_mb, ttl_s, chunk_kb, backoff_s, backoff_max_s)
+        if isinstance(feed_len, bool) or not isinstance(feed_len, int) or feed_len < 0:
+            raise ConfigError(f"tier redis: feed_len must be an integer >= 0, got {feed_len!r}")
         try:
             self._checksum = ff.checksum_by_name(checksum)
         except ValueError as exc:
@@ -105,6 +112,9 @@ class RedisTier(StorageTier):
         self._scripts: dict[str, Any] = {}
         self._used = 0
         self._closed = False
+        self._feed_len = feed_len
+        self._src = secrets.token_hex(8)          # this server's id on the feed: its own puts are passed over
+        self._cursor: feed.Cursor | None = None   # where follow() reads on; None: rescan first
         self._first_contact()
 
     @staticmethod
@@ -195,7 +205,9 @@ class RedisTier(StorageTier):
         if self.breaker.blocked():
             return
         try:
-            victims = self._script("TRIM", self._capacity)
+            if self._feed_len:
+                self._cursor = feed.tail(self._call, self.keys.feed)   # before the core lists entries()
+            victims = self._script("TRIM", self._capacity, self._src, self._feed_len)
         except _StoreDown as exc:
             log.warning("tier redis: %s: cannot trim to the budget now: %s", self.conn.where, exc)
             return
@@ -263,7 +275,7 @@ class RedisTier(StorageTier):
         self._pipeline(write)
         try:
             out = self._script("PUBLISH", self._fp, member, meta.key, layout.make_manifest(wid, n, enc), size,
-                               self._ttl_ms, self._capacity)
+                               self._ttl_ms, self._capacity, self._src, self._feed_len)
         except _StoreDown:
             self._delete_chunks(names)
             raise
@@ -339,7 +351,7 @@ class RedisTier(StorageTier):
     def _damaged(self, key: str, member: str, wid: str | None, reason: str) -> tuple[bool, None]:
         """Remove the damaged entry and count it -- unless a newer put replaced it meanwhile
         (then the read is tried again)."""
-        removed = self._script("REMOVE", self._fp, key, member, wid or "")
+        removed = self._script("REMOVE", self._fp, key, self._src, self._feed_len, member, wid or "")
         if not removed:
             return False, None
         log.warning("tier redis: entry %s damaged (%s), removed", key, reason)
@@ -372,7 +384,7 @@ class RedisTier(StorageTier):
         if not ff.valid_key(key) or self._closed or not self._fp:
             return
         try:
-            removed = self._script("REMOVE", self._fp, key)
+            removed = self._script("REMOVE", self._fp, key, self._src, self._feed_len)
             if removed:
                 self._drop_chunks(_text(removed[0]), removed[1])
         except _StoreDown as exc:
@@ -419,6 +431,78 @@ class RedisTier(StorageTier):
             self._script("FORGET", *gone)
         found.sort(key=lambda f: f[0])
         return [m for _, m in found]
+
+    def follow(self) -> Followed | None:
+        """What other servers published or removed since the last call (this model's entries
+        only); a rescan when the feed lost track. None while the store does not answer, or
+        with ``feed_len`` 0."""
+        if self._closed or not self._fp or not self._feed_len or self.breaker.blocked():
+            return None
+        try:
+            if self._cursor is not None:
+                events, cursor, gap = feed.read(self._call, self.keys.feed, self._cursor, self._src)
+                if not gap:
+                    self._cursor = cursor
+                    return self._followed(events)
+                log.info("tier redis: the feed of %s moved on past this server: listing every entry",
+                         self.conn.where)
+            cursor = feed.tail(self._call, self.keys.feed)
+            metas = self._entries()
+            self._cursor = cursor
+            return Followed(added=tuple(metas), rescan=True)
+        except _StoreDown as exc:
+            log.debug("tier redis: cannot read the feed now: %s", exc)
+            return None
+        except Exception:  # noqa: BLE001 - the contract: never raise
+            log.exception("tier redis: unexpected failure reading the feed")
+            return None
+
+    def _followed(self, events: list[tuple[str, str]]) -> Followed:
+        """This model's puts and removals among ``events``; the metadata of the puts read from
+        their manifests (an entry removed meanwhile is left out, a damaged one removed)."""
+        puts: dict[str, str] = {}
+        removed: dict[str, None] = {}
+        for op, member in events:
+            try:
+                fp, _, key = layout.split_member(member)
+            except ValueError:
+                continue
+            if fp != self._fp:
+                continue
+            if op == "put":
+                puts[key] = member
+                removed.pop(key, None)
+            elif op == "del":
+                puts.pop(key, None)
+                removed[key] = None
+        added: list[EntryMeta] = []
+        pairs = list(puts.items())
+        for start in range(0, len(pairs), 256):
+            batch = pairs[start:start + 256]
+            out = self._pipeline(lambda pipe, b=batch: [pipe.get(self.keys.manifest(m)) for _, m in b])
+            for (key, member), raw in zip(batch, out):
+                meta = self._indexed_meta(key, member, raw)
+                if meta is not None:
+                    added.append(meta)
+        return Followed(added=tuple(added), removed=tuple(removed))
+
+    def _indexed_meta(self, key: str, member: str, raw: Any) -> EntryMeta | None:
+        """The metadata in the manifest ``raw`` of ``key``; None when gone, or damaged (removed,
+        counted)."""
+        if raw is None:
+            return None
+        try:
+            meta = layout.read_manifest(bytes(raw)).header.meta
+        except ff.FormatError as exc:
+            self._damaged(key, member, None, exc.reason)
+            return None
+        if meta.key != key or meta.model_fingerprint != self.model_fingerprint:
+            self._damaged(key, member, None, "format" if meta.key != key else "model")
+            return None
+        if layout.split_member(member)[1] != layout.digest16(meta.namespace):
+            self._damaged(key, member, None, "namespace")
+            return None
+        return meta
 
     def __len__(self) -> int:
         if self._closed or not self._fp or self.breaker.blocked():

@@ -45,6 +45,9 @@ class TestRedisTier(TierContract):
     def damage(self, tier, key):
         flip_a_chunk_byte(tier, key)
 
+    def peer(self, tier):
+        return self.reopen(tier)
+
 
 class TestRedisTierBlake2bTtl(TestRedisTier):
     """The other checksum, one chunk per entry, and a TTL (long enough not to expire here)."""

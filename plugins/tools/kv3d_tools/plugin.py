@@ -1,5 +1,5 @@
 """Entry point of the ``tools`` plugin (kv3d-tools): the commands ``kv3d bench``,
-``kv3d quality`` and ``kv3d synth-model``, and the doctor's ``llama-server`` row.
+``kv3d quality``, ``kv3d synth-model`` and ``kv3d scale-sim``, and the doctor's ``llama-server`` row.
 
 No ``config_dir`` hook: ``conf/`` holds no config group, only ``bench.yaml``, the bench's
 primary config, which :mod:`kv3d_tools.bench.cli` hands to Hydra as its config path (the
@@ -25,6 +25,8 @@ COMMANDS = {
     "quality": ("kv3d_tools.quality", "codec quality harness: KL, top-1 agreement, perplexity change after "
                                       "spill/restore"),
     "synth-model": ("kv3d_tools.synth_model", "write a synthetic GGUF of a named shape (GPU benchmarks)"),
+    "scale-sim": ("kv3d_tools.scale_sim", "capacity model of N replicas with a shared tier behind the router "
+                                          "(docs/SCALING.md)"),
 }
 
 
