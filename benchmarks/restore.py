@@ -85,7 +85,9 @@ def main() -> None:
         tiers.flush()
         stored = tiers.warm.get(entry.key)
         f16_bytes = stored.meta.f16_bytes
-        payload_bytes = len(stored.payload)
+        # a block codec (collab): the session's entry is a manifest; its blocks are entries of their own
+        blocks = [tiers.warm.get(k) for k in (tiers.blocks.refs.keys_of(entry.key) if tiers.blocks else [])]
+        payload_bytes = len(stored.payload) + sum(len(x.payload) for x in blocks)
 
         def restore_once() -> float:
             s = cache.alloc_seq(exclude=[snap])
@@ -109,18 +111,23 @@ def main() -> None:
             floor.append(time.perf_counter() - t0)
 
         # cold: move the entry to the SSD tier only
-        assert tiers.cold.put(stored)
-        tiers.warm.delete(entry.key)
-        path = cold_dir / f"{entry.key}.kv3d"
-        file_bytes = path.stat().st_size
+        paths = []
+        for x in [stored, *blocks]:
+            assert tiers.cold.put(x)
+            tiers.warm.delete(x.meta.key)
+            paths.append(cold_dir / f"{x.meta.key}.kv3d")
+        file_bytes = sum(p.stat().st_size for p in paths)
         cold, seqread = [], []
         for _ in range(a.reps):
-            drop_cache(path)
+            for path in paths:
+                drop_cache(path)
             t0 = time.perf_counter()
-            with open(path, "rb") as f:
-                f.read()
+            for path in paths:
+                with open(path, "rb") as f:
+                    f.read()
             seqread.append(time.perf_counter() - t0)
-            drop_cache(path)
+            for path in paths:
+                drop_cache(path)
             cold.append(restore_once())
         warm_p95, cold_p95, floor_p50, read_p50 = pct(warm, 95), pct(cold, 95), pct(floor, 50), pct(seqread, 50)
         out = {

@@ -131,6 +131,43 @@ def test_workload_is_deterministic_respects_shared_ratio_and_chains_history():
         a.messages(followups[0], {})
 
 
+def test_branching_workload_regenerates_edits_and_forks_earlier_histories():
+    spec = WorkloadSpec(requests=400, shared_ratio=0.8, families=4, system_prompt_tokens=64, unique_tokens=16,
+                        turns=0.3, seed=7, max_turns=3, followup_gap=5, branch_regenerate=0.3, branch_fork=0.2)
+    a = generate(spec)
+    assert [(r.session, r.turn, r.user, r.parent, r.branch) for r in a.requests] == \
+           [(r.session, r.turn, r.user, r.parent, r.branch) for r in generate(spec).requests]
+    counts = a.summary()["branches"]
+    assert abs(counts["regenerate"] + counts["edit"] - 0.3 * 400) <= 30 and abs(counts["fork"] - 0.2 * 400) <= 30
+    assert min(counts.values()) > 0
+    replies = {r.index: f"reply to request {r.index}" for r in a.requests}
+    seen: set[int] = set()
+    for r in a.requests:
+        if r.branch is None:
+            continue
+        assert r.session not in seen and r.reusable    # the first request of a new session
+        seen.add(r.session)
+        # the request it branches from: the latest turn of another session, followup_gap back or more
+        src = next(q for q in a.requests if q.index < r.index - spec.followup_gap and q.session != r.session
+                   and (q.index == r.parent if r.branch == "fork" else q.parent == r.parent
+                        and a.session_prompts[q.session] == a.session_prompts[r.session]
+                        and (r.branch == "edit" or q.user == r.user)))
+        assert a.session_prompts[r.session] == a.session_prompts[src.session]
+        assert a.session_family[r.session] == a.session_family[src.session]
+        now = a.messages(r, replies)
+        if r.branch == "fork":                         # the whole history, its reply, a new message
+            before = a.messages(src, replies)
+            assert now[:len(before)] == before and now[len(before)]["content"] == replies[src.index]
+        else:                                          # the history before its last message, then that
+            before = a.messages(src, replies)          # message again (regenerate) or another (edit)
+            assert now[:-1] == before[:-1]
+            assert (now[-1] == before[-1]) == (r.branch == "regenerate")
+    plain = generate(WorkloadSpec(**{**spec.__dict__, "branch_regenerate": 0.0, "branch_fork": 0.0}))
+    assert not any(r.branch for r in plain.requests) and set(plain.summary()["branches"].values()) == {0}
+    with pytest.raises(ValueError, match="branch"):
+        WorkloadSpec(turns=0.5, branch_regenerate=0.3, branch_fork=0.2)
+
+
 def test_side_by_side_workload_new_sessions_first_then_token_id_resumes():
     spec = WorkloadSpec(requests=30, shared_ratio=0.8, families=1, system_prompt_tokens=64, unique_tokens=8,
                         turns=1 / 3, seed=3, max_turns=2, followup_gap=0, followups_last=True)
@@ -489,3 +526,17 @@ def test_bench_token_id_prompts_against_llama_server(tmp_path):
         assert s["ttft_p50_resume_s"] > 0 and s["ttft_p95_turn1_s"] > 0
     kv = next(s for s in rep["systems"] if s["name"] == "kv3d")
     assert kv["hit_rate"] > 0
+
+
+def test_stored_bytes_per_session_are_the_warm_tiers_else_the_cold_tiers():
+    from kv3d_tools.bench.metrics import GIB, kv3d_memory
+
+    stats = {"hot": {"bytes": 8_000_000, "sessions": 2},
+             "warm": {"bytes": 3_000_000, "sessions": 3, "capacity_bytes": 10**9},
+             "cold": {"bytes": 9_000_000, "sessions": 4}}
+    m = kv3d_memory(stats)
+    assert m["stored_bytes_per_session"] == 1_000_000 and m["stored_sessions_per_gb"] == GIB / 1_000_000
+    assert m["kv_bytes_per_session"] == 11_000_000 / 5                # hot + warm, as before
+    del stats["warm"]
+    assert kv3d_memory(stats)["stored_bytes_per_session"] == 9_000_000 / 4
+    assert kv3d_memory({"hot": {"bytes": 1, "sessions": 1}})["stored_bytes_per_session"] is None

@@ -25,14 +25,14 @@ import pytest
 
 from kv3d_core import hookspecs
 from kv3d_core.config import GROUPS, CoreSchema, config_dir, search_path
-from kv3d_core.contracts import DeltaCodec, ExecutionBackend, PrefixDetector, Sampler, StateLayout, StorageTier
+from kv3d_core.contracts import BlockCodec, DeltaCodec, ExecutionBackend, PrefixDetector, Sampler, StateLayout, StorageTier
 from kv3d_core.plugins import make_plugin_manager
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS_MD = REPO / "docs" / "PLUGINS.md"
 ARCHITECTURE_MD = REPO / "docs" / "ARCHITECTURE.md"
 README = REPO / "README.md"
-CONTRACTS = (DeltaCodec, StorageTier, PrefixDetector, ExecutionBackend, Sampler, StateLayout)
+CONTRACTS = (DeltaCodec, BlockCodec, StorageTier, PrefixDetector, ExecutionBackend, Sampler, StateLayout)
 
 
 def plugin_docs() -> str:

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import httpx
+import pytest
 import redis
 
 from conftest import MODEL_ID, running_server
@@ -90,3 +91,41 @@ def test_store_stopped_mid_run_costs_misses_then_recovers(tmp_path):
                 raise AssertionError(f"the redis tier did not come back: health was {health}")
     finally:
         store.stop()
+
+
+def test_conversation_resumes_after_a_restart_from_a_redis_cluster_over_tls(tmp_path):
+    """``tier.cluster=true`` on a real three-master Redis Cluster over TLS (the certificate
+    verified against the test CA, client certificates required): the session and its family
+    snapshot are stored across the masters (index in the ``{prefix}`` slot, chunks spread) and a
+    restarted server resumes the conversation from them. (The plain cluster runs the tier
+    contract in plugins/tier_redis/tests; one server end to end covers both settings.)"""
+    tls = True
+    from kv3d_tier_redis.testing import RedisClusterServers, cli_missing, make_certs, tls_missing
+
+    if cli_missing() or (tls and tls_missing()):
+        pytest.skip(cli_missing() or tls_missing())
+    certs = make_certs(tmp_path) if tls else None
+    cluster = RedisClusterServers(tmp_path / "cluster", tls=certs, tls_auth_clients=tls).start()
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}"
+    overrides = ["tier=redis", f"tier.url={cluster.url}", "tier.cluster=true", f"tier.prefix={prefix}",
+                 "tier.capacity_mb=256", "tier.chunk_kb=64"]
+    if tls:
+        overrides += ["tier.tls=true", f"tier.tls_ca_file={certs.ca}", f"tier.tls_cert_file={certs.client_cert}",
+                      f"tier.tls_key_file={certs.client_key}"]
+    try:
+        with running_server(tmp_path, overrides) as srv:
+            first = chat(srv.url, first_turn(), cache_salt="tenant-a")
+        manifests = [k for n in cluster.nodes for k in n.cli("--scan", "--pattern", f"{{{prefix}}}:m:*").split()]
+        chunk_nodes = [i for i, n in enumerate(cluster.nodes) if n.cli("--scan", "--pattern", f"{prefix}:c:*").split()]
+        assert len(manifests) >= 2, "the session delta and its family snapshot were stored"
+        assert len(chunk_nodes) >= 2, "the entries' chunks did not spread over the cluster"
+        with running_server(tmp_path, overrides) as srv:
+            reply = first["choices"][0]["message"]["content"]
+            second = chat(srv.url, second_turn(reply), cache_salt="tenant-a")
+            m = srv.metrics()
+        assert cached(second) >= first["usage"]["prompt_tokens"]
+        assert m.get('kv3d_restores_total{tier="cold"}', 0) >= 1
+        assert not any(k.startswith("kv3d_tier_errors_total") and v for k, v in m.items())
+        assert not any(k.startswith("kv3d_tier_dropped_writes_total") and v for k, v in m.items())
+    finally:
+        cluster.stop()

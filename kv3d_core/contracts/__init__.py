@@ -22,7 +22,7 @@ from kv3d_core.contracts.backend import (
     SamplingParams,
     TokenLogprob,
 )
-from kv3d_core.contracts.codec import DeltaCodec, KVArrays
+from kv3d_core.contracts.codec import BlockCodec, DeltaCodec, KVArrays
 from kv3d_core.contracts.detector import Candidate, FamilyKey, PrefixDetector, PromptView
 from kv3d_core.contracts.state import StateLayout, StateWriter
 from kv3d_core.contracts.tier import EntryMeta, Followed, StorageTier, TierEntry
@@ -33,6 +33,7 @@ __all__ = [
     "KINDS",
     "BatchEntry",
     "Candidate",
+    "BlockCodec",
     "DeltaCodec",
     "EntryMeta",
     "ExecutionBackend",

@@ -114,3 +114,68 @@ class DeltaCodec(abc.ABC):
         for d, s in zip(dst, src):
             np.copyto(d, s)
         return out
+
+
+BlockFetch = Callable[[str], "bytes | memoryview"]
+"""``fetch(block_key)``: the codec's bytes of a stored block (as :meth:`BlockCodec.encode_blocks`
+returned them), or raises -- a missing or damaged block is the core's miss, which the codec
+lets through unchanged."""
+
+
+class BlockCodec(DeltaCodec):
+    """Optional capability of a delta codec: sessions share *blocks* of KV cells.
+
+    A pure per-entry codec cannot share anything between sessions. A block codec cuts a
+    session's delta into blocks of :attr:`block_tokens` cells; the core names each block by a
+    hash chain over the session's namespace (tenant and ``cache_salt``), the model fingerprint,
+    the codec and every token id up to the block's end (:mod:`kv3d_core.tiers.blocks`), stores
+    every block once as a tier entry of kind ``"block"``, counts the sessions that list it and
+    deletes it when none does. A session's own entry is then a *manifest*: the keys of its
+    blocks plus its private tail (the cells after the last whole block).
+
+    Requirements, beyond :class:`DeltaCodec`'s:
+
+    - :attr:`block_tokens` > 0 and fixed for the codec's lifetime.
+    - :meth:`encode_blocks` and :meth:`decode_blocks_into` round-trip like ``encode``/``decode``:
+      same positions, shapes, ``extra``; values within the codec's stated error. A block's
+      values depend only on that block's cells (never on the rest of the session), so a block
+      stored by one session restores exactly as the codec coded it into any other session
+      listing it.
+    - Blocks and manifests are the codec's own bytes (the core frames both with
+      :attr:`codec_id` and :attr:`version`), each checked by the codec: damage is a
+      :class:`~kv3d_core.errors.CodecError`, never wrong values. A block whose positions are
+      not those the manifest expects is a ``CodecError``.
+    - :meth:`encode` / :meth:`decode` still work on their own (a family snapshot, the
+      conformance suite): a manifest with no blocks.
+    """
+
+    block_tokens: int = 32
+    """Cells per block."""
+    block_format: str = ""
+    """Names how blocks are coded beyond :attr:`codec_id` and :attr:`version` (settings that
+    change a block's bytes, e.g. an inner codec): part of every block key, so a block coded
+    one way is never handed to a codec configured another way."""
+
+    @abc.abstractmethod
+    def encode_blocks(self, arrays: KVArrays, keys: list[str],
+                      have: Callable[[str], bool]) -> tuple[bytes, dict[str, bytes]]:
+        """``(manifest, blocks)`` for a session's delta ``arrays``.
+
+        ``keys[i]`` names block ``i``: the cells ``[i * block_tokens, (i + 1) * block_tokens)``
+        of ``arrays`` (the core passes one key per whole block: ``len(keys) * block_tokens <=
+        arrays.n_cells``). ``have(key)`` is True when the core already stores that block: the
+        codec need not encode it and leaves it out of ``blocks``. ``blocks`` maps each other
+        key to its bytes; the manifest lists every key in order and holds the remaining cells
+        (the private tail) and the layout."""
+
+    @abc.abstractmethod
+    def manifest_keys(self, manifest: bytes) -> list[str]:
+        """The block keys a manifest lists, in order (``CodecError`` when damaged)."""
+
+    @abc.abstractmethod
+    def decode_blocks_into(self, manifest: bytes, fetch: BlockFetch,
+                           alloc: Callable[[KVArrays], KVArrays]) -> KVArrays:
+        """Decode a manifest and its blocks into arrays ``alloc`` provides (as
+        :meth:`DeltaCodec.decode_into`: ``alloc`` called once, before any value is written).
+        ``fetch(key)`` gives each block's bytes; an exception ``fetch`` or ``alloc`` raises
+        propagates unchanged. Errors: :class:`~kv3d_core.errors.CodecError`."""

@@ -67,7 +67,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from kv3d_core.contracts.backend import ExecutionBackend, ModelInfo
-from kv3d_core.contracts.codec import DeltaCodec, KVArrays
+from kv3d_core.contracts.codec import BlockCodec, DeltaCodec, KVArrays
 from kv3d_core.contracts.session import SessionState
 from kv3d_core.contracts.state import StateLayout, StateWriter
 from kv3d_core.contracts.tier import EntryMeta, StorageTier, TierEntry
@@ -76,6 +76,7 @@ from kv3d_core.errors import (CacheFault, CodecError, StateFormatError, StateRes
 from kv3d_core.kv import framing, opaque
 from kv3d_core.metrics import Metrics
 from kv3d_core.tiers import feed
+from kv3d_core.tiers.blocks import KIND as BLOCK, BlockMissing, BlockStore
 from kv3d_core.tiers.entry import CacheEntry
 from kv3d_core.tiers.health import SYSTEMIC, TierWatch
 from kv3d_core.tiers.hot import CellLedger, StreamLedger
@@ -180,6 +181,9 @@ class TierStack:
         self.follow_s = float(follow_s)    # a shared cold tier: read its feed this often (0: never)
         self.publish_idle = bool(publish_idle)
         self._follower: feed.Follower | None = None
+        # a block codec's sessions share blocks of KV (tiers/blocks.py)
+        self.blocks = BlockStore(codec, info.fingerprint, lambda: (self.warm, self.cold), self._put_cold) \
+            if isinstance(codec, BlockCodec) else None
         for tier, on_evict in ((warm, self._warm_evicted), (cold, self._cold_evicted)):
             if tier is not None:
                 self.watch.add(tier)
@@ -197,8 +201,24 @@ class TierStack:
         self.cache = cache
         if self.cold is not None and self.cold.persistent:
             self._reindex(self.cold, SessionState.COLD)
+            if self.blocks is not None:
+                self._reindex_blocks(self.cold)
         if self.shared and self.follow_s > 0 and self._follower is None:
             self._follower = feed.Follower(self.cold, self.follow_s, self.metrics).start()
+
+    def _reindex_blocks(self, tier: StorageTier) -> None:
+        """Count the stored sessions' block references again; drop sessions missing a block,
+        delete blocks no session lists."""
+        metas = [m for m in tier.entries() if m.model_fingerprint == self.info.fingerprint]
+        missing, unused = self.blocks.reindex(metas)
+        for key in missing:
+            e = self.cache.entry(key)
+            if e is not None:
+                self.cache.forget_entry(e)
+            self._forget_orphan(key)
+            self._drop_stored(key, tier.level, "block_missing", "a block it lists is in no tier")
+            self.blocks.free(self.blocks.refs.release(key))
+        self.blocks.free(unused)
 
     def _reindex(self, tier: StorageTier, state: SessionState) -> None:
         assert self.cache is not None
@@ -296,6 +316,8 @@ class TierStack:
         needs_snapshot = meta.kind == "session" and meta.n_prefix > 0 and cold.persistent
         if needs_snapshot:
             self._persist_family(meta.family)
+        if meta.kind == "session" and self.blocks is not None:
+            self.blocks.ensure_cold(meta.key, self.warm, cold)
         if not cold.put(entry):
             return False
         self.metrics.spills.labels(cold.level).inc()
@@ -353,6 +375,10 @@ class TierStack:
                 cache.drop_entry(e)
             else:
                 self._forget_orphan(key)
+                if self.blocks is not None:
+                    self.blocks.lost(key)
+        if self.blocks is not None:
+            self._drop_block_users()
         if self._reconcile:
             self._reconcile = False
             self._forget_unheld()
@@ -366,6 +392,16 @@ class TierStack:
                 self._persist_snapshot(snap)
         if self._orphans:
             self._adopt_orphans()
+
+    def _drop_block_users(self) -> None:
+        """Sessions listing a block that was lost (evicted, damaged) are misses: dropped."""
+        for key in self.blocks.drain_lost():
+            e = self.cache.entry(key)
+            if e is not None and e.state in (SessionState.WARM, SessionState.COLD):
+                self.cache.drop_entry(e)
+            elif e is None:
+                self._forget_orphan(key)
+                self._delete(key)
 
     def _forget_unheld(self) -> None:
         """A tier came back (its directory maybe re-created, empty): forget the entries no
@@ -522,7 +558,12 @@ class TierStack:
                     raise StateFormatError(f"state holds {arrays.n_cells} cells, expected "
                                            f"{len(meta_base['tokens']) - n_prefix}")
                 codec = self.codec          # one codec for the payload and its label (apply_disables swaps it)
-                payload = codec.encode(arrays)
+                blocks = self.blocks if self.blocks is not None and codec.inner is self.blocks.codec else None
+                if blocks is not None and meta_base["kind"] == "session":
+                    payload, written = blocks.store(arrays, meta_base, n_prefix, to_cold)
+                    self._stored += written
+                else:
+                    payload = codec.encode(arrays)
                 codec_id, version, f16 = codec.codec_id, codec.version, arrays.f16_bytes()
             except StateFormatError as exc:
                 self.metrics.codec_fallback.inc()
@@ -549,6 +590,10 @@ class TierStack:
             if not (in_warm or in_cold):
                 self._gone.put(entry.meta.key)
             return in_warm or in_cold
+        except BlockMissing as exc:             # a block no tier took: not stored, not a codec failure
+            log.debug("session %s not stored: %s", meta_base["key"][:8], exc)
+            self._gone.put(meta_base["key"])
+            return False
         except Exception as exc:
             log.exception("spill failed")
             self._gone.put(meta_base["key"])
@@ -769,7 +814,10 @@ class TierStack:
                                   template.head_dim_k, template.head_dim_v, w.arrays.extra))
             return given[0]
 
-        arrays = self.codec.decode_into(got.payload, alloc)
+        if self.blocks is not None and got.meta.kind == "session":
+            arrays = self.blocks.decode_into(e.key, e.namespace, e.tokens, got.meta.n_prefix, got.payload, alloc)
+        else:
+            arrays = self.codec.decode_into(got.payload, alloc)
         if not writers or arrays is not given[0]:
             raise CodecError(f"{e.key[:8]}: codec {self.codec.codec_id} did not decode into the arrays it was given")
         return writers[0]
@@ -791,6 +839,13 @@ class TierStack:
         for tier in (self.warm, self.cold):
             if tier is not None:
                 tier.delete(key)
+        if self.blocks is not None:
+            freed = self.blocks.refs.release(key)
+            if freed:        # on the writer thread, after any spill that may count on them again
+                try:
+                    self._writer.submit(self.blocks.free, freed)
+                except RuntimeError:                     # closing: no writer any more
+                    self.blocks.free(freed)
 
     def holds(self, e: CacheEntry) -> bool:
         pending = getattr(e, "pending", None)
@@ -818,6 +873,9 @@ class TierStack:
             out["orphans"] = self._n_orphans()
         out["codec"] = {"name": self.codec.codec_id, "f16_bytes": self._f16, "stored_bytes": self._stored,
                         "ratio": (self._f16 / self._stored) if self._stored else None}
+        if self.blocks is not None:
+            n, refs = self.blocks.refs.counts()
+            out["blocks"] = {"blocks": n, "references": refs}
         return out
 
     def update_gauges(self) -> None:
@@ -848,7 +906,8 @@ class TierStack:
         if not self.persistent or self.warm is None:
             return 0
         n = 0
-        metas = sorted(self.warm.entries(), key=lambda m: m.kind != "snapshot")
+        order = {"snapshot": 0, BLOCK: 1}          # what a session needs before the session
+        metas = sorted(self.warm.entries(), key=lambda m: order.get(m.kind, 2))
         for meta in metas:
             if self.cold.contains(meta.key):
                 continue

@@ -5,7 +5,8 @@
 - :mod:`kv3d_tier_redis.connect` -- settings checked at load, and the client they make.
 - :mod:`kv3d_tier_redis.breaker` -- failures degrade to misses; backoff before the store is tried again.
 - :mod:`kv3d_tier_redis.tier` -- :class:`RedisTier`, the ``StorageTier``.
-- :mod:`kv3d_tier_redis.testing` -- a real ``redis-server`` on a free loopback port, for tests.
+- :mod:`kv3d_tier_redis.testing` -- real stores for tests on loopback: a ``redis-server`` (plain or TLS-only,
+  with a test CA), a three-master Redis Cluster.
 - :mod:`kv3d_tier_redis.plugin` -- the pluggy entry point.
 """
 

@@ -27,10 +27,13 @@ names and the manifest: :mod:`kv3d_tier_redis.layout`; the atomic steps:
   time; a use renews it) is a second bound. Entries whose TTL ran out leave the
   index when next met (a lookup, ``entries()``, or the eviction loop).
 - The store failing (refused, lost, slow past ``timeout_s``, AUTH refused, out of
-  memory): ``get`` is a miss, ``put`` a dropped write (``on_dropped("io_error")``,
-  ``"disk_full"`` when the server is out of memory), and for a backoff
+  memory; on a cluster any master, or the slot map unreadable): ``get`` is a miss,
+  ``put`` a dropped write (``on_dropped("io_error")``, ``"disk_full"`` when the
+  server is out of memory), and for a backoff
   (:mod:`kv3d_tier_redis.breaker`) neither touches the network; :meth:`check`
-  pings and says why it fails. The client reconnects by itself.
+  pings (every master of a cluster) and says why it fails. The client reconnects by
+  itself. At load, refused credentials or a server certificate that does not verify are a
+  ``ConfigError``; a store that does not answer is not (the tier starts degraded).
 - :meth:`entries` lists what the store holds for the bound model, least recently
   used first (from the manifests: a restart, or another server, sees them).
 - :meth:`follow` (the tier is :attr:`shared`): what other servers published or removed
@@ -129,20 +132,20 @@ class RedisTier(StorageTier):
             raise ConfigError(f"tier redis: chunk_kb must be an integer in [16, 262144], got {chunk_kb!r}")
 
     def _first_contact(self) -> None:
-        """Ping once at load: refused credentials are a configuration error; an unreachable
-        store is not (the tier starts degraded and recovers when it answers)."""
-        import redis.exceptions as rx
-
+        """Ping once at load: refused credentials, a server certificate the CA does not vouch
+        for, or TLS asked of a server that does not speak it are configuration errors; an
+        unreachable store is not (the tier starts degraded and recovers when it answers)."""
         try:
-            self._call(lambda c: c.ping())
+            self._call(self._ping)
         except _StoreDown as exc:
-            cause = exc.__cause__
-            if isinstance(cause, rx.AuthenticationError) or (
-                    isinstance(cause, rx.ResponseError) and str(cause).startswith(("NOAUTH", "WRONGPASS", "NOPERM"))):
-                raise ConfigError(f"tier redis: {self.conn.where} refused the credentials (username/password): "
-                                  f"{cause}") from None
-            log.warning("tier redis: %s unreachable at start-up (%s); entries are misses until it answers",
-                        self.conn.where, exc)
+            why = _misconfigured(exc)
+            if why is not None:
+                raise ConfigError(f"tier redis: {self.conn.where} {why}") from None
+            hint = ""
+            if not (self.conn.tls or (self.conn.url or "").startswith("rediss://")) and "reset by peer" in str(exc):
+                hint = " (a TLS port? then tls: true or a rediss:// url)"
+            log.warning("tier redis: %s unreachable at start-up (%s)%s; entries are misses until it answers",
+                        self.conn.where, exc, hint)
 
     # -- the client -------------------------------------------------------------------------------
     def _ensure_client(self) -> Any:
@@ -161,6 +164,12 @@ class RedisTier(StorageTier):
 
         try:
             out = fn(self._ensure_client())
+        except rx.RedisClusterException as exc:
+            # a cluster client that cannot read the slot map (no node answers) or finds a slot
+            # uncovered: not a RedisError, but the store failing all the same
+            self.breaker.failed(f"{type(exc).__name__}: {exc}")
+            self._reset_client()
+            raise _StoreDown("io_error", f"{type(exc).__name__}: {exc}") from exc
         except rx.ResponseError as exc:
             text = str(exc)
             reason = "disk_full" if text.startswith("OOM") else "io_error"
@@ -173,6 +182,13 @@ class RedisTier(StorageTier):
             raise _StoreDown("io_error", f"{type(exc).__name__}: {exc}") from exc
         self.breaker.succeeded()
         return out
+
+    def _ping(self, c: Any) -> Any:
+        """PING the store; on a cluster every master (one down is the store failing: its
+        slots' entries are misses), not just the node the client picks."""
+        if self.conn.cluster:
+            return c.ping(target_nodes=c.PRIMARIES)
+        return c.ping()
 
     def _reset_client(self) -> None:
         with self._lock:
@@ -513,11 +529,12 @@ class RedisTier(StorageTier):
             return 0
 
     def check(self) -> str | None:
-        """None once the store answers a PING (resetting the backoff), else why not."""
+        """None once the store answers a PING (every master of a cluster; resetting the
+        backoff), else why not."""
         if self._closed:
             return "the redis tier is closed"
         try:
-            self._call(lambda c: c.ping())
+            self._call(self._ping)
             return None
         except _StoreDown as exc:
             return f"redis tier store {self.conn.where} does not answer: {exc}"
@@ -595,3 +612,31 @@ class RedisTier(StorageTier):
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def _misconfigured(exc: BaseException) -> str | None:
+    """What in the settings made the store refuse the first contact (``exc`` and its causes:
+    a cluster client wraps the node's error), or None when it may just be down."""
+    import ssl
+
+    import redis.exceptions as rx
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if isinstance(e, rx.AuthenticationError) or (
+                isinstance(e, rx.ResponseError) and text.startswith(("NOAUTH", "WRONGPASS", "NOPERM"))):
+            return f"refused the credentials (username/password): {e}"
+        # redis-py turns ssl errors into a ConnectionError carrying their text (not always chained)
+        if isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+            return ("presented a TLS certificate that does not verify (tls_ca_file, tls_verify, "
+                    f"the host name): {e}")
+        if (isinstance(e, ssl.SSLError) and "WRONG_VERSION_NUMBER" in text.upper()) or \
+                "wrong version number" in text:
+            return f"does not speak TLS on that port (tls is on): {e}"
+        if "certificate required" in text.lower() or "TLSV13_ALERT_CERTIFICATE_REQUIRED" in text.upper():
+            return f"requires a client certificate (tls_cert_file, tls_key_file): {e}"
+        e = e.__cause__ or e.__context__
+    return None

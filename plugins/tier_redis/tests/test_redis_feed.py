@@ -1,6 +1,7 @@
 """The ``redis`` tier's feed (``StorageTier.follow``) on a real ``redis-server``: what one
 server publishes or removes, another sees while it runs; its own writes, other models' and
-damaged entries never; a trimmed feed or a restarted store falls back to a full listing."""
+damaged entries never; a trimmed feed or a restarted store falls back to a full listing.
+The tests taking ``store`` run on a plain server, a TLS one and a three-master cluster."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from kv3d_core.errors import ConfigError
 from kv3d_tier_redis.testing import RedisServer
 from kv3d_tier_redis.tier import RedisTier
 
-from test_redis_tier import FP, OTHER_FP, entry, key, open_tier, raw, stored
+from test_redis_tier import FP, OTHER_FP, STORES, entry, key, open_tier, raw, start_store, stored
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
+@pytest.fixture(scope="module", params=STORES)
+def store(request, tmp_path_factory):
+    srv = start_store(request.param, tmp_path_factory.mktemp(request.param))
     yield srv
     srv.stop()
 
@@ -32,10 +33,10 @@ def keys_of(metas) -> list[str]:
 
 
 def test_a_peer_sees_what_another_server_publishes_and_removes(store, prefix):
-    a, _ = open_tier(store.url, prefix)
+    a, _ = open_tier(store, prefix)
     assert a.put(entry(0))                           # before b binds: b lists it, the feed does not repeat it
-    b, events = open_tier(store.url, prefix)
-    other, _ = open_tier(store.url, prefix, OTHER_FP)
+    b, events = open_tier(store, prefix)
+    other, _ = open_tier(store, prefix, OTHER_FP)
     got = b.follow()
     assert a.shared and b.shared and got.added == () and got.removed == () and not got.rescan
     assert a.put(entry(1)) and a.put(entry(2, ns="tenant-b")) and other.put(entry(3, fp=OTHER_FP))
@@ -56,8 +57,8 @@ def test_a_peer_sees_what_another_server_publishes_and_removes(store, prefix):
 
 
 def test_evictions_of_a_peer_are_removals(store, prefix):
-    a, _ = open_tier(store.url, prefix, capacity_mb=0.05)
-    b, _ = open_tier(store.url, prefix, capacity_mb=0.05)
+    a, _ = open_tier(store, prefix, capacity_mb=0.05)
+    b, _ = open_tier(store, prefix, capacity_mb=0.05)
     for i in range(4):
         assert a.put(entry(i, 20_000))               # 0.05 MiB holds two
     got = b.follow()
@@ -67,8 +68,8 @@ def test_evictions_of_a_peer_are_removals(store, prefix):
 
 
 def test_a_reader_behind_the_trimmed_feed_lists_everything(store, prefix):
-    a, _ = open_tier(store.url, prefix)
-    b, _ = open_tier(store.url, prefix)
+    a, _ = open_tier(store, prefix)
+    b, _ = open_tier(store, prefix)
     for i in range(5):
         assert a.put(entry(i))
     raw(store).xtrim(a.keys.feed, maxlen=2, approximate=False)   # b missed the first three
@@ -102,8 +103,8 @@ def test_a_restarted_store_is_listed_again(tmp_path, prefix):
 
 
 def test_a_damaged_manifest_on_the_feed_is_a_counted_miss(store, prefix):
-    a, _ = open_tier(store.url, prefix)
-    b, events = open_tier(store.url, prefix)
+    a, _ = open_tier(store, prefix)
+    b, events = open_tier(store, prefix)
     assert a.put(entry(1)) and a.put(entry(2))
     r = raw(store)
     member, _ = stored(a, r, key(1))
@@ -118,8 +119,8 @@ def test_a_damaged_manifest_on_the_feed_is_a_counted_miss(store, prefix):
 
 
 def test_feed_off(store, prefix):
-    a, _ = open_tier(store.url, prefix, feed_len=0)
-    b, _ = open_tier(store.url, prefix, feed_len=0)
+    a, _ = open_tier(store, prefix, feed_len=0)
+    b, _ = open_tier(store, prefix, feed_len=0)
     assert a.put(entry(1)) and b.follow() is None
     assert not raw(store).exists(a.keys.feed)
     assert keys_of(b.entries()) == [key(1)]          # a restart still finds it
@@ -128,7 +129,7 @@ def test_feed_off(store, prefix):
 
 
 def test_the_feed_is_bounded(store, prefix):
-    a, _ = open_tier(store.url, prefix, feed_len=100)
+    a, _ = open_tier(store, prefix, feed_len=100)
     for i in range(600):
         assert a.put(entry(i, 100))
     assert raw(store).xlen(a.keys.feed) < 300        # MAXLEN ~ trims whole nodes of the stream

@@ -1,6 +1,10 @@
 """What the ``redis`` tier adds to the contract, on a real ``redis-server``: chunking,
 integrity of what another writer planted, tenants kept apart, the budget shared by
-servers, TTL, the store going away and coming back, AUTH, settings."""
+servers, TTL, the store going away and coming back, AUTH, settings.
+
+The tests taking ``store`` run three times: on a plain server, on a TLS-only server that
+requires a client certificate (verified against the test CA), and on a real three-master
+Redis Cluster (:mod:`kv3d_tier_redis.testing`)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from kv3d_core.errors import ConfigError
 from kv3d_core.plugins import make_plugin_manager, plugin_settings
 from kv3d_core.testing.tier import Events
 from kv3d_tier_redis import layout
-from kv3d_tier_redis.testing import RedisServer
+from kv3d_tier_redis.connect import Conn, make_client
+from kv3d_tier_redis.testing import RedisClusterServers, RedisServer, cli_missing, make_certs, tls_missing
 from kv3d_tier_redis.tier import RedisTier
 
 FP = "model-a-fingerprint"
@@ -39,9 +44,27 @@ def entry(i: int, size: int = 10_000, *, ns: str = "tenant-a", fp: str = FP, see
     return TierEntry(meta, payload)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
+STORES = ["plain", "tls", "cluster"]
+"""The kinds of store the tests taking ``store`` run on (see :func:`start_store`)."""
+
+
+def start_store(kind: str, tmp) -> RedisServer | RedisClusterServers:
+    """A running store of ``kind``: ``plain``, ``tls`` (TLS only, client certificate required),
+    ``cluster`` (three masters) or ``tls-cluster``; skipped only where this ``redis-server``
+    has no TLS or there is no ``redis-cli`` to form a cluster."""
+    if "tls" in kind and tls_missing():
+        pytest.skip(tls_missing())
+    if "cluster" in kind and cli_missing():
+        pytest.skip(cli_missing())
+    certs = make_certs(tmp) if "tls" in kind else None
+    if "cluster" in kind:
+        return RedisClusterServers(tmp / "cluster", tls=certs, tls_auth_clients=certs is not None).start()
+    return RedisServer(tmp / "redis", tls=certs, tls_auth_clients=certs is not None).start()
+
+
+@pytest.fixture(scope="module", params=STORES)
+def store(request, tmp_path_factory):
+    srv = start_store(request.param, tmp_path_factory.mktemp(request.param))
     yield srv
     srv.stop()
 
@@ -51,15 +74,18 @@ def prefix() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 
 
-def open_tier(url: str, prefix: str, fp: str = FP, **settings) -> tuple[RedisTier, Events]:
+def open_tier(where, prefix: str, fp: str = FP, **settings) -> tuple[RedisTier, Events]:
+    """A bound tier on ``where``: a url, or a store of :func:`start_store` (its settings)."""
     events = Events()
-    tier = RedisTier(url=url, prefix=prefix, **{"capacity_mb": 16, **settings})
+    conn = {"url": where} if isinstance(where, str) else where.settings
+    tier = RedisTier(prefix=prefix, **{**conn, "capacity_mb": 16, **settings})
     events.bind(tier, fp)
     return tier, events
 
 
-def raw(store: RedisServer) -> redis.Redis:
-    return redis.Redis.from_url(store.url)
+def raw(store) -> redis.Redis:
+    """A client of the store behind the tier's back (a cluster client on a cluster)."""
+    return make_client(Conn(**store.settings, timeout_s=10, connect_timeout_s=10))
 
 
 def stored(tier: RedisTier, r: redis.Redis, k: str) -> tuple[str, layout.Manifest]:
@@ -69,7 +95,7 @@ def stored(tier: RedisTier, r: redis.Redis, k: str) -> tuple[str, layout.Manifes
 
 # -- chunks ----------------------------------------------------------------------------------------
 def test_large_entry_round_trips_in_chunks(store, prefix):
-    tier, events = open_tier(store.url, prefix, chunk_kb=64)
+    tier, events = open_tier(store, prefix, chunk_kb=64)
     big = entry(1, 3 * MiB + 12345)
     assert tier.put(big)
     r = raw(store)
@@ -89,7 +115,7 @@ def test_large_entry_round_trips_in_chunks(store, prefix):
 
 @pytest.mark.parametrize("how, reason", [("flip", "checksum"), ("drop", "missing"), ("cut", "truncated")])
 def test_damaged_chunk_is_a_counted_miss(store, prefix, how, reason):
-    tier, events = open_tier(store.url, prefix, chunk_kb=16)
+    tier, events = open_tier(store, prefix, chunk_kb=16)
     assert tier.put(entry(1, 100_000)) and tier.put(entry(2, 100_000))
     r = raw(store)
     member, man = stored(tier, r, key(1))
@@ -112,7 +138,7 @@ def test_damaged_chunk_is_a_counted_miss(store, prefix, how, reason):
 
 
 def test_damaged_manifest_is_a_counted_miss(store, prefix):
-    tier, events = open_tier(store.url, prefix)
+    tier, events = open_tier(store, prefix)
     assert tier.put(entry(1))
     r = raw(store)
     member, _ = stored(tier, r, key(1))
@@ -136,9 +162,9 @@ def plant(tier: RedisTier, r: redis.Redis, src_key: str, dst_fp: str, dst_ns: st
 
 
 def test_entry_of_another_model_is_a_counted_miss(store, prefix):
-    other, _ = open_tier(store.url, prefix, OTHER_FP)
+    other, _ = open_tier(store, prefix, OTHER_FP)
     assert other.put(entry(1, fp=OTHER_FP))
-    mine, events = open_tier(store.url, prefix, FP)
+    mine, events = open_tier(store, prefix, FP)
     assert mine.get(key(1)) is None and events.errors == [], "another model's entry is simply not there"
     assert mine.put(entry(1)) is True
     assert other.get(key(1)).meta.model_fingerprint == OTHER_FP, "the models' entries do not collide"
@@ -155,7 +181,7 @@ def test_entry_of_another_model_is_a_counted_miss(store, prefix):
 def test_namespaces_never_share_entries(store, prefix):
     """Tenants (namespaces) have their own key names; bytes of one tenant's entry planted
     under another's names are refused."""
-    tier, events = open_tier(store.url, prefix)
+    tier, events = open_tier(store, prefix)
     a, b = entry(1, ns="tenant-a"), entry(2, ns="tenant-b")
     assert tier.put(a) and tier.put(b)
     r = raw(store)
@@ -171,8 +197,8 @@ def test_namespaces_never_share_entries(store, prefix):
 
 # -- budget, LRU, TTL ----------------------------------------------------------------------------------
 def test_servers_sharing_a_store_share_the_budget_and_lru(store, prefix):
-    one, ev1 = open_tier(store.url, prefix, capacity_mb=1)
-    two, ev2 = open_tier(store.url, prefix, capacity_mb=1)
+    one, ev1 = open_tier(store, prefix, capacity_mb=1)
+    two, ev2 = open_tier(store, prefix, capacity_mb=1)
     size = 300_000
     assert one.put(entry(1, size)) and two.put(entry(2, size)) and one.put(entry(3, size))
     assert two.get(key(1)) is not None          # a use by the other server refreshes it: 2 is now oldest
@@ -187,11 +213,11 @@ def test_servers_sharing_a_store_share_the_budget_and_lru(store, prefix):
 
 
 def test_smaller_budget_at_start_evicts_lru(store, prefix):
-    big, _ = open_tier(store.url, prefix, capacity_mb=4)
+    big, _ = open_tier(store, prefix, capacity_mb=4)
     for i in range(6):
         assert big.put(entry(i, 300_000))
     big.close()
-    small, events = open_tier(store.url, prefix, capacity_mb=1)
+    small, events = open_tier(store, prefix, capacity_mb=1)
     assert small.used_bytes <= MiB
     assert [e.meta.key for e in events.evicted] == [key(i) for i in range(len(events.evicted))]
     assert len(events.evicted) == 3
@@ -199,7 +225,7 @@ def test_smaller_budget_at_start_evicts_lru(store, prefix):
 
 
 def test_ttl_expiry_is_a_plain_miss(store, prefix):
-    tier, events = open_tier(store.url, prefix, ttl_s=1)
+    tier, events = open_tier(store, prefix, ttl_s=1)
     assert tier.put(entry(1)) and tier.put(entry(2))
     time.sleep(0.6)
     assert tier.touch(key(2)) and tier.get(key(2)) is not None     # a use renews the TTL
@@ -316,7 +342,8 @@ def test_unknown_setting():
 def test_plugin_manager_and_config(store, prefix):
     pm = make_plugin_manager()
     assert "redis" in pm.names("tier")
-    cfg = compose(["tier=redis", f"tier.url={store.url}", f"tier.prefix={prefix}", "tier.capacity_mb=2"])
+    conn = [f"tier.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in store.settings.items()]
+    cfg = compose(["tier=redis", *conn, f"tier.prefix={prefix}", "tier.capacity_mb=2"])
     name, settings = plugin_settings(cfg.tier)
     assert name == "redis" and settings["capacity_mb"] == 2 and settings["ttl_s"] == 604800
     tier = pm.create("tier", name, **settings)
@@ -330,7 +357,7 @@ def test_plugin_manager_and_config(store, prefix):
 
 
 def test_meta_round_trip_exact(store, prefix):
-    tier, _ = open_tier(store.url, prefix)
+    tier, _ = open_tier(store, prefix)
     e = entry(1)
     e = TierEntry(replace(e.meta, tokens=np.array([0, 2**31 - 1, -2**31], np.int32), f16_bytes=2**40 + 3,
                           namespace="ns-é", kind="snapshot", n_prefix=0), b"")

@@ -60,7 +60,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend
-from kv3d_core.contracts.codec import DeltaCodec, KVArrays
+from kv3d_core.contracts.codec import BlockCodec, DeltaCodec, KVArrays
 from kv3d_core.contracts.state import StateLayout
 from kv3d_core.errors import CacheFault, ConfigError, StateFormatError
 
@@ -231,13 +231,31 @@ def spill_restore(backend: ExecutionBackend, codec: DeltaCodec, family_len: int,
     layout = layout_of(backend)
     t0 = time.perf_counter()
     delta = layout.select(layout.parse(backend.seq_state_get(SEQ_LIVE)), family_len)
-    encoded = codec.encode(delta)
-    restored = codec.decode(encoded)
+    if isinstance(codec, BlockCodec):
+        restored, n_bytes = through_blocks(codec, delta)
+    else:
+        encoded = codec.encode(delta)
+        restored, n_bytes = codec.decode(encoded), len(encoded)
     restore_into(backend, SEQ_RESTORED, layout.build(restored), family_len)
     totals.spill_s += time.perf_counter() - t0
     totals.f16_bytes += delta.f16_bytes()
-    totals.encoded_bytes += len(encoded)
+    totals.encoded_bytes += n_bytes
     return delta
+
+
+def through_blocks(codec: BlockCodec, delta: KVArrays) -> tuple[KVArrays, int]:
+    """A block codec's path, as the tier stack takes it: the delta cut into whole blocks (every
+    one new: nothing shared, so the bytes are one session's own) and a manifest, decoded back
+    from them. (decoded delta, manifest and block bytes)."""
+    keys = [f"{i:040x}" for i in range(delta.n_cells // codec.block_tokens)]
+    manifest, blocks = codec.encode_blocks(delta, keys, lambda _k: False)
+
+    def alloc(t: KVArrays) -> KVArrays:
+        return KVArrays(t.positions.copy(), [np.empty(x.shape, np.float16) for x in t.k],
+                        [np.empty(x.shape, np.float16) for x in t.v], t.head_dim_k, t.head_dim_v, t.extra)
+
+    restored = codec.decode_blocks_into(manifest, blocks.__getitem__, alloc)
+    return restored, len(manifest) + sum(len(b) for b in blocks.values())
 
 
 def order_cases(cases: list[PromptCase], limit: int) -> list[PromptCase]:

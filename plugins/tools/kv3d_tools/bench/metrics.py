@@ -6,7 +6,9 @@ server's own counters.
   ``warm``/``cold`` when tiers are configured): ``sessions_per_gb`` counts the
   sessions held in memory (hot + warm) per GiB of the KV bytes those tiers hold
   (family snapshots included, so their cost is amortized over the sessions
-  sharing them); the cold tier is on disk and reported apart;
+  sharing them); the cold tier is on disk and reported apart; ``stored_bytes_per_session``
+  (and ``stored_sessions_per_gb``): the warm tier's bytes (the cold tier's without one) per
+  session it holds -- what the codec decides, blocks shared across sessions included;
 * restore latency quantiles from the ``kv3d_restore_seconds`` histogram;
 * for the peer, the per-conversation state measured by
   :mod:`kv3d_tools.bench.peer_state`.
@@ -116,6 +118,12 @@ def kv3d_memory(stats: dict) -> dict[str, Any]:
         "sessions_per_gb_method": ("resumable sessions in hot+warm tiers per GiB of the KV bytes they hold "
                                    "(family snapshots included), from /debug/stats at the end of the run"),
     }
+    # the codec's part: the stored (warm, else cold) tier's bytes -- session entries, family snapshots
+    # and shared blocks -- per session it can resume
+    stored = by_tier.get("warm") or by_tier.get("cold")
+    per_stored = stored["bytes_per_session"] if stored else None
+    out["stored_bytes_per_session"] = per_stored
+    out["stored_sessions_per_gb"] = GIB / per_stored if per_stored else None
     if "cold" in by_tier:
         c = by_tier["cold"]
         out["cold_sessions_per_gb_disk"] = GIB / c["bytes_per_session"] if c["bytes_per_session"] else None

@@ -238,8 +238,8 @@ def rounds_summary(round_figures: list[dict[str, dict]], round_ratios: list[dict
 
 def system_table(systems: list[dict], label: str | None = None) -> list[str]:
     head = ("| " + ("run | " if label is not None else "") + "system | hit rate | TTFT p50 hit | TTFT p50 miss | "
-            "TTFT p95 | req/s | gen tok/s | cost / 10k req | KV/session | sessions/GiB | RSS | restore p95 warm "
-            "| restore p95 cold | quality (mean KL) |")
+            "TTFT p95 | req/s | gen tok/s | cost / 10k req | KV/session | sessions/GiB | stored/session | "
+            "stored sessions/GiB | RSS | restore p95 warm | restore p95 cold | quality (mean KL) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in systems:
         q = s.get("quality") or {}
@@ -248,6 +248,7 @@ def system_table(systems: list[dict], label: str | None = None) -> list[str]:
             s["name"], hit, _fmt(s.get("ttft_p50_hit_s"), "s"), _fmt(s.get("ttft_p50_miss_s"), "s"),
             _fmt(s.get("ttft_p95_s"), "s"), _fmt(s.get("requests_per_s")), _fmt(s.get("tokens_per_s")),
             _fmt(s.get("cost_per_10k_requests"), "", 3), _fmt(s.get("kv_bytes_per_session"), "B"), _fmt(s.get("sessions_per_gb"), "", 4),
+            _fmt(s.get("stored_bytes_per_session"), "B"), _fmt(s.get("stored_sessions_per_gb"), "", 4),
             _fmt(s.get("rss_bytes"), "B"), _fmt(s.get("restore_p95_warm_s"), "s"),
             _fmt(s.get("restore_p95_cold_s"), "s"), _fmt(q.get("mean_kl"), "", 3)]) + " |")
     return lines

@@ -51,7 +51,9 @@ def workload_spec(cfg: DictConfig) -> WorkloadSpec:
     return WorkloadSpec(requests=int(cfg.requests), shared_ratio=float(cfg.shared_ratio), families=int(cfg.families),
                         system_prompt_tokens=int(cfg.system_prompt_tokens), unique_tokens=int(cfg.unique_tokens),
                         turns=float(cfg.turns), seed=int(cfg.seed), max_turns=int(cfg.max_turns),
-                        followup_gap=int(cfg.followup_gap), followups_last=bool(cfg.followups_last))
+                        followup_gap=int(cfg.followup_gap), followups_last=bool(cfg.followups_last),
+                        branch_regenerate=float(cfg.get("branch_regenerate", 0.0)),
+                        branch_fork=float(cfg.get("branch_fork", 0.0)))
 
 
 @contextlib.contextmanager

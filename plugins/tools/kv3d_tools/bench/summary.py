@@ -29,7 +29,8 @@ try:
 except ImportError:  # pragma: no cover - hydra-core is a dependency
     Callback = object  # type: ignore[misc,assignment]
 
-SUMMARY_SYSTEM_KEYS = (*report.STABLE_SYSTEM_KEYS, "ttft_p50_s", "kv_by_tier", "rss_peak_bytes", "held_bytes_per_session",
+SUMMARY_SYSTEM_KEYS = (*report.STABLE_SYSTEM_KEYS, "ttft_p50_s", "kv_by_tier", "stored_bytes_per_session",
+                       "stored_sessions_per_gb", "restore_p50_warm_s", "codec_stats", "rss_peak_bytes", "held_bytes_per_session",
                        "n_hit", "n_miss", "errors")
 
 
@@ -76,7 +77,8 @@ def write_summary(sweep_dir: Path) -> Path:
         w = runs[0]["report"]["workload"]
         lines += [f"Workload: {w['requests']} requests, shared_ratio {w['shared_ratio']}, {w['families']} families, "
                   f"system prompts ~{w['system_prompt_tokens']} tokens, user messages ~{w['unique_tokens']} tokens, "
-                  f"turns {w['turns']}, seed {w['seed']}; concurrency {runs[0]['report'].get('concurrency')}.", ""]
+                  f"turns {w['turns']}, branches (regenerate/edit, fork) {w.get('branch_regenerate', 0)}, "
+                  f"{w.get('branch_fork', 0)}, seed {w['seed']}; concurrency {runs[0]['report'].get('concurrency')}.", ""]
         header = report.system_table([], label="")[:2]
         rows: list[str] = []
         for r in runs:

@@ -10,6 +10,19 @@ same texts). A request is either
   the session's whole history -- system prompt, every user message, every reply
   actually received -- plus a new user message, as OpenAI clients resend it.
 
+With ``branch_regenerate`` / ``branch_fork`` (the branching workload; both 0 by default, and
+then the plan is exactly the one without them), a request may instead start a *branch* of an
+earlier request ``r`` of another session -- a new session that shares ``r``'s history:
+
+* regenerate or edit (``branch_regenerate``): ``r``'s history before its last user message, then
+  that message again (regenerate, half of them) or a new one (edit), as a chat UI's retry and
+  edit buttons send it;
+* fork (``branch_fork``): ``r``'s whole history with the reply it received, then a new message,
+  as an agent framework exploring alternatives from one point does.
+
+A branch session may get follow-up turns and branches of its own; the session it branched from
+stays resumable too.
+
 A follow-up never targets a session whose previous turn is among the last
 ``followup_gap`` requests, so at that distance it has usually finished; the
 driver still waits for it (:attr:`PlannedRequest.parent`). A session gets at
@@ -42,6 +55,8 @@ class WorkloadSpec:
     max_turns: int = 4
     followup_gap: int = 8
     followups_last: bool = False
+    branch_regenerate: float = 0.0
+    branch_fork: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -57,6 +72,11 @@ class WorkloadSpec:
             problems.append("system_prompt_tokens and unique_tokens must be >= 1")
         if self.max_turns < 1 or self.followup_gap < 0:
             problems.append("max_turns must be >= 1 and followup_gap >= 0")
+        if self.branch_regenerate < 0 or self.branch_fork < 0 or self.turns + self.branch_regenerate \
+                + self.branch_fork >= 1.0:
+            problems.append("branch_regenerate and branch_fork must be >= 0, and with turns sum to less than 1")
+        if self.followups_last and (self.branch_regenerate or self.branch_fork):
+            problems.append("followups_last does not take branches")
         if problems:
             raise ValueError("bad workload: " + "; ".join(problems))
 
@@ -70,6 +90,7 @@ class PlannedRequest:
     user: str                 # this turn's new user message
     parent: int | None        # index of the session's previous turn (None on turn 0)
     reusable: bool            # a prefix cache can serve part of it (see the module docstring)
+    branch: str | None = None  # "regenerate", "edit" or "fork": the first request of a branch session
 
 
 @dataclass
@@ -79,6 +100,7 @@ class Workload:
     session_prompts: dict[int, str]          # session -> system prompt
     requests: list[PlannedRequest]
     session_family: dict[int, int | None] = field(default_factory=dict)
+    session_root: dict[int, int] = field(default_factory=dict)   # a branch session -> the session it shares a prompt with
 
     def system_prompt(self, session: int) -> str:
         return self.session_prompts[session]
@@ -119,7 +141,8 @@ class Workload:
             r = self.requests[r.parent] if r.parent is not None else None
         f = self.session_family.get(req.session)
         seed = self.spec.seed
-        prefix_key = f"kv3d-bench:{seed}:family-ids:{f}" if f is not None else f"kv3d-bench:{seed}:system-ids:{req.session}"
+        own = self.session_root.get(req.session, req.session)
+        prefix_key = f"kv3d-bench:{seed}:family-ids:{f}" if f is not None else f"kv3d-bench:{seed}:system-ids:{own}"
         out = ids(prefix_key, self.spec.system_prompt_tokens)
         for turn in reversed(chain):
             out += ids(f"kv3d-bench:{seed}:user-ids:{turn.index}", self.spec.unique_tokens)
@@ -136,39 +159,72 @@ class Workload:
             "reusable_requests": sum(1 for r in reqs if r.reusable),
             "shared_share": sum(1 for r in reqs if r.family is not None) / n,
             "max_turn": max(r.turn for r in reqs),
+            "branches": {k: sum(1 for r in reqs if r.branch == k) for k in ("regenerate", "edit", "fork")},
         }
 
 
-def _plan_sessions(spec: WorkloadSpec, rng: random.Random) -> list[tuple[int, int, int | None]]:
-    """(session, turn, parent index) per request."""
+Plan = tuple[int, int, "int | None", "str | None", "int | None"]
+"""(session, turn, parent index, branch kind, the request a branch starts from) per request."""
+
+
+def _plan_sessions(spec: WorkloadSpec, rng: random.Random) -> tuple[list[Plan], dict[int, int]]:
+    """The plan of every request, and each session's root (a branch's: the session whose
+    system prompt it shares; a session of its own otherwise)."""
     n_follow = round(spec.turns * spec.requests)
     if spec.followups_last:
         # every new session first, then the follow-ups, each resuming a session not resumed yet
         n_new = spec.requests - n_follow
-        out: list[tuple[int, int, int | None]] = [(s, 0, None) for s in range(n_new)]
+        out: list[Plan] = [(s, 0, None, None, None) for s in range(n_new)]
         order = list(range(n_new))
         rng.shuffle(order)
         for k in range(n_follow):
             s = order[k % n_new]
-            parent = max(i for i, (ss, _, _) in enumerate(out) if ss == s)
-            out.append((s, out[parent][1] + 1, parent))
-        return out
+            parent = max(i for i, p in enumerate(out) if p[0] == s)
+            out.append((s, out[parent][1] + 1, parent, None, None))
+        return out, {s: s for s in range(n_new)}
     follow_at = set(rng.sample(range(1, spec.requests), min(n_follow, spec.requests - 1)))
-    out: list[tuple[int, int, int | None]] = []
+    branching = spec.branch_regenerate + spec.branch_fork > 0
+    brng = random.Random(f"kv3d-bench:{spec.seed}:branch") if branching else None
+    out = []
     last: dict[int, int] = {}      # session -> index of its latest turn
     n_turns: dict[int, int] = {}
+    root: dict[int, int] = {}
     for i in range(spec.requests):
         if i in follow_at:
             eligible = [s for s, j in last.items() if j < i - spec.followup_gap and n_turns[s] < spec.max_turns]
             if eligible:
                 s = rng.choice(eligible)
-                out.append((s, n_turns[s], last[s]))
+                out.append((s, n_turns[s], last[s], None, None))
                 last[s], n_turns[s] = i, n_turns[s] + 1
                 continue
         s = len(n_turns)
-        out.append((s, 0, None))
+        branch = _branch(spec, brng, out, last, n_turns, i) if brng is not None else None
+        if branch is not None:
+            src, kind = branch
+            turn, parent = (out[src][1], out[src][2]) if kind != "fork" else (out[src][1] + 1, src)
+            out.append((s, turn, parent, kind, src))
+            root[s] = root[out[src][0]]
+            last[s], n_turns[s] = i, turn + 1
+            continue
+        out.append((s, 0, None, None, None))
+        root[s] = s
         last[s], n_turns[s] = i, 1
-    return out
+    return out, root
+
+
+def _branch(spec: WorkloadSpec, brng: random.Random, out: list[Plan], last: dict[int, int],
+            n_turns: dict[int, int], i: int) -> tuple[int, str] | None:
+    """Whether request ``i`` starts a branch: (the request it branches from: the latest turn of
+    an earlier session, at least ``followup_gap`` requests back; its kind), or None."""
+    u = brng.random() * (1.0 - spec.turns)
+    if u >= spec.branch_regenerate + spec.branch_fork:
+        return None
+    fork = u >= spec.branch_regenerate
+    eligible = [s for s, j in last.items() if j < i - spec.followup_gap and (not fork or n_turns[s] < spec.max_turns)]
+    if not eligible:
+        return None
+    src = last[brng.choice(eligible)]
+    return src, ("fork" if fork else brng.choice(("regenerate", "edit")))
 
 
 def generate(spec: WorkloadSpec, count_tokens: TokenCounter | None = None, texts: bool = True) -> Workload:
@@ -177,12 +233,13 @@ def generate(spec: WorkloadSpec, count_tokens: TokenCounter | None = None, texts
     ratio is used. ``texts=False`` plans the requests only (token-id prompts:
     :meth:`Workload.token_prompt`)."""
     rng = random.Random(f"kv3d-bench:{spec.seed}:plan")
-    plan = _plan_sessions(spec, rng)
-    sessions = sorted({s for s, _, _ in plan})
+    plan, root = _plan_sessions(spec, rng)
+    sessions = sorted(s for s, r in root.items() if s == r)      # branches share their root's prompt
     n_shared = round(spec.shared_ratio * len(sessions)) if spec.families > 0 else 0
     shared = set(rng.sample(sessions, n_shared))
     session_family: dict[int, int | None] = {
         s: (rng.randrange(spec.families) if s in shared else None) for s in sessions}
+    session_family.update({s: session_family[r] for s, r in sorted(root.items()) if s != r})
 
     def doc(key: str) -> str:
         if not texts:
@@ -192,21 +249,24 @@ def generate(spec: WorkloadSpec, count_tokens: TokenCounter | None = None, texts
 
     family_prompts = [doc(f"kv3d-bench:{spec.seed}:family:{f}") for f in range(spec.families)]
     session_prompts = {s: (family_prompts[f] if f is not None else doc(f"kv3d-bench:{spec.seed}:system:{s}"))
-                       for s, f in session_family.items()}
+                       for s, f in session_family.items() if root[s] == s}
+    session_prompts.update({s: session_prompts[r] for s, r in root.items() if s != r})
 
     requests: list[PlannedRequest] = []
     seen_family: set[int] = set()
-    for i, (s, turn, parent) in enumerate(plan):
+    for i, (s, turn, parent, branch, src) in enumerate(plan):
         key = f"kv3d-bench:{spec.seed}:user:{i}"
         make = textgen.user_question if turn == 0 else textgen.follow_up
         user = (textgen.fit_tokens(lambda w, k=key, m=make: m(random.Random(k), w), spec.unique_tokens, count_tokens)
                 if texts else key)
+        if branch == "regenerate":
+            user = requests[src].user              # the same message again: another reply to it
         f = session_family[s]
-        reusable = turn > 0 or (f is not None and f in seen_family)
+        reusable = turn > 0 or branch is not None or (f is not None and f in seen_family)
         if f is not None:
             seen_family.add(f)
-        requests.append(PlannedRequest(i, s, turn, f, user, parent, reusable))
-    return Workload(spec, family_prompts, session_prompts, requests, session_family)
+        requests.append(PlannedRequest(i, s, turn, f, user, parent, reusable, branch))
+    return Workload(spec, family_prompts, session_prompts, requests, session_family, root)
 
 
 def context_tokens_needed(spec: WorkloadSpec, max_tokens: int, template_overhead: int = 16) -> int:
