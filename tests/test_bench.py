@@ -298,6 +298,94 @@ def test_build_script_is_idempotent(tmp_path):
     assert f"llama_cpp_python={llama_cpp.__version__}" in info and "commit" in info
 
 
+# -- replicas behind a router (issue 21) --------------------------------------------------------------
+def _missing_cluster_parts() -> str | None:
+    import shutil
+
+    missing = [b for b in ("haproxy", "redis-server") if shutil.which(b) is None]
+    return f"{' and '.join(missing)} not installed (scripts/test.sh installs Debian's)" if missing else None
+
+
+def test_round_robin_router_config_is_generated_from_the_shipped_one():
+    from kv3d_tools.bench.cluster import round_robin_config
+
+    shipped = (REPO / "deploy" / "router" / "haproxy.cfg").read_text()
+    rr = round_robin_config(shipped)
+    assert "balance roundrobin" in rr and "hash-type" not in rr and "hash-balance-factor" not in rr
+    kept = [ln for ln in shipped.splitlines() if not ln.strip().startswith(("balance ", "hash-type ",
+                                                                            "hash-balance-factor "))]
+    assert [ln for ln in rr.splitlines() if "kv3d bench (kv3d_rr)" not in ln] == kept
+
+
+@pytest.mark.skipif(_missing_cluster_parts() is not None, reason=str(_missing_cluster_parts()))
+def test_bench_two_replica_systems_shared_store_against_round_robin(tmp_path):
+    """kv3d_cluster (two real replicas on a real redis-server behind the shipped HAProxy config) and
+    kv3d_rr (two replicas, local tiers, HAProxy round robin) on a tiny workload, with X-Session-Id
+    per conversation: every request answered through the router, both replicas served, the
+    store holds entries under the run's own prefix, and the report has the resume figures, the
+    kv3d_cluster / kv3d_rr ratios and issue 21's two targets."""
+    out = tmp_path / "run"
+    bench([*SMALL, "requests=10", "turns=0.3", "scheduler.n_seq_max=8", "server.cached_tokens=exact",
+           "session_header=true", "systems=[kv3d_cluster,kv3d_rr]", f"hydra.run.dir={out}"])
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["skipped"] == {}
+    systems = {s["name"]: s for s in rep["systems"]}
+    assert list(systems) == ["kv3d_cluster", "kv3d_rr"]
+    for name, s in systems.items():
+        for key in report.STABLE_SYSTEM_KEYS:
+            assert key in s, (name, key)
+        assert s["errors"] == 0 and s["requests"] == 10, s.get("first_errors")
+        assert s["tokens_per_s"] > 0 and s["ttft_p50_resume_s"] > 0 and s["n_resume_usage"] >= 2
+        assert 0 <= s["resume_state_hit_rate"] <= s["resume_hit_rate"] <= 1 and 0 <= s["hit_rate"] <= 1
+        # the router reached both replicas and nothing else answered (the model list is a GET)
+        assert len(s["requests_by_replica"]) == 2 and sum(s["requests_by_replica"]) == 10
+        assert all(n > 0 for n in s["requests_by_replica"]), s["requests_by_replica"]
+        assert s["config"]["replicas"] == 2 and s["config"]["threads"] == 1
+        assert all(rc is None for rc in s["replica_exit_codes"])       # still running when measured
+    c, rr = systems["kv3d_cluster"], systems["kv3d_rr"]
+    assert c["config"]["tier"] == "redis (shared)" and rr["config"]["tier"] == "ram (local)"
+    assert c["route_key"].startswith("X-Session-Id") and rr["balance"] == "roundrobin"
+    assert c["store_keys"] > 0 and c["store_used_memory_bytes"] > 0 and c["store_prefix"].startswith("kv3d-bench-")
+    assert "store_keys" not in rr
+    assert set(c["tier_followed"]) <= {"session", "snapshot", "orphan", "removed"} and rr["tier_followed"] == {}
+    rr_cfg = (out / "kv3d_rr-haproxy.cfg").read_text()
+    assert "balance roundrobin" in rr_cfg and rr_cfg.count("\n    server r") == 2
+    ratios = rep["cluster"]["ratios"]
+    for key, field in (("ttft_p50_resume", "ttft_p50_resume_s"), ("tokens_per_s", "tokens_per_s")):
+        assert ratios[key] == pytest.approx(c[field] / rr[field])
+    for key in ("cluster_resume_hit_rate", "cluster_resume_ttft"):
+        t = rep["targets"][key]
+        assert t["met"] in (True, False) and t["value"] is not None and t["why"], t
+    assert rep["targets"]["cluster_resume_ttft"]["value"] == pytest.approx(ratios["ttft_p50_resume"])
+    md = (out / "report.md").read_text()
+    assert "## Replicas behind a router" in md and "| kv3d_cluster | 2 | redis (shared) |" in md
+    assert "Ratios kv3d_cluster / kv3d_rr" in md and "**cluster_resume_ttft**" in md
+    lines = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+    assert {x["system"] for x in lines} == {"kv3d_cluster", "kv3d_rr"} and not any(x["error"] for x in lines)
+
+
+def test_a_replica_system_whose_parts_are_missing_is_skipped_and_the_report_says_why():
+    from omegaconf import OmegaConf
+
+    from kv3d_tools.bench import cluster
+
+    cfg = OmegaConf.create({"cluster": {"router_dir": None, "haproxy": "/nonexistent/haproxy",
+                                        "redis_server": "/nonexistent/redis-server"}})
+    for name in cluster.SYSTEMS:
+        assert "haproxy is not installed at /nonexistent/haproxy" in cluster.unavailable(name, cfg)
+    cfg.cluster.haproxy = None
+    if _missing_cluster_parts() is None:
+        assert cluster.unavailable("kv3d_rr", cfg) is None
+        assert "redis-server is not installed" in cluster.unavailable("kv3d_cluster", cfg)
+    skipped = {"kv3d_cluster": "redis-server is not installed at /nonexistent/redis-server"}
+    rr = {"name": "kv3d_rr", "ttft_p50_resume_s": 0.5, "resume_state_hit_rate": 0.5, "config": {}}
+    targets = cluster.targets({"kv3d_rr": rr}, skipped)
+    assert all(t["met"] is None and t["why"] == skipped["kv3d_cluster"] for t in targets.values())
+    md = cluster.markdown({"cluster": cluster.comparison({"kv3d_rr": rr}), "skipped": skipped, "systems": [rr]})
+    assert "**kv3d_cluster skipped**: redis-server is not installed" in "\n".join(md)
+    assert cluster.targets({"kv3d": {}}) == {} and cluster.markdown({"systems": [], "skipped": {}}) == []
+
+
 # -- real runs through the CLI -----------------------------------------------------------------------
 def test_bench_run_kv3d_against_safe_mode(tmp_path):
     """Two rounds (the systems in turn, twice): the report's figures are those of the median

@@ -59,10 +59,12 @@ class DriveResult:
 
 async def _one(client, model: str, req: PlannedRequest, messages: list[dict], res: RequestResult, *,
                max_tokens: int, temperature: float, seed: int, usage_in_stream: bool, t0: float,
-               sampling: dict | None = None) -> None:
+               sampling: dict | None = None, headers: dict | None = None) -> None:
     extra: dict = {"stream_options": {"include_usage": True}} if usage_in_stream else {}
     if sampling:
         extra["extra_body"] = dict(sampling)
+    if headers:
+        extra["extra_headers"] = dict(headers)
     start = time.perf_counter()
     res.start_s = start - t0
     parts: list[str] = []
@@ -97,14 +99,16 @@ async def _one(client, model: str, req: PlannedRequest, messages: list[dict], re
 
 
 async def _one_tokens(client, model: str, req: PlannedRequest, prompt: list[int], res: RequestResult, *,
-                      max_tokens: int, temperature: float, seed: int, t0: float, sampling: dict | None) -> None:
+                      max_tokens: int, temperature: float, seed: int, t0: float, sampling: dict | None,
+                      headers: dict | None = None) -> None:
     """A token-id prompt on ``/v1/completions`` (models without a real tokenizer). TTFT is the
     first streamed chunk of the completion; usage comes in the last chunk."""
     start = time.perf_counter()
     res.start_s = start - t0
     stream = await client.completions.create(
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature, seed=seed + req.index,
-        stream=True, stream_options={"include_usage": True}, extra_body=dict(sampling or {}))
+        stream=True, stream_options={"include_usage": True}, extra_body=dict(sampling or {}),
+        extra_headers=dict(headers or {}))
     async for chunk in stream:
         if chunk.usage is not None:
             u = chunk.usage
@@ -128,7 +132,7 @@ async def _one_tokens(client, model: str, req: PlannedRequest, prompt: list[int]
 async def _drive(base_url: str, model: str, workload: Workload, *, concurrency: int, max_tokens: int,
                  temperature: float, seed: int, usage_in_stream: bool, api_key: str, timeout_s: float,
                  progress_desc: str | None, sampling: dict | None = None,
-                 token_ids_vocab: int | None = None) -> DriveResult:
+                 token_ids_vocab: int | None = None, session_header: str | None = None) -> DriveResult:
     import openai
     from tqdm import tqdm
 
@@ -158,6 +162,8 @@ async def _drive(base_url: str, model: str, workload: Workload, *, concurrency: 
             except asyncio.QueueEmpty:
                 return
             res = results[req.index]
+            # a routing key per conversation: the same header on every turn of a session
+            headers = {session_header: f"bench-{seed}-session-{req.session}"} if session_header else None
             try:
                 if req.parent is not None:
                     await done[req.parent].wait()
@@ -166,12 +172,13 @@ async def _drive(base_url: str, model: str, workload: Workload, *, concurrency: 
                 if token_ids_vocab:
                     await _one_tokens(client, model, req, workload.token_prompt(req, token_ids_vocab), res,
                                       max_tokens=max_tokens, temperature=temperature, seed=seed, t0=t0,
-                                      sampling=sampling)
+                                      sampling=sampling, headers=headers)
                 else:
                     messages = workload.messages(req, replies)
                     sent[req.index] = messages
                     await _one(client, model, req, messages, res, max_tokens=max_tokens, temperature=temperature,
-                               seed=seed, usage_in_stream=usage_in_stream, t0=t0, sampling=sampling)
+                               seed=seed, usage_in_stream=usage_in_stream, t0=t0, sampling=sampling,
+                               headers=headers)
                     replies[req.index] = res.reply
             except Exception as exc:  # recorded per request; the run goes on
                 res.error = f"{type(exc).__name__}: {exc}"[:500]
@@ -191,12 +198,15 @@ async def _drive(base_url: str, model: str, workload: Workload, *, concurrency: 
 def drive(base_url: str, model: str, workload: Workload, *, concurrency: int, max_tokens: int,
           temperature: float = 0.7, seed: int = 0, usage_in_stream: bool = True, api_key: str = "unused",
           timeout_s: float = 600.0, progress_desc: str | None = None, sampling: dict | None = None,
-          token_ids_vocab: int | None = None) -> DriveResult:
+          token_ids_vocab: int | None = None, session_header: str | None = None) -> DriveResult:
     """Run every request of ``workload`` against ``base_url``; blocking. ``sampling`` (e.g.
     ``{"top_k": 0, "top_p": 1.0, "min_p": 0.0}``) goes into every request's body, so servers
     whose default samplers differ sample alike. ``token_ids_vocab`` sends token-id prompts on
-    ``/v1/completions`` instead of chat messages (:meth:`Workload.token_prompt`)."""
+    ``/v1/completions`` instead of chat messages (:meth:`Workload.token_prompt`). ``session_header``
+    (e.g. ``"X-Session-Id"``) sends that header with every request, its value the request's
+    session (``bench-<seed>-session-<n>``): a router's routing key per conversation."""
     return asyncio.run(_drive(base_url, model, workload, concurrency=concurrency, max_tokens=max_tokens,
                               temperature=temperature, seed=seed, usage_in_stream=usage_in_stream,
                               api_key=api_key, timeout_s=timeout_s, progress_desc=progress_desc,
-                              sampling=sampling, token_ids_vocab=token_ids_vocab))
+                              sampling=sampling, token_ids_vocab=token_ids_vocab,
+                              session_header=session_header))

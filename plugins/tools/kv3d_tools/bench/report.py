@@ -15,6 +15,9 @@
      "rounds":   {"count", "chosen": round, "systems": {system: [{"round", "tokens_per_s",
                    "ttft_p50_s", "ttft_p50_hit_s", "ttft_p50_miss_s", "wall_s", "loadavg_1m_start_end"}]},
                   "ratios": [{per-round ratios}], "ratio_range": {ratio: [min, max]}},
+     "cluster":  {"ratios": {"ttft_p50_resume", "tokens_per_s", "resume_state_hit_rate", ...},
+                  "route_key", "systems"} | null,   # kv3d_cluster / kv3d_rr (bench/cluster.py)
+     "skipped":  {system: why},                     # replica systems whose haproxy/redis-server is missing
      "overrides": [...], "out_dir": "..."}
 
 With ``rounds`` > 1 every system runs once per round, in turn; the figures reported are
@@ -279,6 +282,13 @@ def _rounds_lines(report: dict) -> list[str]:
     return lines + [""]
 
 
+def _cluster_lines(report: dict) -> list[str]:
+    """The replica systems' section (kv3d_cluster / kv3d_rr), when they ran or were skipped."""
+    from kv3d_tools.bench import cluster   # it imports the bench's other modules
+
+    return cluster.markdown(report)
+
+
 def write_markdown(path: Path, report: dict, plots: list[str]) -> None:
     w, m = report["workload"], report["machine"]
     lines = [
@@ -306,6 +316,7 @@ def write_markdown(path: Path, report: dict, plots: list[str]) -> None:
         *[f"kv3d / {n}: " + ", ".join(f"{k} {_fmt(v, 'x', 3)}" for k, v in r.items())
           for n, r in (report.get("ratios_by_system") or {}).items() if n != report.get("baseline")], "",
         *_rounds_lines(report),
+        *_cluster_lines(report),
         "## Targets", "",
     ]
     for name, t in report["targets"].items():

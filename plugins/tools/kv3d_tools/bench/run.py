@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from kv3d_tools.bench import metrics as figures
-from kv3d_tools.bench import plots, report
+from kv3d_tools.bench import cluster, plots, report
 from kv3d_tools.bench.driver import DriveResult, drive
 from kv3d_tools.bench import llama_server as ls_peer
 from kv3d_tools.bench.systems import (KV3D, KV3D_SAFE, LLAMA_SERVER_UNIFIED, LLAMA_SERVERS, PEER, SYSTEMS, BenchError,
@@ -236,6 +236,8 @@ def _run_system(name: str, cfg: DictConfig, wl: Workload, out: Path, overrides: 
             raise BenchError(f"{name} cannot run: {why}")
         ls_settings = llama_server_settings(cfg, spec, unified=name == LLAMA_SERVER_UNIFIED)
         srv = llama_server_process(name, binary, ls_settings, model_path, model_id, out / f"{name}.log")
+    elif name in cluster.SYSTEMS:
+        srv = cluster.Cluster(name, cfg, serve_overrides(overrides), out)
     else:
         srv = kv3d_server(name, serve_overrides(overrides), out / f"{name}.log")
     log.info("starting %s: %s", name, " ".join(srv.argv))
@@ -246,7 +248,8 @@ def _run_system(name: str, cfg: DictConfig, wl: Workload, out: Path, overrides: 
                     temperature=float(cfg.temperature), seed=int(cfg.seed), usage_in_stream=name != PEER,
                     timeout_s=float(cfg.request_timeout_s), progress_desc=name if cfg.progress else None,
                     sampling=OmegaConf.to_container(cfg.sampling) if cfg.get("sampling") else None,
-                    token_ids_vocab=n_vocab if cfg.prompts == "token_ids" else None)
+                    token_ids_vocab=n_vocab if cfg.prompts == "token_ids" else None,
+                    session_header=cluster.SESSION_HEADER if cfg.session_header else None)
         sys_report: dict[str, Any] = {"name": name, **figures.request_figures(run)}
         sys_report.update(figures.cost_figures(sys_report, float(cfg.analytics.gpu_hour_price)))
         # the machine may be shared: its load while this system ran puts the timings in context
@@ -260,6 +263,8 @@ def _run_system(name: str, cfg: DictConfig, wl: Workload, out: Path, overrides: 
                                  "refused request is a failed run; raise llama_server.ctx_per_slot")
             sys_report.update(ls_peer.memory_figures(srv.get_json("/slots"), text, _kv_bytes_per_token(model_path, cfg),
                                                      ls_settings))
+        elif name in cluster.SYSTEMS:
+            sys_report.update(srv.figures(run, wl, cluster.cached_tokens_rounding(cfg)))
         elif name != PEER:
             stats = srv.get_json("/debug/stats")
             sys_report.update(figures.kv3d_memory(stats))
@@ -280,6 +285,12 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
     validated(cfg)   # the serve part, exactly as `kv3d serve` would check it
     systems = list(cfg.systems)
     _check_systems(cfg, systems)
+    skipped = {n: why for n in systems if n in cluster.SYSTEMS and (why := cluster.unavailable(n, cfg))}
+    for n, why in skipped.items():
+        log.warning("%s skipped: %s", n, why)
+    systems = [n for n in systems if n not in skipped]
+    if not systems:
+        raise BenchError(f"every system was skipped: {skipped}")
     out.mkdir(parents=True, exist_ok=True)
     model_path, model_id = resolve_model(cfg)
     machine = report.machine_info(model_path, model_id)
@@ -311,6 +322,7 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
 
     workload = wl.summary()
     targets, ratios = report.targets_and_ratios(results, workload, int(cfg.concurrency))
+    targets.update(cluster.targets(results, skipped))
     round_ratios = []
     for this in by_round:              # kv3d against the peer of the same round
         figs = {n: ({**rep_, **peer_memory} if n == PEER else rep_) for n, (rep_, _) in this.items()}
@@ -325,6 +337,8 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
         "ratios": ratios,
         "ratios_by_system": {n: report.ratios_against(results.get(KV3D), results[n]) for n in systems
                              if n != KV3D and KV3D in results},
+        "cluster": cluster.comparison(results),
+        "skipped": skipped,
         "rounds": report.rounds_summary([{n: rep_ for n, (rep_, _) in this.items()} for this in by_round],
                                         round_ratios, median_round),
         "workload": workload,
@@ -346,9 +360,9 @@ def run_bench(cfg: DictConfig, out: Path, overrides: list[str], quality_cache_di
 
 def _check_systems(cfg: DictConfig, systems: list[str]) -> None:
     """Every system named exists and can run here (its peer server installed or built)."""
-    unknown = [s for s in systems if s not in SYSTEMS]
+    unknown = [s for s in systems if s not in (*SYSTEMS, *cluster.SYSTEMS)]
     if unknown or not systems:
-        raise BenchError(f"systems={systems}: each must be one of {list(SYSTEMS)}")
+        raise BenchError(f"systems={systems}: each must be one of {[*SYSTEMS, *cluster.SYSTEMS]}")
     if PEER in systems and (why := peer_available()) is not None:
         raise BenchError(f"{PEER} cannot run: {why} (or leave it out: systems=[kv3d,kv3d_safe])")
     for name in LLAMA_SERVERS:
@@ -371,6 +385,8 @@ def _run_round(r: int, rounds: int, systems: list[str], cfg: DictConfig, wl, out
             sys_report["config"] = sys_report.pop("ls_settings")
         else:
             sys_report["config"] = kv3d_config(cfg, safe=name == KV3D_SAFE)
+        if name in cluster.SYSTEMS:
+            sys_report["config"].update(sys_report.pop("cluster_config"))
         this[name] = (sys_report, run)
         log.info("%s%s: %d requests in %.1fs, hit rate %s, %s tok/s", name,
                  f" (round {r + 1}/{rounds})" if rounds > 1 else "", sys_report["requests"], run.wall_s,
