@@ -13,14 +13,8 @@ from kv3d_core.errors import ConfigError
 from kv3d_tier_redis.testing import RedisServer
 from kv3d_tier_redis.tier import RedisTier
 
-from test_redis_tier import FP, OTHER_FP, STORES, entry, key, open_tier, raw, start_store, stored
-
-
-@pytest.fixture(scope="module", params=STORES)
-def store(request, tmp_path_factory):
-    srv = start_store(request.param, tmp_path_factory.mktemp(request.param))
-    yield srv
-    srv.stop()
+from test_redis_tier import FP, OTHER_FP, entry, key, open_tier, raw, stored
+from test_redis_tier import store  # noqa: F401  (the same module-scoped store fixture: one store per kind, per module)
 
 
 @pytest.fixture
