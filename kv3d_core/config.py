@@ -89,6 +89,7 @@ class SchedulerSchema:
     prefill_aging_s: float = 30
     prefill_seqs: Optional[int] = None
     implicit_families: bool = False
+    microbatch_tokens: Optional[int] = None
 
 
 @dataclass
@@ -308,6 +309,8 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("scheduler.prefill_aging_s must be >= 0")
     if s.scheduler.prefill_seqs is not None and s.scheduler.prefill_seqs < 1:
         problems.append("scheduler.prefill_seqs must be >= 1 (or null: no limit)")
+    if s.scheduler.microbatch_tokens is not None and s.scheduler.microbatch_tokens < 0:
+        problems.append("scheduler.microbatch_tokens must be >= 0 (0: off; null: 128 on a GPU, off on a CPU)")
     if s.server.cached_tokens not in ("block", "exact", "off"):
         problems.append(f"server.cached_tokens must be 'block', 'exact' or 'off', not {s.server.cached_tokens!r}")
     if s.server.drain_s < 0:

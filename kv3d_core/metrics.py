@@ -30,6 +30,10 @@ class Metrics:
         self.waiting = Gauge("kv3d_requests_waiting", "Requests queued for a sequence", registry=r)
         self.batch_tokens = Histogram("kv3d_batch_tokens", "Tokens per llama_decode batch", buckets=BATCH_BUCKETS, registry=r)
         self.batch_seqs = Histogram("kv3d_batch_sequences", "Sequences per llama_decode batch", buckets=BATCH_BUCKETS, registry=r)
+        self.step_microbatches = Histogram(
+            "kv3d_step_microbatches", "Micro-batches (passes of the model) per llama_decode batch, as the backend "
+            "splits it (a KV stream per sequence: runs of consecutive sequence ids, equal tokens each)",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
         self.generated_tokens = Counter("kv3d_generated_tokens", "Completion tokens generated", registry=r)
         self.derived_families = Counter("kv3d_prefix_derived_families", "Implicit families: prefixes that "
                                         "prompts without a family of their own were found to share, snapshotted",

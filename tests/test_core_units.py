@@ -239,7 +239,8 @@ def test_prefill_seqs_caps_the_sequences_a_step_prefills(limit, prefilled):
     prefills = [job("short", 100, S.PREFILL, 3), job("long", 1152, S.PREFILL, 4), job("shorter", 90, S.PREFILL, 5)]
     sched = SimpleNamespace(cfg=SchedulerConfig(prefill_seqs=limit, prefill_chunk=256), _running=decoding + prefills,
                             backend=SimpleNamespace(max_batch_tokens=512), _prefill_order=lambda: prefills,
-                            _share_prefixes=lambda: set(), ttft_split={"parked": 0})
+                            _share_prefixes=lambda: set(), ttft_split={"parked": 0}, _microbatch_tokens=0)
+    sched._chunk = lambda job, budget: Scheduler._chunk(sched, job, budget)
     plan = Scheduler._build_batch(sched)
     assert [j.id for j, _ in plan[:3]] == ["d0", "d1", "d2"] and all(len(e.tokens) == 1 for _, e in plan[:3])
     assert [j.id for j, _ in plan[3:]] == prefilled

@@ -650,3 +650,86 @@ def test_steps_are_counted_by_kind_and_prefill_tokens_are_the_prompt_tokens_comp
     assert sum(steps.values()) == sched.steps and all(v > 0 for v in seconds.values())
     computed = sum(u["prompt_tokens"] - u["cached_tokens"] for _, _, u in results)
     assert results[1][2]["cached_tokens"] > 0 and m.prefill_tokens._value.get() == computed
+
+
+# -- fewer passes of the model per step (KV stream per sequence) ------------------------------
+class _LlamaSplitBackend(FakeBackend):
+    """The fake with llama.cpp's micro-batch rule (``kv3d_backend_llamacpp.ubatch``): with a
+    stream per sequence, one pass per run of consecutive sequence ids, equal tokens each."""
+
+    def micro_batches(self, lengths):
+        from kv3d_backend_llamacpp import ubatch
+        return ubatch.count(lengths, self.max_batch_tokens, streams=not self.info.build["kv_unified"])
+
+
+class _Seq:
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
+
+def _planner(worth: int) -> Scheduler:
+    b = _LlamaSplitBackend(kv_unified=False, n_seq_max=16, max_batch_tokens=512)
+    metrics = Metrics()
+    return Scheduler(b, PrefixCache(b, ExactDetector(), metrics), metrics, SchedulerConfig(microbatch_tokens=worth))
+
+
+def test_prefill_chunks_of_consecutive_streams_are_cut_to_one_length_where_that_saves_passes():
+    pytest.importorskip("kv3d_backend_llamacpp")
+    decoding = [(s, 1) for s in range(4)]
+    a, b, c, far, other = _Seq(4), _Seq(5), _Seq(6), _Seq(9), _Seq(12)
+    sched = _planner(128)
+    count = sched.backend.micro_batches
+    natural = [(a, 32), (b, 20), (c, 32)]
+    assert count(decoding + [(j.seq, k) for j, k in natural]) == 4      # 1 token each, 19 each, then 12 twice
+    plan = sched._fewer_microbatches(decoding, natural)
+    assert [(j.seq, k) for j, k in plan] == [(4, 20), (5, 20), (6, 20)]
+    assert count(decoding + [(j.seq, k) for j, k in plan]) == 2
+    assert sched.microbatch_plans["trimmed_tokens"] == 24
+    # ids apart: nothing to cut to one length; a small chunk costing a pass of its own waits,
+    # unless it is the step's first (the one whose turn it is)
+    plan = sched._fewer_microbatches(decoding, [(a, 32), (far, 20), (other, 300)])
+    assert [(j.seq, k) for j, k in plan] == [(4, 32), (12, 300)]
+    plan = sched._fewer_microbatches(decoding, [(far, 20), (a, 32), (other, 300)])
+    assert [(j.seq, k) for j, k in plan] == [(9, 20), (12, 300)]
+    # cutting more tokens than the passes saved are worth: left as it is
+    plan = _planner(8)._fewer_microbatches(decoding, natural)
+    assert [(j.seq, k) for j, k in plan] == [(4, 32), (5, 20), (6, 32)]
+    plan = _planner(8)._fewer_microbatches(decoding, [(a, 32), (far, 20), (other, 300)])
+    assert [(j.seq, k) for j, k in plan] == [(4, 32), (9, 20), (12, 300)]
+
+
+def test_microbatch_tokens_defaults_to_off_on_a_cpu_and_can_be_set():
+    b = FakeBackend(kv_unified=False)
+    assert b.info.gpu_layers == 0
+    metrics = Metrics()
+    cache = PrefixCache(b, ExactDetector(), metrics)
+    assert Scheduler(b, cache, metrics, SchedulerConfig())._microbatch_tokens == 0
+    assert Scheduler(b, cache, metrics, SchedulerConfig(microbatch_tokens=64))._microbatch_tokens == 64
+
+
+def test_with_fewer_passes_planned_concurrent_greedy_jobs_answer_as_each_alone():
+    """Raw prompts of different lengths prefilling together on consecutive streams: the plan
+    cuts their chunks (tokens put off to later steps), the replies are those of each job
+    run alone, and every step's passes are counted (``kv3d_step_microbatches``)."""
+    pytest.importorskip("kv3d_backend_llamacpp")
+    b = _LlamaSplitBackend(kv_unified=False)
+    specs = [(PromptView(toks(60 + i, 40 + 23 * i), 0, b.info.model_id), 5 + i) for i in range(6)]
+    metrics = Metrics()
+    cache = PrefixCache(b, ExactDetector(), metrics)
+    sched = Scheduler(b, cache, metrics, SchedulerConfig(max_running=8, prefill_chunk=32, microbatch_tokens=64))
+    sched.start()
+    try:
+        queues = []
+        for i, (view, max_tokens) in enumerate(specs):
+            q: queue.Queue = queue.Queue()
+            sched.submit(Job(f"job-{i}", view, ExactDetector().family(view), SamplingParams(temperature=0),
+                             max_tokens, [], q.put))
+            queues.append(q)
+        together = [collect(q) for q in queues]
+    finally:
+        sched.stop()
+    assert sched.microbatch_plans["trimmed_tokens"] > 0
+    assert sched.microbatch_plans["passes"] >= sched.steps > 0
+    assert metrics.step_microbatches._sum.get() == sched.microbatch_plans["passes"]
+    for (view, max_tokens), (text, reason, usage) in zip(specs, together):
+        assert (text, reason, usage["completion_tokens"]) == greedy_reference(view, max_tokens, False)

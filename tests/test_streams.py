@@ -181,6 +181,31 @@ def test_requests_of_a_new_family_arriving_together_compute_its_prefix_once(layo
             assert text.split()[:1] == expected.split()[:1], (text, expected)
 
 
+def test_prefill_chunks_planned_for_fewer_passes_keep_every_reply_a_cold_servers():
+    """``scheduler.microbatch_tokens`` on (as on a GPU): four raw completions of different
+    lengths, admitted together into consecutive streams, prefill in chunks cut to one length
+    where that saves passes of the model (tokens put off to later steps); each reply is a cold
+    server's, and ``/debug/stats`` counts the passes (at least one per step)."""
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+
+    prompts = [f"Question {i}: {q}\nAnswer:" + " Think." * (3 * i) for i, q in enumerate(TURNS[:4])]
+    with Engine(compose(["server.threads=2", "scheduler.n_seq_max=6", "scheduler.max_running=4",
+                         "cache.stream_ctx=512", "scheduler.prefill_chunk=16",
+                         "scheduler.microbatch_tokens=64"])) as eng:
+        assert eng.backend.info.build["kv_unified"] is False
+        views = [eng.prepare_completion(p) for p in prompts]
+        replies = submit_together(eng, views)
+        plans = eng.stats()["scheduler"]["microbatches"]
+        steps = eng.scheduler.steps
+    assert plans["trimmed_tokens"] > 0, plans
+    assert plans["passes"] >= steps > 0
+    with Engine(compose(["server.threads=2", "safe_mode=true"])) as cold:
+        for (text, _), p in zip(replies, prompts):
+            expected, _ = submit_together(cold, [cold.prepare_completion(p)])[0]
+            assert text.split()[:1] == expected.split()[:1], (text, expected)
+
+
 @pytest.mark.parametrize("layout", ["streams", "unified"])
 def test_raw_completions_sharing_a_prefix_arriving_together_compute_it_once(layout):
     """Four raw completions (no template, no declared family) that share a long beginning and

@@ -195,6 +195,17 @@ class ExecutionBackend(abc.ABC):
     def max_batch_tokens(self) -> int:
         """Most tokens one :meth:`decode` call accepts."""
 
+    def micro_batches(self, lengths: Sequence[tuple[int, int]]) -> int:
+        """How many micro-batches -- passes of the whole model, each with a fixed cost beyond
+        its tokens (on a GPU, a launch of every layer's kernels) -- :meth:`decode` runs for a
+        batch holding ``lengths``: ``(seq, n_tokens)`` of each sequence in it. The scheduler
+        reports it (``kv3d_step_microbatches``) and plans steps with it: with a KV stream per
+        sequence llama.cpp puts only sequences of consecutive ids, taking equally many tokens
+        each, into one micro-batch, so which sequences prefill together, and how much, changes
+        the count. The default: one pass per :attr:`max_batch_tokens`."""
+        total = sum(int(n) for _, n in lengths)
+        return -(-total // max(1, self.max_batch_tokens))
+
     @abc.abstractmethod
     def logits(self, output: int) -> np.ndarray:
         """Float32 logits (``n_vocab``) of output row ``output`` of the last decode.

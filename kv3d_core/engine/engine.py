@@ -105,6 +105,7 @@ class Engine:
                 prefill_aging_s=cfg.scheduler.prefill_aging_s,
                 prefill_seqs=cfg.scheduler.prefill_seqs,
                 implicit_families=cfg.scheduler.implicit_families,
+                microbatch_tokens=cfg.scheduler.microbatch_tokens,
             ))
         except BaseException:
             self.backend.close()
@@ -213,7 +214,8 @@ class Engine:
             out["scheduler"] = dict(self.scheduler.load, steps=self.scheduler.steps,
                                     max_batch_sequences=self.scheduler.max_batch_seqs_seen,
                                     step_seconds=dict(self.scheduler.step_split),
-                                    ttft_split=dict(self.scheduler.ttft_split))
+                                    ttft_split=dict(self.scheduler.ttft_split),
+                                    microbatches=dict(self.scheduler.microbatch_plans))
             return out
         return self.scheduler.call(read).result(timeout)
 

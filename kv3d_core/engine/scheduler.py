@@ -20,8 +20,12 @@ llama.cpp). Each step it:
    older than ``prefill_aging_s`` goes ahead of younger ones (oldest first), so a
    long prompt is never starved by a stream of short ones (``fair``: the oldest
    prefill gets the first chunk of every step, the rest goes shortest first);
-   at most ``prefill_seqs`` sequences prefill in one step (with a KV stream per
-   sequence llama.cpp runs each prefilling sequence as a micro-batch of its own).
+   at most ``prefill_seqs`` sequences prefill in one step. With a KV stream per
+   sequence llama.cpp runs only sequences of consecutive ids, equally many tokens
+   each, in one pass of the model (``ExecutionBackend.micro_batches``): with
+   ``microbatch_tokens`` (on a GPU) the chunks of consecutive streams are cut to one
+   length, and a small chunk that would be a pass of its own waits a step, where
+   the passes saved are worth more than the tokens put off.
    A family prefix is computed once: requests of a family whose snapshot does
    not exist yet wait for the one furthest along, then load its snapshot;
 4. makes room for the batch's cells (evicting idle sessions, then preempting
@@ -99,6 +103,7 @@ class SchedulerConfig:
     prefill_aging_s: float = 30.0
     prefill_seqs: int | None = None    # most sequences one step prefills (None: as many as fit)
     implicit_families: bool = False    # raw prompts prefilling together share their common prefix
+    microbatch_tokens: int | None = None   # prompt tokens a micro-batch is worth (None: 128 on a GPU, 0 = off)
 
 
 @dataclass(eq=False)
@@ -192,6 +197,12 @@ class Scheduler:
         self._prefill_tokens = metrics.prefill_tokens
         self._n_ctx_seq = backend.info.n_ctx_seq
         self._gauges_at = 0.0
+        mb = self.cfg.microbatch_tokens
+        self._microbatch_tokens = int(mb) if mb is not None else (128 if backend.info.gpu_layers != 0 else 0)
+        # micro-batches (passes of the model) the steps ran, and prompt tokens their plans put off
+        # to later steps to run fewer (:meth:`_fewer_microbatches`), since start
+        self.microbatch_plans = {"passes": 0, "trimmed_tokens": 0}
+        self._microbatches = metrics.step_microbatches
 
     # -- public, any thread -------------------------------------------------------------
     def start(self) -> None:
@@ -435,15 +446,79 @@ class Scheduler:
         prefills = [j for j in self._prefill_order() if j not in parked]   # then prefill chunks
         if self.cfg.prefill_seqs is not None:
             prefills = prefills[:self.cfg.prefill_seqs]
+        chunks: list[tuple[Job, int]] = []
         for job in prefills:
             if budget > 0:
-                k = min(len(job.context) - job.n_past, self.cfg.prefill_chunk, budget)
-                if job.family.length > job.n_past and job.snapshot is None:
-                    k = min(k, job.family.length - job.n_past) or k  # end a chunk at the family boundary
-                end = job.n_past + k
-                plan.append((job, BatchEntry(job.seq, job.context[job.n_past:end], job.n_past, end == len(job.context))))
+                k = self._chunk(job, budget)
+                chunks.append((job, k))
                 budget -= k
+        if self._microbatch_tokens and len(chunks) > 1:
+            chunks = self._fewer_microbatches([(j.seq, 1) for j, _ in plan], chunks)
+        for job, k in chunks:
+            end = job.n_past + k
+            plan.append((job, BatchEntry(job.seq, job.context[job.n_past:end], job.n_past, end == len(job.context))))
         return plan
+
+    def _chunk(self, job: Job, budget: int) -> int:
+        """The prompt tokens ``job`` adds to this step: its next ``prefill_chunk``, within
+        ``budget``, ending at its family's boundary while the family prefix is computed."""
+        k = min(len(job.context) - job.n_past, self.cfg.prefill_chunk, budget)
+        if job.family.length > job.n_past and job.snapshot is None:
+            k = min(k, job.family.length - job.n_past) or k  # end a chunk at the family boundary
+        return k
+
+    def _fewer_microbatches(self, decoding: list[tuple[int, int]],
+                            chunks: list[tuple[Job, int]]) -> list[tuple[Job, int]]:
+        """The step's prefill chunks (in priority order), changed where that saves passes of
+        the model (:meth:`ExecutionBackend.micro_batches`; with a KV stream per sequence
+        llama.cpp batches only sequences of consecutive ids, equally many tokens each):
+
+        - the chunks of each run of consecutive sequence ids are cut to the run's shortest,
+          when the tokens cut are worth fewer micro-batches than they save;
+        - a chunk after the first that still costs a micro-batch of its own and is smaller
+          than ``microbatch_tokens`` waits for a later step (it is the shortest remaining,
+          so it comes first then, unless other ones that short come before it).
+
+        ``microbatch_tokens`` is what one micro-batch costs beyond its tokens, in tokens."""
+        worth = self._microbatch_tokens
+        count = self.backend.micro_batches
+        ks = {job: k for job, k in chunks}
+
+        def passes() -> int:
+            return count(decoding + [(j.seq, k) for j, k in ks.items()])
+
+        base = passes()
+        by_seq = sorted(ks, key=lambda j: j.seq)
+        runs: list[list[Job]] = []
+        for job in by_seq:
+            if runs and job.seq == runs[-1][-1].seq + 1:
+                runs[-1].append(job)
+            else:
+                runs.append([job])
+        for run in runs:
+            if len(run) < 2 or len({ks[j] for j in run}) == 1:
+                continue
+            short = min(ks[j] for j in run)
+            before = {j: ks[j] for j in run}
+            for j in run:
+                ks[j] = short
+            now = passes()
+            if base - now > 0 and sum(before.values()) - short * len(run) <= (base - now) * worth:
+                base = now
+            else:
+                ks.update(before)
+        first = chunks[0][0]
+        for job, _ in reversed(chunks):
+            if job is first or ks[job] >= worth:
+                continue
+            k = ks.pop(job)
+            now = passes()
+            if now < base:
+                base = now
+            else:
+                ks[job] = k
+        self.microbatch_plans["trimmed_tokens"] += sum(k for _, k in chunks) - sum(ks.values())
+        return [(j, ks[j]) for j, _ in chunks if j in ks]
 
     def _share_prefixes(self) -> set[Job]:
         """A family prefix is computed once, also when several requests of a new family arrive
@@ -578,6 +653,9 @@ class Scheduler:
         self.metrics.batch_tokens.observe(n_tokens)
         n_prefill = sum(len(e.tokens) for j, e in plan if j.state is SessionState.PREFILL)
         self.metrics.batch_seqs.observe(len(plan))
+        passes = self.backend.micro_batches([(e.seq, len(e.tokens)) for _, e in plan])
+        self.microbatch_plans["passes"] += passes
+        self._microbatches.observe(passes)
         self.max_batch_seqs_seen = max(self.max_batch_seqs_seen, len(plan))
         sampling: list[tuple[Job, int]] = []
         for (job, entry), out in zip(plan, outputs):

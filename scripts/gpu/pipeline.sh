@@ -86,6 +86,11 @@ for s in r["systems"]:
     print(f"  {s['name']:22s} {s['tokens_per_s'] or 0:8.0f} tok/s  TTFT p50 shared {f('ttft_p50_shared_s')} own "
           f"{f('ttft_p50_own_s')} resume {f('ttft_p50_resume_s')} p95 turn1 {f('ttft_p95_turn1_s')} ms  "
           f"sess/GiB {s.get('sessions_per_gb') or 0:.1f}  errors {s['errors']}")
+    sched = (s.get("server_stats") or {}).get("scheduler") or {}
+    if sched.get("steps"):
+        mb = sched.get("microbatches") or {}
+        print(f"  {'':22s} steps {sched['steps']}  passes/step {mb.get('passes', 0) / sched['steps']:.2f}  "
+              f"prompt tokens put off {mb.get('trimmed_tokens', 0)}  ttft_split {sched.get('ttft_split')}")
 print("  ratios vs", r.get("baseline"), {k: round(v, 3) if v else v for k, v in r["ratios"].items()})
 EOF
 }

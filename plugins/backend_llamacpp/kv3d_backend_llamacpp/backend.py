@@ -26,6 +26,7 @@ import llama_cpp as L
 from kv3d_core.contracts.backend import BatchEntry, ExecutionBackend, ModelInfo, Sampler, SamplingParams
 from kv3d_core.errors import (BackendError, ConfigError, KVCacheFullError, ModelLoadError, NoFreeCells, StateRestoreError,
                               TokenizerMissing)
+from kv3d_backend_llamacpp import ubatch
 from kv3d_backend_llamacpp.model_files import resolve_model
 from kv3d_backend_llamacpp.state_format import LlamaStateLayout
 
@@ -454,6 +455,8 @@ class LlamaCppBackend(ExecutionBackend):
         self._mem = L.llama_get_memory(self._ctx)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self._batch = _Batch(n_batch)
+        self._n_ubatch = int(cparams.n_ubatch)
+        self._streams = not kv_unified
         self._staging = _staging_pool(state_staging, int(n_gpu_layers))
         self._pieces: dict[int, bytes] = {}
         self._piece_lock = threading.Lock()
@@ -574,6 +577,9 @@ class LlamaCppBackend(ExecutionBackend):
     @property
     def max_batch_tokens(self) -> int:
         return self._batch.capacity
+
+    def micro_batches(self, lengths: Sequence[tuple[int, int]]) -> int:
+        return ubatch.count(lengths, self._n_ubatch, streams=self._streams)
 
     def decode(self, entries: Sequence[BatchEntry]) -> list[int | None]:
         outputs = self._batch.fill(entries)
