@@ -31,29 +31,49 @@ def count(lengths: Iterable[tuple[int, int]], n_ubatch: int, *, streams: bool) -
     """Micro-batches one batch becomes. ``lengths``: ``(seq_id, n_tokens)`` of each sequence
     in the batch (one entry per sequence); ``streams``: a KV stream per sequence (else one
     unified pool, where only the total matters)."""
-    items = sorted((int(s), int(n)) for s, n in lengths if n > 0)
+    items = sorted(lengths)
     if not items:
         return 0
     n_ubatch = max(1, int(n_ubatch))
     if not streams:
-        total = sum(n for _, n in items)
-        return -(-total // n_ubatch)
-    seqs = [s for s, _ in items]
-    left = [n for _, n in items]
-    first = 0                                # lowest index with tokens left
+        return -(-sum(n for _, n in items) // n_ubatch)
+    # Consecutive one-token sequences (decoding ones) always share a pass, which takes their one
+    # token (the fewest any sequence of a run has left): each such block is one entry of
+    # ``width`` sequences, ids ``lo..hi``, so the loop below walks the prefilling sequences and
+    # the gaps, not every decoding one. (Not when a run could hold more sequences than a
+    # micro-batch takes, n_ubatch + 1: llama.cpp then cuts the run, and blocks must not hide that.)
+    merge = len(items) <= n_ubatch
+    lo: list[int] = []
+    hi: list[int] = []
+    left: list[int] = []
+    width: list[int] = []
+    for seq, n in items:
+        if n <= 0:
+            continue
+        if merge and n == 1 and left and left[-1] == 1 and seq == hi[-1] + 1:
+            hi[-1] = seq
+            width[-1] += 1
+            continue
+        lo.append(seq)
+        hi.append(seq)
+        left.append(n)
+        width.append(1)
+    first = 0                                # lowest entry with tokens left
     ubatches = 0
+    size = len(left)
     while True:
-        while first < len(left) and left[first] == 0:
+        while first < size and left[first] == 0:
             first += 1
-        if first == len(left):
+        if first == size:
             return ubatches
         # the run: consecutive ids with tokens left, from the first one (a sequence with
         # none left, or a missing id, ends it: llama.cpp accepts only last_seq_id + 1)
-        end = first + 1
-        while end < len(left) and left[end] > 0 and seqs[end] == seqs[end - 1] + 1 and end - first <= n_ubatch:
+        end, n_seqs, least = first + 1, width[first], left[first]
+        while end < size and left[end] > 0 and lo[end] == hi[end - 1] + 1 and n_seqs <= n_ubatch:
+            n_seqs += width[end]
+            least = min(least, left[end])
             end += 1
-        n_seqs = end - first
-        take = min(min(left[first:end]), max(1, n_ubatch // n_seqs))
+        take = min(least, max(1, n_ubatch // n_seqs))
         for i in range(first, end):
             left[i] -= take
         ubatches += 1

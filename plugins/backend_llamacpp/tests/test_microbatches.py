@@ -81,7 +81,7 @@ def _batches(rng: random.Random) -> list[list[tuple[int, int]]]:
         [(3, 40), (4, 12)], [(0, 100)], [(0, 70), (1, 70)], [(s, 19) for s in range(8)],
     ]
     rand = []
-    for _ in range(40):
+    for _ in range(12):
         seqs = rng.sample(range(N_SEQ), rng.randint(1, N_SEQ))
         lengths = [(s, rng.choice([1, 1, 1, rng.randint(2, 40)])) for s in seqs]
         while sum(k for _, k in lengths) > N_BATCH:
@@ -111,3 +111,42 @@ def test_count_rules() -> None:
     assert ubatch.count([(0, 300), (1, 300)], 512, streams=True) == 2            # 256 each, then 44 each
     assert ubatch.count([(0, 300), (1, 300)], 512, streams=False) == 2
     assert ubatch.count([(5, 0)], 512, streams=True) == 0
+
+
+def _split_equal_tokens(lengths: list[tuple[int, int]], n_ubatch: int) -> int:
+    """llama.cpp's ``split_equal(n_ubatch, sequential=true)`` token by token, as written there:
+    the reference for batches larger than the model test decodes."""
+    tokens = [seq for seq, k in sorted(lengths) for _ in range(k)]
+    used = [False] * len(tokens)
+    passes = 0
+    while not all(used):
+        seqs: list[int] = []
+        for i, seq in enumerate(tokens):
+            if used[i] or seq in seqs:
+                continue
+            if seqs and seq != seqs[-1] + 1:
+                continue
+            seqs.append(seq)
+            if len(seqs) > n_ubatch:
+                break
+        idx = {s: [i for i, t in enumerate(tokens) if t == s and not used[i]] for s in seqs}
+        n = 0
+        while all(len(idx[s]) > n for s in seqs):
+            for s in seqs:
+                used[idx[s][n]] = True
+            n += 1
+            if (n + 1) * len(seqs) > n_ubatch:
+                break
+        passes += 1
+    return passes
+
+
+@pytest.mark.parametrize("n_ubatch", [512, 48, 8])
+def test_count_matches_the_token_level_split_on_large_batches(n_ubatch: int) -> None:
+    """64 sequences, most decoding (blocks of them are one entry in ``count``), some prefilling,
+    gaps anywhere; also micro-batches smaller than the sequence count."""
+    rng = random.Random(n_ubatch)
+    for _ in range(60):
+        seqs = sorted(rng.sample(range(72), rng.randint(1, 64)))
+        lengths = [(s, 1 if rng.random() < 0.8 else rng.randint(2, 200)) for s in seqs]
+        assert ubatch.count(lengths, n_ubatch, streams=True) == _split_equal_tokens(lengths, n_ubatch), lengths
