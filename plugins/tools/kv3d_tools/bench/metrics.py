@@ -148,6 +148,7 @@ def kv3d_counters(metrics_text: str) -> dict[str, Any]:
         "restores": {t: prom.value(s, "kv3d_restores_total", tier=t) for t in ("warm", "cold")},
         "batch_sequences_mean": mean("kv3d_batch_sequences"),
         "batch_tokens_mean": mean("kv3d_batch_tokens"),
+        "step_microbatches_mean": mean("kv3d_step_microbatches"),
         "preemptions": prom.value(s, "kv3d_preemptions_total"),
         "fallbacks": prom.value(s, "kv3d_fallbacks_total"),
         "evictions": {t: prom.value(s, "kv3d_evictions_total", tier=t) for t in ("hot", "warm", "cold")},

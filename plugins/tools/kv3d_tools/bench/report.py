@@ -170,7 +170,8 @@ def _facts(k: dict | None, ls: dict | None, concurrency: int) -> tuple[str, str,
                  f"{lm.get('ram_cache_prompts')} prompts in {_fmt(lm.get('ram_cache_bytes'), 'B')} of RAM cache)")
     speed_facts = (f"kv3d {_fmt(k.get('tokens_per_s'))} tok/s vs llama_server {_fmt(ls.get('tokens_per_s'))} tok/s "
                    f"at concurrency {concurrency}; kv3d's mean decode batch held "
-                   f"{_fmt(k.get('batch_sequences_mean'))} sequences")
+                   f"{_fmt(k.get('batch_sequences_mean'))} sequences in "
+                   f"{_fmt(k.get('step_microbatches_mean'))} passes of the model")
     ttft_facts = (f"TTFT p50 kv3d {_fmt(k.get('ttft_p50_s'), 's')} (hits {_fmt(k.get('ttft_p50_hit_s'), 's')}, "
                   f"misses {_fmt(k.get('ttft_p50_miss_s'), 's')}) vs llama_server {_fmt(ls.get('ttft_p50_s'), 's')}")
     return mem_facts, speed_facts, ttft_facts
