@@ -245,3 +245,17 @@ def test_prefill_seqs_caps_the_sequences_a_step_prefills(limit, prefilled):
     assert [j.id for j, _ in plan[:3]] == ["d0", "d1", "d2"] and all(len(e.tokens) == 1 for _, e in plan[:3])
     assert [j.id for j, _ in plan[3:]] == prefilled
     assert sum(len(e.tokens) for _, e in plan) <= 512
+
+
+def test_the_scheduler_overhead_benchmark_runs_its_requests_to_the_end():
+    """``benchmarks/scheduler_overhead.py`` (the scheduler's own CPU time a step): four
+    requests of eight tokens decode together in eight steps after their prefill step."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "scheduler_overhead.py"
+    spec = importlib.util.spec_from_file_location("scheduler_overhead", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.run(4, 8)
+    assert out["generated"] == 32 and out["steps"] == 8 and out["cpu_s"] >= 0

@@ -733,3 +733,65 @@ def test_with_fewer_passes_planned_concurrent_greedy_jobs_answer_as_each_alone()
     assert metrics.step_microbatches._sum.get() == sched.microbatch_plans["passes"]
     for (view, max_tokens), (text, reason, usage) in zip(specs, together):
         assert (text, reason, usage["completion_tokens"]) == greedy_reference(view, max_tokens, False)
+
+
+def test_a_step_larger_than_one_stream_preempts_nobody():
+    """With a stream per sequence a step's tokens are spread over the streams: 8 prompts of 48
+    tokens in streams of 64 cells go in one 384-token step, no request is preempted (the
+    check once compared the whole step with one stream's size), and each reply is its own."""
+    b = FakeBackend(kv_unified=False, n_seq_max=8, n_ctx_seq=64, max_batch_tokens=512)
+    metrics = Metrics()
+    cache = PrefixCache(b, ExactDetector(), metrics)
+    assert cache.ensure_cells(8 * 48)
+    sched = Scheduler(b, cache, metrics, SchedulerConfig(max_running=8, prefill_chunk=64))
+    specs = [PromptView(toks(90 + i, 48), 0, b.info.model_id) for i in range(8)]
+    queues = []
+    for i, view in enumerate(specs):
+        q: queue.Queue = queue.Queue()
+        sched.submit(Job(f"job-{i}", view, ExactDetector().family(view), SamplingParams(temperature=0), 6, [], q.put))
+        queues.append(q)
+    sched.start()
+    try:
+        replies = [collect(q) for q in queues]
+    finally:
+        sched.stop()
+    assert metrics.preemptions._value.get() == 0
+    assert sched.max_batch_seqs_seen == 8
+    for view, (text, reason, usage) in zip(specs, replies):
+        assert (text, reason, usage["completion_tokens"]) == greedy_reference(view, 6, False)
+
+
+def test_a_stream_that_reports_itself_full_preempts_then_fails_never_spins():
+    """llama.cpp answering "no KV cells" in the streams layout (it should not: requests fit
+    their streams): evicting frees no cell of a running stream, so the scheduler preempts the
+    newest request and retries; with one request left it fails that request
+    (``kv_cache_full``) instead of retrying the same batch forever."""
+    from kv3d_core.engine.events import Failed
+
+    class AlwaysFull(FakeBackend):
+        def decode(self, entries):
+            if any(len(e.tokens) > 1 for e in entries):
+                raise KVCacheFullError("no free KV cells for the batch")
+            return super().decode(entries)
+
+    b = AlwaysFull(kv_unified=False, n_seq_max=4, n_ctx_seq=64)
+    metrics = Metrics()
+    sched = Scheduler(b, PrefixCache(b, ExactDetector(), metrics), metrics, SchedulerConfig(max_running=2))
+    queues = []
+    for i in range(2):
+        view = PromptView(toks(120 + i, 20), 0, b.info.model_id)
+        q: queue.Queue = queue.Queue()
+        sched.submit(Job(f"job-{i}", view, ExactDetector().family(view), SamplingParams(temperature=0), 4, [], q.put))
+        queues.append(q)
+    sched.start()
+    try:
+        ends = []
+        for q in queues:
+            ev = q.get(timeout=10)
+            while not isinstance(ev, Failed):
+                ev = q.get(timeout=10)
+            ends.append(ev)
+    finally:
+        sched.stop()
+    assert all(e.kind.value == "kv_cache_full" for e in ends), ends
+    assert metrics.preemptions._value.get() >= 1

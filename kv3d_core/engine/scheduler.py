@@ -634,7 +634,10 @@ class Scheduler:
             try:
                 outputs = self.backend.decode([e for _, e in plan])
             except KVCacheFullError:
-                if self.cache.ensure_cells(self.cache.ledger.free + n_tokens, protect) or self._preempt_newest():
+                # unified: evict until the cells llama.cpp wanted are free, else preempt; streams:
+                # evicting frees no cell of a running sequence's stream, so only preempting helps
+                if ((not self.cache.streams and self.cache.ensure_cells(self.cache.ledger.free + n_tokens, protect))
+                        or self._preempt_newest()):
                     continue
                 for job, _ in plan:
                     self._fail(job, FailureKind.KV_CACHE_FULL, "the KV cache is full; retry later")
