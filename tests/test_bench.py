@@ -403,6 +403,8 @@ def test_resumes_by_turn_and_their_ratios():
     md = "\n".join(cluster.markdown({"cluster": comp, "skipped": {}, "systems": list(figs.values())}))
     assert "- kv3d_cluster: turn 1: 2, 3000 ms, 200 tok, 1.00; turn 2: 1, 3000 ms, 200 tok, 1.00" in md
     assert "By turn, TTFT p50 of resumes (tokens computed p50): turn 1 0.75x (0.80x), turn 2 0.25x (0.40x)" in md
+    t = cluster.targets(figs)["cluster_resume_ttft"]
+    assert t["value"] == 0.5 and t["met"] is False and "tokens computed p50 200 vs 300" in t["why"]
 
 
 def test_a_replica_system_whose_parts_are_missing_is_skipped_and_the_report_says_why():

@@ -526,10 +526,13 @@ def targets(results: dict[str, dict], skipped: dict[str, str] | None = None) -> 
                  f"session's state {c.get('resume_state_hit_rate')} vs {rr.get('resume_state_hit_rate')}; cached "
                  f"share of their prompt tokens {_f(c.get('resume_cached_token_share'))} vs "
                  f"{_f(rr.get('resume_cached_token_share'))})")
+        facts += (f"; tokens computed p50 {_tok(c.get('resume_uncached_tokens_p50'))} vs "
+                  f"{_tok(rr.get('resume_uncached_tokens_p50'))}")
         if r > TARGET_RESUME_TTFT_RATIO:
-            facts += (". A resume on the other replica still finds its family's system prompt cached there, so "
-                      "round robin recomputes only the conversation after it, and both pay the same queueing "
-                      "behind other requests' prefill")
+            facts += (". A round-robin resume that lands on its own replica costs what a routed one does, and one "
+                      "on the other replica still finds its family's system prompt cached there, so round robin "
+                      "recomputes only the conversation after it; both pay the same queueing behind other "
+                      "requests' prefill (docs/BENCHMARKS.md, issue 21)")
         t.update(value=r, met=r <= TARGET_RESUME_TTFT_RATIO, why=facts)
     out["cluster_resume_ttft"] = t
     return out
