@@ -364,6 +364,49 @@ def test_bench_two_replica_systems_shared_store_against_round_robin(tmp_path):
     assert {x["system"] for x in lines} == {"kv3d_cluster", "kv3d_rr"} and not any(x["error"] for x in lines)
 
 
+def test_resumes_by_turn_and_their_ratios():
+    """Resume figures by the conversation's length (turn): count, TTFT p50, tokens computed p50
+    (prompt less cached), the share with their session's state; and kv3d_cluster / kv3d_rr by turn."""
+    from types import SimpleNamespace as NS
+
+    from kv3d_tools.bench import cluster
+
+    def res(index, session, turn, ttft, prompt, cached):
+        return NS(index=index, session=session, turn=turn, ttft_s=ttft, prompt_tokens=prompt,
+                  cached_tokens=cached, hit=cached > 0, error=None)
+
+    plan = [NS(parent=None), NS(parent=None), NS(parent=0), NS(parent=1), NS(parent=2)]
+    routed = [res(0, 0, 0, 9.0, 1100, 0), res(1, 1, 0, 9.0, 1100, 1000), res(2, 0, 1, 2.0, 1300, 1100),
+              res(3, 1, 1, 4.0, 1300, 1100), res(4, 0, 2, 3.0, 1500, 1300)]
+    rr = [res(0, 0, 0, 9.0, 1100, 0), res(1, 1, 0, 9.0, 1100, 1000), res(2, 0, 1, 6.0, 1300, 1000),
+          res(3, 1, 1, 2.0, 1300, 1100), res(4, 0, 2, 12.0, 1500, 1000)]
+    figs = {}
+    for name, results in (("kv3d_cluster", routed), ("kv3d_rr", rr)):
+        run = NS(results=results, ok=results)
+        figs[name] = cluster.resume_figures(run, NS(requests=plan))
+    c = figs["kv3d_cluster"]
+    assert c["resume_by_turn"] == {
+        "1": {"n": 2, "ttft_p50_s": 3.0, "prompt_tokens_p50": 1300.0, "uncached_tokens_p50": 200.0,
+              "state_hit_rate": 1.0},
+        "2": {"n": 1, "ttft_p50_s": 3.0, "prompt_tokens_p50": 1500.0, "uncached_tokens_p50": 200.0,
+              "state_hit_rate": 1.0}}
+    assert c["resume_uncached_tokens_p50"] == 200.0
+    r = figs["kv3d_rr"]["resume_by_turn"]
+    assert r["1"]["uncached_tokens_p50"] == 250.0 and r["1"]["state_hit_rate"] == 0.5
+    assert r["2"]["ttft_p50_s"] == 12.0 and r["2"]["state_hit_rate"] == 0.0
+    for name in figs:
+        figs[name].update(name=name, ttft_p50_resume_s=3.0 if name == "kv3d_cluster" else 6.0)
+    comp = cluster.comparison(figs)
+    assert comp["resume_by_turn"]["1"] == {"ttft_p50": 0.75, "uncached_tokens_p50": 0.8}
+    assert comp["resume_by_turn"]["2"] == {"ttft_p50": 0.25, "uncached_tokens_p50": 0.4}
+    assert comp["ratios"]["resume_uncached_tokens_p50"] == pytest.approx(200 / 300)
+    md = "\n".join(cluster.markdown({"cluster": comp, "skipped": {}, "systems": list(figs.values())}))
+    assert "- kv3d_cluster: turn 1: 2, 3000 ms, 200 tok, 1.00; turn 2: 1, 3000 ms, 200 tok, 1.00" in md
+    assert "By turn, TTFT p50 of resumes (tokens computed p50): turn 1 0.75x (0.80x), turn 2 0.25x (0.40x)" in md
+    t = cluster.targets(figs)["cluster_resume_ttft"]
+    assert t["value"] == 0.5 and t["met"] is False and "tokens computed p50 200 vs 300" in t["why"]
+
+
 def test_a_replica_system_whose_parts_are_missing_is_skipped_and_the_report_says_why():
     from omegaconf import OmegaConf
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -419,6 +420,8 @@ def resume_figures(run, workload, rounding: int = 0) -> dict[str, Any]:
         state.append(prev is not None and (r.cached_tokens or 0) >= prev - rounding)
     prompt = sum(r.prompt_tokens for r in resumes)
     return {
+        "resume_by_turn": resume_by_turn(resumes, state),
+        "resume_uncached_tokens_p50": _p50([r.prompt_tokens - (r.cached_tokens or 0) for r in resumes]),
         "n_resume_usage": len(resumes),
         "resume_hit_rate": sum(bool(r.hit) for r in resumes) / len(resumes) if resumes else None,
         "resume_state_hit_rate": sum(state) / len(state) if state else None,
@@ -426,6 +429,29 @@ def resume_figures(run, workload, rounding: int = 0) -> dict[str, Any]:
         "resume_state_hit_method": (f"cached_tokens >= the previous turn's prompt_tokens - {rounding} "
                                     "(the server's cached_tokens rounding)"),
     }
+
+
+def _p50(values: list[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def resume_by_turn(resumes: list, state: list[bool]) -> dict[str, dict[str, Any]]:
+    """The resumes (answered follow-up turns with usage) by their turn -- how long the conversation
+    they resume is -- each with: how many, their TTFT p50, the p50 of their prompt tokens and of
+    the tokens the server computed (prompt less cached), and the share that found their session's
+    state (``state``: one flag per resume, as :func:`resume_figures` counts it)."""
+    turns: dict[int, list[int]] = {}
+    for k, r in enumerate(resumes):
+        turns.setdefault(int(r.turn), []).append(k)
+    out: dict[str, dict[str, Any]] = {}
+    for t in sorted(turns):
+        rs = [resumes[k] for k in turns[t]]
+        ttft = [r.ttft_s for r in rs if r.ttft_s is not None]
+        out[str(t)] = {"n": len(rs), "ttft_p50_s": _p50(ttft),
+                       "prompt_tokens_p50": _p50([r.prompt_tokens for r in rs]),
+                       "uncached_tokens_p50": _p50([r.prompt_tokens - (r.cached_tokens or 0) for r in rs]),
+                       "state_hit_rate": sum(state[k] for k in turns[t]) / len(rs)}
+    return out
 
 
 RATIO_KEYS = {"ttft_p50_resume": "ttft_p50_resume_s", "ttft_p50": "ttft_p50_s", "tokens_per_s": "tokens_per_s",
@@ -443,8 +469,22 @@ def comparison(results: dict[str, dict]) -> dict[str, Any] | None:
     for k, field in RATIO_KEYS.items():
         a, b = (c or {}).get(field), (rr or {}).get(field)
         ratios[k] = a / b if a is not None and b else None
-    return {"ratios": ratios, "route_key": (c or rr or {}).get("route_key"), "systems": [n for n in SYSTEMS
+    by_turn = {}
+    ca, rb = (c or {}).get("resume_by_turn") or {}, (rr or {}).get("resume_by_turn") or {}
+    for t in sorted(set(ca) & set(rb), key=int):
+        row = {}
+        for k, field in (("ttft_p50", "ttft_p50_s"), ("uncached_tokens_p50", "uncached_tokens_p50")):
+            a, b = ca[t].get(field), rb[t].get(field)
+            row[k] = a / b if a is not None and b else None
+        by_turn[t] = row
+    ratios["resume_uncached_tokens_p50"] = _ratio((c or {}).get("resume_uncached_tokens_p50"),
+                                                  (rr or {}).get("resume_uncached_tokens_p50"))
+    return {"ratios": ratios, "resume_by_turn": by_turn, "route_key": (c or rr or {}).get("route_key"), "systems": [n for n in SYSTEMS
                                                                                         if n in results]}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def targets(results: dict[str, dict], skipped: dict[str, str] | None = None) -> dict[str, dict]:
@@ -486,10 +526,13 @@ def targets(results: dict[str, dict], skipped: dict[str, str] | None = None) -> 
                  f"session's state {c.get('resume_state_hit_rate')} vs {rr.get('resume_state_hit_rate')}; cached "
                  f"share of their prompt tokens {_f(c.get('resume_cached_token_share'))} vs "
                  f"{_f(rr.get('resume_cached_token_share'))})")
+        facts += (f"; tokens computed p50 {_tok(c.get('resume_uncached_tokens_p50'))} vs "
+                  f"{_tok(rr.get('resume_uncached_tokens_p50'))}")
         if r > TARGET_RESUME_TTFT_RATIO:
-            facts += (". A resume on the other replica still finds its family's system prompt cached there, so "
-                      "round robin recomputes only the conversation after it, and both pay the same queueing "
-                      "behind other requests' prefill")
+            facts += (". A round-robin resume that lands on its own replica costs what a routed one does, and one "
+                      "on the other replica still finds its family's system prompt cached there, so round robin "
+                      "recomputes only the conversation after it; both pay the same queueing behind other "
+                      "requests' prefill (docs/BENCHMARKS.md, issue 21)")
         t.update(value=r, met=r <= TARGET_RESUME_TTFT_RATIO, why=facts)
     out["cluster_resume_ttft"] = t
     return out
@@ -538,8 +581,23 @@ def markdown(report: dict) -> list[str]:
                   f"replica's entries indexed from its feed {s.get('tier_followed')}." for s in rows
                   if s.get("tier_followed") or s.get("tier_published")]
         lines.append("")
+        lines += ["Resumes by turn (the conversation's length): n, TTFT p50, tokens computed p50 "
+                  "(prompt less cached), with their session's state:", ""]
+        for s in rows:
+            parts = [f"turn {t}: {v['n']}, {_ms(v['ttft_p50_s'])}, {_tok(v['uncached_tokens_p50'])} tok, "
+                     f"{_f(v['state_hit_rate'])}" for t, v in (s.get("resume_by_turn") or {}).items()]
+            lines.append(f"- {s['name']}: " + ("; ".join(parts) or "none"))
+        lines.append("")
     if comp:
         lines.append(f"Ratios {KV3D_CLUSTER} / {KV3D_RR}: " + ", ".join(
             f"{k} {_f(v)}x" if v is not None else f"{k} n/a" for k, v in comp["ratios"].items()))
+        if comp.get("resume_by_turn"):
+            lines.append("By turn, TTFT p50 of resumes (tokens computed p50): " + ", ".join(
+                f"turn {t} {_f(v['ttft_p50'])}x ({_f(v['uncached_tokens_p50'])}x)"
+                for t, v in comp["resume_by_turn"].items()))
         lines.append("")
     return lines
+
+
+def _tok(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f}"
