@@ -272,7 +272,8 @@ LIBRARY = ("You are the librarian of a small town library. You help visitors fin
 
 def branching_replies(codec: list[str]) -> tuple[list[str], dict]:
     """Four conversations, each: a first turn, a second turn, the second turn edited (a branch
-    of the stored conversation), and a third turn on the branch -- in a hot tier of four
+    of the stored conversation: its first turn, past the family prefix, is more than one block of
+    the default 64 cells), and a third turn on the branch -- in a hot tier of four
     sequences, so every resume comes from the warm tier. The replies (greedy) and the stats."""
     from conftest import engine_chat
     from kv3d_core.config import compose
@@ -289,7 +290,10 @@ def branching_replies(codec: list[str]) -> tuple[list[str], dict]:
 
         first = [[{"role": "system", "content": LIBRARY},
                   {"role": "user", "content": f"Visitor {i} here. Can you suggest a good book about the sea, "
-                                              f"number {i}? I read slowly and like long chapters."}] for i in range(4)]
+                                              f"number {i}? I read slowly and like long chapters. Last summer I "
+                                              "read two novels about sailors and one about a lighthouse keeper, "
+                                              "and my daughter wants something with whales in it for the trip."}]
+                 for i in range(4)]
         r1 = [ask(m) for m in first]
         turn1 = [m + [{"role": "assistant", "content": r}] for m, r in zip(first, r1)]
         for t in turn1:
