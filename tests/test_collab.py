@@ -5,6 +5,8 @@ llama.cpp backend on the default model."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -145,6 +147,29 @@ def test_a_damaged_shared_block_is_a_miss_for_every_session_listing_it(unified):
             cache.release(lease.seq, ctx, 0, family, lease.snapshot, keep=False)
         assert not stored_sessions(cache)
         assert stack.metrics.tier_errors.labels("warm", "checksum")._value.get() == 1
+    finally:
+        stack.close()
+
+
+@LAYOUTS
+def test_a_block_keeps_its_own_tokens_and_one_holding_other_ids_is_a_miss(unified):
+    b, stack, cache = make(unified)
+    try:
+        family, view, a, b_ctx = branch_pair(cache, b, stack)
+        keys = chain_keys(stack.blocks.codec, view.namespace, b.info.fingerprint, np.asarray(a, np.int32), family.length)
+        for i, key in enumerate(keys):                # its own B ids and first position, not the chain before it
+            m = stack.warm.get(key).meta
+            start = family.length + i * B
+            assert m.n_prefix == start and m.tokens.tolist() == a[start:start + B]
+        first = stack.warm.get(keys[0])
+        other = first.meta.tokens.copy()
+        other[-1] += 1                                # a block stored under this key for other ids
+        first.meta = dataclasses.replace(first.meta, tokens=other)
+        for ctx in (a, b_ctx):                        # both list it: a miss for each, never its cells
+            lease, _ = restore_kv(cache, b, ctx, family)
+            assert lease.source != "warm" and lease.n_cached <= family.length
+            cache.release(lease.seq, ctx, 0, family, lease.snapshot, keep=False)
+        assert not stored_sessions(cache) and not stack.warm.contains(keys[0])
     finally:
         stack.close()
 
