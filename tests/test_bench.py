@@ -168,6 +168,26 @@ def test_branching_workload_regenerates_edits_and_forks_earlier_histories():
         WorkloadSpec(turns=0.5, branch_regenerate=0.3, branch_fork=0.2)
 
 
+def test_branches_from_sessions_of_several_turns_repeat_a_whole_earlier_exchange():
+    base = dict(requests=400, shared_ratio=0.8, families=4, system_prompt_tokens=64, unique_tokens=16, turns=0.3,
+                seed=7, max_turns=4, followup_gap=5, branch_regenerate=0.3, branch_fork=0.2)
+    any_turns = generate(WorkloadSpec(**base))
+    assert [(r.session, r.turn, r.parent, r.branch) for r in any_turns.requests] == \
+           [(r.session, r.turn, r.parent, r.branch) for r in generate(WorkloadSpec(**base, branch_min_turns=1)).requests]
+    assert any(r.branch and r.parent is None for r in any_turns.requests)     # 1: branches of one-turn sessions
+    two = generate(WorkloadSpec(**base, branch_min_turns=2))
+    branches = [r for r in two.requests if r.branch]
+    assert len(branches) > 20 and {r.branch for r in branches} == {"regenerate", "edit", "fork"}
+    replies = {r.index: f"reply to request {r.index}" for r in two.requests}
+    for r in branches:
+        # retry/edit: the source's latest turn is its second or later; fork: it had two turns or more
+        assert r.turn >= (1 if r.branch != "fork" else 2) and r.parent is not None
+        history = two.messages(r, replies)
+        assert sum(m["role"] == "assistant" for m in history) >= (1 if r.branch != "fork" else 2)
+    with pytest.raises(ValueError, match="branch_min_turns"):
+        WorkloadSpec(**{**base, "branch_min_turns": 0})
+
+
 def test_side_by_side_workload_new_sessions_first_then_token_id_resumes():
     spec = WorkloadSpec(requests=30, shared_ratio=0.8, families=1, system_prompt_tokens=64, unique_tokens=8,
                         turns=1 / 3, seed=3, max_turns=2, followup_gap=0, followups_last=True)

@@ -5,6 +5,8 @@ llama.cpp backend on the default model."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -150,6 +152,29 @@ def test_a_damaged_shared_block_is_a_miss_for_every_session_listing_it(unified):
 
 
 @LAYOUTS
+def test_a_block_keeps_its_own_tokens_and_one_holding_other_ids_is_a_miss(unified):
+    b, stack, cache = make(unified)
+    try:
+        family, view, a, b_ctx = branch_pair(cache, b, stack)
+        keys = chain_keys(stack.blocks.codec, view.namespace, b.info.fingerprint, np.asarray(a, np.int32), family.length)
+        for i, key in enumerate(keys):                # its own B ids and first position, not the chain before it
+            m = stack.warm.get(key).meta
+            start = family.length + i * B
+            assert m.n_prefix == start and m.tokens.tolist() == a[start:start + B]
+        first = stack.warm.get(keys[0])
+        other = first.meta.tokens.copy()
+        other[-1] += 1                                # a block stored under this key for other ids
+        first.meta = dataclasses.replace(first.meta, tokens=other)
+        for ctx in (a, b_ctx):                        # both list it: a miss for each, never its cells
+            lease, _ = restore_kv(cache, b, ctx, family)
+            assert lease.source != "warm" and lease.n_cached <= family.length
+            cache.release(lease.seq, ctx, 0, family, lease.snapshot, keep=False)
+        assert not stored_sessions(cache) and not stack.warm.contains(keys[0])
+    finally:
+        stack.close()
+
+
+@LAYOUTS
 def test_when_the_codec_is_switched_off_collab_sessions_are_misses_and_spills_use_none(unified):
     from kv3d_core.safety import FailureMonitor
 
@@ -272,7 +297,8 @@ LIBRARY = ("You are the librarian of a small town library. You help visitors fin
 
 def branching_replies(codec: list[str]) -> tuple[list[str], dict]:
     """Four conversations, each: a first turn, a second turn, the second turn edited (a branch
-    of the stored conversation), and a third turn on the branch -- in a hot tier of four
+    of the stored conversation: its first turn, past the family prefix, is more than one block of
+    the default 64 cells), and a third turn on the branch -- in a hot tier of four
     sequences, so every resume comes from the warm tier. The replies (greedy) and the stats."""
     from conftest import engine_chat
     from kv3d_core.config import compose
@@ -289,7 +315,10 @@ def branching_replies(codec: list[str]) -> tuple[list[str], dict]:
 
         first = [[{"role": "system", "content": LIBRARY},
                   {"role": "user", "content": f"Visitor {i} here. Can you suggest a good book about the sea, "
-                                              f"number {i}? I read slowly and like long chapters."}] for i in range(4)]
+                                              f"number {i}? I read slowly and like long chapters. Last summer I "
+                                              "read two novels about sailors and one about a lighthouse keeper, "
+                                              "and my daughter wants something with whales in it for the trip."}]
+                 for i in range(4)]
         r1 = [ask(m) for m in first]
         turn1 = [m + [{"role": "assistant", "content": r}] for m, r in zip(first, r1)]
         for t in turn1:

@@ -8,10 +8,13 @@ default: int8's codes are per token and KV head, so a block decodes to exactly t
 
 A manifest (the session's own entry), after the core's header::
 
-    framing.pack_meta({layout, "block_tokens", "keys", "tail"}) | positions (int32) | tail | u32 CRC-32
+    framing.pack_meta({layout, "block_tokens", "keys", "tail", ["start"]}) | [positions (int32)] | tail | u32 CRC-32
 
 ``keys``: the session's block keys in order; ``tail``: the byte length of the inner codec's
-payload of the cells after the last whole block. The CRC covers everything before it; the
+payload of the cells after the last whole block; ``start``: present when the cells' positions
+are ``start, start + 1, ...`` (a sequence's delta always is), which then are not written out
+(version 1 wrote them always: 4 bytes per cell, which the blocks and the tail hold again).
+The CRC covers everything before it; the
 inner payloads carry their own checks (int8: CRC-32 and zstd checksums). A block is the inner
 codec's bytes as they are, framed by the core.
 """
@@ -63,7 +66,7 @@ def _rows(a: KVArrays, lo: int, hi: int) -> KVArrays:
 class CollabCodec(BlockCodec):
     """Blocks of ``block_tokens`` cells shared across sessions, each coded by ``inner``.
 
-    Settings: ``block_tokens`` (1..4096, default 32), ``inner`` (``int8``, default, or
+    Settings: ``block_tokens`` (1..4096, default 64), ``inner`` (``int8``, default, or
     ``none``), ``zstd_level`` (the inner int8 codec's, default 3), ``decode_threads`` (blocks
     decoded in parallel on restore, default min(2, usable cores): the int8 kernels leave the GIL,
     so one block's Python work overlaps another's decoding). Error bound: the inner codec's
@@ -71,9 +74,9 @@ class CollabCodec(BlockCodec):
     """
 
     codec_id = "collab"
-    version = 1
+    version = 2
 
-    def __init__(self, block_tokens: int = 32, inner: str = "int8", zstd_level: int = 3,
+    def __init__(self, block_tokens: int = 64, inner: str = "int8", zstd_level: int = 3,
                  decode_threads: int | None = None, **unknown: object) -> None:
         if unknown:
             raise TypeError(f"unknown settings {sorted(unknown)}; collab takes block_tokens, inner, zstd_level, "
@@ -107,7 +110,13 @@ class CollabCodec(BlockCodec):
                 blocks[key] = bytes(self.inner.encode(_rows(arrays, i * b, (i + 1) * b)))
         tail = bytes(self.inner.encode(_rows(arrays, n_blocks * b, arrays.n_cells)))
         meta.update(block_tokens=b, keys=list(keys), tail=len(tail), inner=self.inner_name)
-        positions = np.ascontiguousarray(arrays.positions, dtype="<i4").tobytes()
+        pos = np.ascontiguousarray(arrays.positions, dtype="<i4")
+        start = int(pos[0]) if len(pos) else 0
+        if start >= 0 and np.array_equal(pos, np.arange(start, start + len(pos), dtype="<i4")):
+            meta["start"] = start
+            positions = b""
+        else:
+            positions = pos.tobytes()
         body = framing.pack_meta(meta, positions + tail)
         return body + _CRC.pack(zlib.crc32(body)), blocks
 
@@ -125,11 +134,17 @@ class CollabCodec(BlockCodec):
             b, keys, tail = int(meta["block_tokens"]), meta["keys"], int(meta["tail"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CodecError(f"collab manifest incomplete: {exc}") from exc
+        start = meta.get("start")
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int)
+                                  or not 0 <= start <= 2 ** 31 - 1 - n):
+            raise CodecError("collab manifest: its start position is not a valid position")
+        n_pos = 0 if start is not None else 4 * n
         if (b != self.block_tokens or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)
-                or len(keys) * b > n or tail < 0 or len(rest) != 4 * n + tail or meta.get("inner") != self.inner_name):
+                or len(keys) * b > n or tail < 0 or len(rest) != n_pos + tail or meta.get("inner") != self.inner_name):
             raise CodecError("collab manifest: its fields do not add up")
-        positions = np.frombuffer(rest[:4 * n], dtype="<i4").astype(np.int32)
-        return meta, positions, rest[4 * n:], keys
+        positions = (np.arange(start, start + n, dtype=np.int32) if start is not None
+                     else np.frombuffer(rest[:n_pos], dtype="<i4").astype(np.int32))
+        return meta, positions, rest[n_pos:], keys
 
     def manifest_keys(self, manifest: bytes) -> list[str]:
         return list(self._read(manifest)[3])

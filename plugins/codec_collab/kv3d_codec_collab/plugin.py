@@ -14,7 +14,7 @@ from kv3d_core import hookimpl
 class CollabSettings:
     """The ``codec`` node of ``codec=collab`` (documented in ``conf/codec/collab.yaml``)."""
 
-    block_tokens: int = 32
+    block_tokens: int = 64
     inner: str = "int8"
     zstd_level: int = 3
     decode_threads: Optional[int] = None

@@ -90,3 +90,22 @@ def test_more_keys_than_whole_blocks_and_other_settings_are_refused():
         CollabCodec(block_tokens=0)
     with pytest.raises(TypeError):
         CollabCodec(inner="block")
+
+
+def test_a_contiguous_delta_writes_no_positions_and_any_other_positions_round_trip():
+    codec = CollabCodec(block_tokens=B)
+    a = arrays()
+    manifest, blocks = codec.encode_blocks(a, KEYS, lambda k: False)
+    odd = arrays()
+    odd.positions = odd.positions.copy()
+    odd.positions[-1] += 7                        # not contiguous: the positions are written out
+    manifest_odd, blocks_odd = codec.encode_blocks(odd, KEYS, lambda k: False)
+    assert len(manifest_odd) == len(manifest) + 4 * N - len(',"start":100')
+    for m, bl, src in ((manifest, blocks, a), (manifest_odd, blocks_odd, odd)):
+        got = codec.decode_blocks_into(m, bl.__getitem__, alloc)
+        assert got.positions.tolist() == src.positions.tolist()
+    bad = bytearray(manifest)
+    at = bytes(bad).index(b'"start":100')
+    bad[at + 8:at + 11] = b"101"                  # another start: the CRC no longer matches
+    with pytest.raises(CodecError):
+        codec.manifest_keys(bytes(bad))

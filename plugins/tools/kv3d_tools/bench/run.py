@@ -53,7 +53,8 @@ def workload_spec(cfg: DictConfig) -> WorkloadSpec:
                         turns=float(cfg.turns), seed=int(cfg.seed), max_turns=int(cfg.max_turns),
                         followup_gap=int(cfg.followup_gap), followups_last=bool(cfg.followups_last),
                         branch_regenerate=float(cfg.get("branch_regenerate", 0.0)),
-                        branch_fork=float(cfg.get("branch_fork", 0.0)))
+                        branch_fork=float(cfg.get("branch_fork", 0.0)),
+                        branch_min_turns=int(cfg.get("branch_min_turns", 1)))
 
 
 @contextlib.contextmanager

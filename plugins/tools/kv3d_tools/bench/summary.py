@@ -78,7 +78,7 @@ def write_summary(sweep_dir: Path) -> Path:
         lines += [f"Workload: {w['requests']} requests, shared_ratio {w['shared_ratio']}, {w['families']} families, "
                   f"system prompts ~{w['system_prompt_tokens']} tokens, user messages ~{w['unique_tokens']} tokens, "
                   f"turns {w['turns']}, branches (regenerate/edit, fork) {w.get('branch_regenerate', 0)}, "
-                  f"{w.get('branch_fork', 0)}, seed {w['seed']}; concurrency {runs[0]['report'].get('concurrency')}.", ""]
+                  f"{w.get('branch_fork', 0)} (from sessions of {w.get('branch_min_turns', 1)}+ turns), seed {w['seed']}; concurrency {runs[0]['report'].get('concurrency')}.", ""]
         header = report.system_table([], label="")[:2]
         rows: list[str] = []
         for r in runs:

@@ -23,6 +23,13 @@ earlier request ``r`` of another session -- a new session that shares ``r``'s hi
 A branch session may get follow-up turns and branches of its own; the session it branched from
 stays resumable too.
 
+``branch_min_turns`` (1 by default: any session) takes branches only from sessions that have had
+at least that many turns: a chat UI's retry or edit of the latest turn of a conversation some
+turns long, an agent forking a history of several steps. With 1, most branches start from a
+one-turn session, whose history beyond the shared system prompt is one user message (and, for a
+fork, its reply); with 2 or more, a branch repeats at least one whole earlier exchange. A request
+drawn as a branch when no session is eligible starts a new session, as with 1 early in the run.
+
 A follow-up never targets a session whose previous turn is among the last
 ``followup_gap`` requests, so at that distance it has usually finished; the
 driver still waits for it (:attr:`PlannedRequest.parent`). A session gets at
@@ -57,6 +64,7 @@ class WorkloadSpec:
     followups_last: bool = False
     branch_regenerate: float = 0.0
     branch_fork: float = 0.0
+    branch_min_turns: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,6 +83,8 @@ class WorkloadSpec:
         if self.branch_regenerate < 0 or self.branch_fork < 0 or self.turns + self.branch_regenerate \
                 + self.branch_fork >= 1.0:
             problems.append("branch_regenerate and branch_fork must be >= 0, and with turns sum to less than 1")
+        if self.branch_min_turns < 1:
+            problems.append("branch_min_turns must be >= 1")
         if self.followups_last and (self.branch_regenerate or self.branch_fork):
             problems.append("followups_last does not take branches")
         if problems:
@@ -215,12 +225,14 @@ def _plan_sessions(spec: WorkloadSpec, rng: random.Random) -> tuple[list[Plan], 
 def _branch(spec: WorkloadSpec, brng: random.Random, out: list[Plan], last: dict[int, int],
             n_turns: dict[int, int], i: int) -> tuple[int, str] | None:
     """Whether request ``i`` starts a branch: (the request it branches from: the latest turn of
-    an earlier session, at least ``followup_gap`` requests back; its kind), or None."""
+    an earlier session with at least ``branch_min_turns`` turns, at least ``followup_gap`` requests
+    back; its kind), or None."""
     u = brng.random() * (1.0 - spec.turns)
     if u >= spec.branch_regenerate + spec.branch_fork:
         return None
     fork = u >= spec.branch_regenerate
-    eligible = [s for s, j in last.items() if j < i - spec.followup_gap and (not fork or n_turns[s] < spec.max_turns)]
+    eligible = [s for s, j in last.items() if j < i - spec.followup_gap and n_turns[s] >= spec.branch_min_turns
+                and (not fork or n_turns[s] < spec.max_turns)]
     if not eligible:
         return None
     src = last[brng.choice(eligible)]
