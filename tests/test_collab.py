@@ -152,18 +152,22 @@ def test_a_damaged_shared_block_is_a_miss_for_every_session_listing_it(unified):
 
 
 @LAYOUTS
-def test_a_block_keeps_its_own_tokens_and_one_holding_other_ids_is_a_miss(unified):
+def test_a_block_keeps_its_whole_chain_and_one_with_another_history_is_a_miss(unified):
+    """A block's K and V depend on every token before it: its entry keeps the whole chain up to
+    its end, and a block stored under a session's key for another history -- its own ids the
+    same, one token before them different (what a collision of the keys would serve) -- is a
+    miss for every session listing it, never its cells."""
     b, stack, cache = make(unified)
     try:
         family, view, a, b_ctx = branch_pair(cache, b, stack)
         keys = chain_keys(stack.blocks.codec, view.namespace, b.info.fingerprint, np.asarray(a, np.int32), family.length)
-        for i, key in enumerate(keys):                # its own B ids and first position, not the chain before it
+        for i, key in enumerate(keys):                # the chain up to its end, and its first position
             m = stack.warm.get(key).meta
             start = family.length + i * B
-            assert m.n_prefix == start and m.tokens.tolist() == a[start:start + B]
+            assert m.n_prefix == start and m.tokens.tolist() == a[:start + B]
         first = stack.warm.get(keys[0])
         other = first.meta.tokens.copy()
-        other[-1] += 1                                # a block stored under this key for other ids
+        other[family.length - 1] += 1                 # the same block ids after another history
         first.meta = dataclasses.replace(first.meta, tokens=other)
         for ctx in (a, b_ctx):                        # both list it: a miss for each, never its cells
             lease, _ = restore_kv(cache, b, ctx, family)

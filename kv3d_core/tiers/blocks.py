@@ -5,13 +5,13 @@ A session's delta is cut into blocks of ``block_tokens`` cells. Each block is na
 namespace (tenant and ``cache_salt``: two tenants never share a block), the model
 fingerprint and every token id up to the block's end -- so two sessions name a block alike
 exactly when they hold the same tokens up to its end, at the same positions. A block is a
-tier entry of its own (kind ``"block"``; ``tokens`` the block's own token ids, ``n_prefix``
-its first position), stored once and listed by the manifests of the sessions that use it
-(:class:`BlockRefs`). A fetch compares the block's own token ids, id by id, with the session's
-at those positions; the tokens before them are checked through the key, a 160-bit BLAKE2b
-chain over every one of them. (Until collab v2 a block's ``tokens`` held the whole chain from
-position 0: 4 bytes per token of history in every block, 0.14 % of the seed workload's bytes
-and more the longer the history, to check what the key already names.)
+tier entry of its own (kind ``"block"``; ``tokens`` the whole chain up to the block's end,
+``n_prefix`` its first position), stored once and listed by the manifests of the sessions that
+use it (:class:`BlockRefs`). A fetch compares that chain, id by id, with the session's tokens
+up to the block's end, so even a collision of the keys is a miss, never another history's
+cells: a block's K and V depend on every token before it, and the issue's contract is exact
+sharing, checked by token ids, not by a hash. (Keeping only the block's own ids was measured
+to save 0.14 % of the seed workload's bytes, and left the history to the 160-bit key alone.)
 
 Life cycle (:class:`BlockStore`, used by :class:`~kv3d_core.tiers.stack.TierStack`):
 
@@ -167,7 +167,7 @@ class BlockStore:
             end = n_prefix + (i + 1) * b
             payload = framing.frame(self.codec.codec_id, self.codec.version, body)
             meta = EntryMeta(key=key, kind=KIND, namespace=meta_base["namespace"], family=meta_base["family"],
-                             tokens=np.asarray(tokens[end - b:end], np.int32).copy(), n_prefix=end - b,
+                             tokens=np.asarray(tokens[:end], np.int32).copy(), n_prefix=end - b,
                              codec_id=self.codec.codec_id, codec_version=self.codec.version,
                              model_fingerprint=self.fingerprint, f16_bytes=arrays.f16_bytes() * b // max(1, arrays.n_cells))
             entry = TierEntry(meta, payload)
@@ -218,14 +218,14 @@ class BlockStore:
 
     def _fetch(self, block: str, namespace: str, tokens: np.ndarray, end: int) -> memoryview:
         start = end - int(self.codec.block_tokens)
-        own = np.asarray(tokens[start:end], np.int32)
+        chain = np.asarray(tokens[:end], np.int32)
         for t in self._tiers():
             got = t.get(block) if t is not None else None
             if got is None:
                 continue
             m = got.meta
             if (m.kind != KIND or m.namespace != namespace or m.model_fingerprint != self.fingerprint
-                    or m.n_prefix != start or not np.array_equal(m.tokens, own)):
+                    or m.n_prefix != start or not np.array_equal(m.tokens, chain)):
                 t.delete(block)
                 continue
             try:
