@@ -90,6 +90,7 @@ class SchedulerSchema:
     prefill_seqs: Optional[int] = None
     implicit_families: bool = False
     microbatch_tokens: Optional[int] = None
+    finish_first: bool = False
 
 
 @dataclass

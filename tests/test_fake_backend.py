@@ -795,3 +795,52 @@ def test_a_stream_that_reports_itself_full_preempts_then_fails_never_spins():
         sched.stop()
     assert all(e.kind.value == "kv_cache_full" for e in ends), ends
     assert metrics.preemptions._value.get() >= 1
+
+
+def test_finish_first_keeps_long_prompts_out_of_the_steps_that_end_short_ones():
+    """``scheduler.finish_first``: a long prompt (200 tokens) and two short ones (20, 28)
+    prefilling together; every step that ends a prompt carries no chunk of a prompt it does not
+    end, the long one goes on in the steps between, and every reply is the job's alone. Off (the
+    default), the first step carries all three."""
+
+    class Recording(FakeBackend):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.steps: list[list[tuple[int, int, int]]] = []
+
+        def decode(self, entries):
+            self.steps.append([(e.seq, e.pos0, len(e.tokens)) for e in entries])
+            return super().decode(entries)
+
+    specs = [PromptView(toks(150 + i, n), 0, "fake") for i, n in enumerate((200, 20, 28))]
+    for finish_first in (True, False):
+        b = Recording(kv_unified=False, n_seq_max=4, n_ctx_seq=256, max_batch_tokens=128)
+        metrics = Metrics()
+        sched = Scheduler(b, PrefixCache(b, ExactDetector(), metrics), metrics,
+                          SchedulerConfig(max_running=3, prefill_chunk=64, finish_first=finish_first))
+        views = [PromptView(v.tokens, 0, b.info.model_id) for v in specs]
+        queues = []
+        for i, view in enumerate(views):
+            q: queue.Queue = queue.Queue()
+            sched.submit(Job(f"job-{i}", view, ExactDetector().family(view), SamplingParams(temperature=0), 4, [],
+                             q.put))
+            queues.append(q)
+        sched.start()
+        try:
+            replies = [collect(q) for q in queues]
+        finally:
+            sched.stop()
+        for view, (text, reason, usage) in zip(views, replies):
+            assert (text, reason, usage["completion_tokens"]) == greedy_reference(view, 4, False)
+        lengths = {0: 200, 1: 20, 2: 28}                 # sequences are handed out in submission order
+        prefill = [[(s, p, k) for s, p, k in step if k > 1 or p + k < lengths[s]] for step in b.steps]
+        if finish_first:
+            assert sched.finish_first_deferred > 0
+            for step in prefill:
+                ending = [s for s, p, k in step if p + k == lengths[s]]
+                if ending:
+                    assert all(p + k == lengths[s] for s, p, k in step), step
+            assert any(s == 0 for step in prefill for s, _, _ in step)     # the long one went on
+        else:
+            assert sched.finish_first_deferred == 0
+            assert {s for s, _, _ in prefill[0]} == {0, 1, 2}

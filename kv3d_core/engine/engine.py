@@ -106,6 +106,7 @@ class Engine:
                 prefill_seqs=cfg.scheduler.prefill_seqs,
                 implicit_families=cfg.scheduler.implicit_families,
                 microbatch_tokens=cfg.scheduler.microbatch_tokens,
+                finish_first=cfg.scheduler.finish_first,
             ))
         except BaseException:
             self.backend.close()
@@ -215,7 +216,8 @@ class Engine:
                                     max_batch_sequences=self.scheduler.max_batch_seqs_seen,
                                     step_seconds=dict(self.scheduler.step_split),
                                     ttft_split=dict(self.scheduler.ttft_split),
-                                    microbatches=dict(self.scheduler.microbatch_plans))
+                                    microbatches=dict(self.scheduler.microbatch_plans),
+                                    finish_first_deferred=self.scheduler.finish_first_deferred)
             return out
         return self.scheduler.call(read).result(timeout)
 

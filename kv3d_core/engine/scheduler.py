@@ -104,6 +104,7 @@ class SchedulerConfig:
     prefill_seqs: int | None = None    # most sequences one step prefills (None: as many as fit)
     implicit_families: bool = False    # raw prompts prefilling together share their common prefix
     microbatch_tokens: int | None = None   # prompt tokens a micro-batch is worth (None: 128 on a GPU, 0 = off)
+    finish_first: bool = False         # a step that ends a prompt carries no unfinished chunk of another
 
 
 @dataclass(eq=False)
@@ -202,6 +203,7 @@ class Scheduler:
         # micro-batches (passes of the model) the steps ran, and prompt tokens their plans put off
         # to later steps to run fewer (:meth:`_fewer_microbatches`), since start
         self.microbatch_plans = {"passes": 0, "trimmed_tokens": 0}
+        self.finish_first_deferred = 0     # chunks ``finish_first`` moved to a later step, since start
         self._microbatches = metrics.step_microbatches
 
     # -- public, any thread -------------------------------------------------------------
@@ -452,6 +454,8 @@ class Scheduler:
                 k = self._chunk(job, budget)
                 chunks.append((job, k))
                 budget -= k
+        if self.cfg.finish_first and len(chunks) > 1:
+            chunks = self._finishing_only(chunks)
         if self._microbatch_tokens and len(chunks) > 1:
             chunks = self._fewer_microbatches([(j.seq, 1) for j, _ in plan], chunks)
         for job, k in chunks:
@@ -466,6 +470,19 @@ class Scheduler:
         if job.family.length > job.n_past and job.snapshot is None:
             k = min(k, job.family.length - job.n_past) or k  # end a chunk at the family boundary
         return k
+
+    def _finishing_only(self, chunks: list[tuple[Job, int]]) -> list[tuple[Job, int]]:
+        """``finish_first``: when some chunk ends its prompt (that request's first token comes
+        out of this step), the chunks that do not end theirs wait for a step without one, unless
+        their request has waited ``prefill_aging_s``: on a CPU a step's time grows with its
+        tokens, so a long prompt's chunk in the same step delays a short prompt's first token."""
+        if not any(j.n_past + k == len(j.context) for j, k in chunks):
+            return chunks
+        now = time.monotonic()
+        kept = [(j, k) for j, k in chunks
+                if j.n_past + k == len(j.context) or now - j.t_submit >= self.cfg.prefill_aging_s]
+        self.finish_first_deferred += len(chunks) - len(kept)
+        return kept
 
     def _fewer_microbatches(self, decoding: list[tuple[int, int]],
                             chunks: list[tuple[Job, int]]) -> list[tuple[Job, int]]:
