@@ -61,6 +61,19 @@ def session_deltas(eng, n: int, system_tokens: int, user_tokens: int) -> list:
     return out
 
 
+def real_deltas(sessions: int, system_tokens: int, user_tokens: int, threads: int) -> list:
+    """:func:`session_deltas` of the default model, on an engine of its own (closed after)."""
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+
+    eng = Engine(compose([f"server.threads={threads}", "cache.gpu_hot_mb=256", "scheduler.n_seq_max=4",
+                          "cache.layout=unified"]))
+    try:
+        return session_deltas(eng, sessions, system_tokens, user_tokens)
+    finally:
+        eng.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sessions", type=int, default=16)
@@ -72,15 +85,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from kv3d_codec_int8.codec import Int8Codec
-    from kv3d_core.config import compose
-    from kv3d_core.engine.engine import Engine
 
-    eng = Engine(compose([f"server.threads={a.threads}", "cache.gpu_hot_mb=256", "scheduler.n_seq_max=4",
-                          "cache.layout=unified"]))
-    try:
-        deltas = session_deltas(eng, a.sessions, a.system_tokens, a.user_tokens)
-    finally:
-        eng.close()
+    deltas = real_deltas(a.sessions, a.system_tokens, a.user_tokens, a.threads)
     int8, raw = Int8Codec(), Int8Codec(zstd_level=0)
     half = a.sessions // 2
     train = [raw.encode(x) for d in deltas[:half] for x in blocks_of(d, a.block)]

@@ -15,7 +15,7 @@ import json
 import os
 
 from _common import machine
-from collab_coding import session_deltas
+from collab_coding import real_deltas
 
 
 def main() -> None:
@@ -28,16 +28,9 @@ def main() -> None:
 
     from kv3d_codec_collab.codec import CollabCodec
     from kv3d_codec_int8.codec import Int8Codec
-    from kv3d_core.config import compose
-    from kv3d_core.engine.engine import Engine
     from kv3d_core.kv import framing
 
-    eng = Engine(compose([f"server.threads={a.threads}", "cache.gpu_hot_mb=256", "scheduler.n_seq_max=4",
-                          "cache.layout=unified"]))
-    try:
-        deltas = session_deltas(eng, a.sessions, a.system_tokens, a.user_tokens)
-    finally:
-        eng.close()
+    deltas = real_deltas(a.sessions, a.system_tokens, a.user_tokens, a.threads)
     int8 = Int8Codec()
     whole = sum(len(framing.frame("int8", int8.version, int8.encode(d))) for d in deltas)
     out = {"benchmark": "collab_overhead", "cells": [d.n_cells for d in deltas],

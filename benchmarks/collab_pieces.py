@@ -29,7 +29,7 @@ import numpy as np
 import zstandard
 
 from _common import machine
-from collab_coding import session_deltas
+from collab_coding import real_deltas
 
 
 def main() -> None:
@@ -44,17 +44,10 @@ def main() -> None:
 
     from kv3d_codec_int8 import kernels
     from kv3d_codec_int8.codec import split_nibbles
-    from kv3d_core.config import compose
     from kv3d_core.contracts import KVArrays
-    from kv3d_core.engine.engine import Engine
     from kv3d_core.kv import quant_kernels as K
 
-    eng = Engine(compose([f"server.threads={a.threads}", "cache.gpu_hot_mb=256", "scheduler.n_seq_max=4",
-                          "cache.layout=unified"]))
-    try:
-        deltas = session_deltas(eng, a.sessions, a.system_tokens, a.user_tokens)
-    finally:
-        eng.close()
+    deltas = real_deltas(a.sessions, a.system_tokens, a.user_tokens, a.threads)
     chunk = K.CHUNK_VALUES
     low = zstandard.ZstdCompressor(level=-1)
     hi_c = {lvl: zstandard.ZstdCompressor(level=lvl) for lvl in (3, 16)}
