@@ -96,10 +96,14 @@ def served(a, n: int, n_vocab: int, log: Path) -> dict:
         with concurrent.futures.ThreadPoolExecutor(n) as pool:   # warm-up: every stream once
             list(pool.map(lambda p: one(p, 4), prompts(n, a.prompt_tokens, n_vocab, seed=2)))
         before = httpx.get(srv.url + "/debug/stats", timeout=60).json()["scheduler"]
+        if a.mark:                   # a profiler waiting for the timed phase (pipeline.sh, decodeprof)
+            Path(a.mark).write_text(f"{srv.proc.pid}\n")
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             generated = sum(pool.map(lambda p: one(p, a.gen), ps))
         wall = time.perf_counter() - t0
+        if a.mark:
+            Path(a.mark).unlink(missing_ok=True)
         after = httpx.get(srv.url + "/debug/stats", timeout=60).json()["scheduler"]
     steps = after["steps"] - before["steps"]
     split = {k: (after["step_seconds"][k] - before["step_seconds"][k]) / max(1, steps) * 1e3
@@ -118,6 +122,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="more kv3d serve overrides")
+    ap.add_argument("--mark", default=None, help="a file holding the server's pid while the timed decode runs")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     out: dict = {"benchmark": "decode_overhead", "prompt_tokens": a.prompt_tokens, "gen": a.gen,

@@ -259,3 +259,23 @@ def test_the_scheduler_overhead_benchmark_runs_its_requests_to_the_end():
     spec.loader.exec_module(mod)
     out = mod.run(4, 8)
     assert out["generated"] == 32 and out["steps"] == 8 and out["cpu_s"] >= 0
+
+
+def test_the_serving_overhead_benchmark_serves_its_streams_over_http(monkeypatch, tmp_path):
+    """``benchmarks/serving_overhead.py`` (what the HTTP side adds to a decode step): the
+    stand-in backend runs the real scheduler alone and under a real ``kv3d serve`` child
+    process with streaming clients; every token arrives, and a step takes at least the
+    stand-in's sleep in both runs."""
+    import argparse
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    mod = importlib.import_module("serving_overhead")
+    a = argparse.Namespace(step_ms=2.0, gen=8, prompt_tokens=8, pin=False, set=[])
+    alone = mod.alone(a, 4)
+    assert alone["steps"] >= 8 and alone["split_ms"]["decode"] >= 2.0
+    served = mod.served(a, 4, tmp_path / "server.log")
+    assert served["generated"] == 32 and served["steps"] >= 8
+    assert served["step_ms"] >= 2.0 and served["split_ms"]["decode"] >= 2.0
+

@@ -21,6 +21,9 @@
 #        stepmix  benchmarks/step_mix.py: a step's time by how its prefill tokens spread over sequences
 #        decode   benchmarks/decode_overhead.py: kv3d vs raw batched llama_decode, 32 and 64 seqs
 #        seed     the seed chat workload (100 requests) on the synthetic model
+#        decodeprof  decode_overhead.py at 64 sequences, kv3d's server under py-spy while its timed
+#                 decode runs: every thread (idle samples too), and only the thread holding the GIL
+#                 (benchmarks/pyspy_summary.py --gil: how long the event loop holds it each step)
 #        profile  one round of the side workload at 32 clients, kv3d under py-spy (every thread, idle
 #                 samples too: where the scheduler thread's wall time goes) and GPU utilisation sampled
 #                 every 100 ms
@@ -119,6 +122,24 @@ for stage in ${KV3D_GPU_STAGES:-side unified seed decode}; do
              "$PY" benchmarks/decode_overhead.py --model "$MODEL" --n-gpu-layers -1 --seqs 32,64 --gen 512 \
                  --stream-ctx 1024 --out "$W/results/decode.json" > "$W/results/decode.log" 2>&1
              grep -E "sequences:" "$W/results/decode.log" || tail -n 20 "$W/results/decode.log" ;;
+    decodeprof) stamp "decode overhead, kv3d's server under py-spy"
+             rm -f "$W/decode-mark"
+             "$PY" benchmarks/decode_overhead.py --model "$MODEL" --n-gpu-layers -1 --seqs 64 --gen 1536 \
+                 --stream-ctx 2048 --mark "$W/decode-mark" --out "$W/results/decodeprof.json" \
+                 > "$W/results/decodeprof.log" 2>&1 &
+             bench=$!
+             for _ in $(seq 1500); do [ -s "$W/decode-mark" ] && break; sleep 0.2; done
+             if [ -s "$W/decode-mark" ] && command -v py-spy > /dev/null; then
+               pid=$(cat "$W/decode-mark"); sleep 1
+               py-spy record --pid "$pid" --idle --threads --nonblocking -r 200 -d 6 -f raw \
+                   -o "$W/results/pyspy-decode-all.txt" > "$W/results/pyspy-decode.log" 2>&1 &
+               py-spy record --pid "$pid" --gil --threads --nonblocking -r 200 -d 6 -f raw \
+                   -o "$W/results/pyspy-decode-gil.txt" >> "$W/results/pyspy-decode.log" 2>&1 &
+             fi
+             wait $bench; sleep 1
+             grep -E "sequences:" "$W/results/decodeprof.log" || tail -n 20 "$W/results/decodeprof.log"
+             "$PY" benchmarks/pyspy_summary.py --gil --seconds 6 "$W/results/pyspy-decode-gil.txt" 2>&1 | tail -n 12
+             "$PY" benchmarks/pyspy_summary.py "$W/results/pyspy-decode-all.txt" 2>&1 | tail -n 12 ;;
     profile) stamp "profile kv3d"
              nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 100 \
                  > "$W/results/gpu-util-kv3d.csv" 2>&1 &
