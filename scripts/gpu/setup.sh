@@ -35,7 +35,7 @@ WHEELS=(
   fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
   annotated-doc==0.0.7 typing-inspection==0.4.5 typing_extensions==4.16.0 uvicorn==0.54.0
   hydra-core==1.3.8 omegaconf==2.3.1 zstandard==0.25.0 diskcache==5.6.3 gguf==0.19.0 opentelemetry-api==1.45.2
-  py-spy==0.4.3 openai==3.63.0 distro==1.9.0 jiter==0.19.0 sniffio==1.3.1 setuptools==84.2.1 wheel==0.48.0 packaging==26.4 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5
+  py-spy==0.4.3 redis==8.2.0 openai==3.63.0 distro==1.9.0 jiter==0.19.0 sniffio==1.3.1 setuptools==84.2.1 wheel==0.48.0 packaging==26.4 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5
 )
 SDIST_ONLY=(antlr4-python3-runtime==4.9.3)   # pure Python, published as an sdist only: built here
 
