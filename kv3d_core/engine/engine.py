@@ -116,8 +116,9 @@ class Engine:
         """``scheduler.prefill_seqs`` for the scheduler: 0 is no limit; null (auto) is one
         sequence a step on a CPU -- a step's time grows with its tokens there, so prefilling
         the shortest prompt alone first gives it, and every prompt after it, its first token
-        sooner (docs/BENCHMARKS.md, CPU prefill_seqs A/B) -- and no limit on a GPU, where a
-        step costs little more for more prompt tokens."""
+        sooner (docs/BENCHMARKS.md, "CPU: one prefill a step") -- and no limit on a GPU, where
+        a step costs little more for more prompt tokens and a cap lost more in waiting than it
+        saved (the H100 A/B)."""
         if setting is None:
             return 1 if self.backend.info.gpu_layers == 0 else None
         return int(setting) or None
