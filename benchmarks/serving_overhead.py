@@ -27,7 +27,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import queue
 import subprocess
 import sys
 import time
@@ -100,36 +99,11 @@ def serve_child(a) -> None:
 
 def alone(a, n: int) -> dict:
     """The same scheduler and stand-in in this process, events to a list."""
-    from kv3d_core.contracts import PromptView, SamplingParams
-    from kv3d_core.engine.events import Done
-    from kv3d_core.engine.scheduler import Job, Scheduler, SchedulerConfig
-    from kv3d_core.metrics import Metrics
-    from kv3d_core.prefix.cache import PrefixCache
-    from kv3d_core.prefix.detectors import ExactDetector
+    from scheduler_overhead import decode_together
 
     b = _stand_in()(step_ms=a.step_ms, kv_unified=False, n_seq_max=n, n_ctx_seq=max(256, a.gen + 64),
                     max_batch_tokens=max(512, 2 * n))
-    metrics = Metrics()
-    cache = PrefixCache(b, ExactDetector(), metrics, enabled=False)
-    sched = Scheduler(b, cache, metrics, SchedulerConfig(max_running=n))
-    done: "queue.Queue[Done]" = queue.Queue()
-    events: list = []
-
-    def sink(ev) -> None:
-        events.append(ev)
-        if isinstance(ev, Done):
-            done.put(ev)
-
-    params = SamplingParams(temperature=0, ignore_eos=True)
-    for i in range(n):
-        view = PromptView([100 + (i + j) % 50 for j in range(a.prompt_tokens)], 0, b.info.model_id)
-        sched.submit(Job(f"r{i}", view, ExactDetector().family(view), params, a.gen, [], sink))
-    t0 = time.perf_counter()
-    sched.start()
-    for _ in range(n):
-        done.get(timeout=3600)
-    wall = time.perf_counter() - t0
-    sched.stop()
+    sched, wall, _ = decode_together(b, n, a.gen, a.prompt_tokens)
     return {"steps": sched.steps, "wall_s": wall, "step_ms": wall / sched.steps * 1e3,
             "split_ms": {k: v / sched.steps * 1e3 for k, v in sched.step_split.items()}}
 
