@@ -94,7 +94,7 @@ def serve_child(a) -> None:
                        "backend.name=stepsleep", f"+backend.step_ms={a.step_ms}",
                        f"+backend.max_batch_tokens={max(512, 2 * n)}", "cache.layout=streams",
                        f"cache.stream_ctx={max(256, a.gen + 64)}", f"scheduler.n_seq_max={n}", f"scheduler.max_running={n}",
-                       "safe_mode=true", *a.set]))
+                       "scheduler.prefill_seqs=0", "safe_mode=true", *a.set]))   # as alone's scheduler
 
 
 def alone(a, n: int) -> dict:

@@ -308,8 +308,8 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append(f"scheduler.prefill_order must be 'shortest', 'fifo' or 'fair', not {s.scheduler.prefill_order!r}")
     if s.scheduler.prefill_aging_s < 0:
         problems.append("scheduler.prefill_aging_s must be >= 0")
-    if s.scheduler.prefill_seqs is not None and s.scheduler.prefill_seqs < 1:
-        problems.append("scheduler.prefill_seqs must be >= 1 (or null: no limit)")
+    if s.scheduler.prefill_seqs is not None and s.scheduler.prefill_seqs < 0:
+        problems.append("scheduler.prefill_seqs must be >= 0 (0: no limit; null: 1 on a CPU, no limit on a GPU)")
     if s.scheduler.microbatch_tokens is not None and s.scheduler.microbatch_tokens < 0:
         problems.append("scheduler.microbatch_tokens must be >= 0 (0: off; null: 128 on a GPU, off on a CPU)")
     if s.server.cached_tokens not in ("block", "exact", "off"):

@@ -143,9 +143,13 @@ def _cases() -> list[list[dict]]:
 
 
 def _first_token_and_text(url: str, messages) -> tuple[str, str, int]:
+    """The first generated token, the whole streamed text and ``cached_tokens``. The first
+    token is read from the per-token ``logprobs`` entries, not from the first chunk: a
+    stream may carry several tokens in one chunk when they are ready together, and how
+    many depends on timing, not on the KV."""
     body = {"model": MODEL_ID, "messages": messages, "max_tokens": 32, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    pieces, usage = [], None
+            "logprobs": True, "stream_options": {"include_usage": True}}
+    pieces, tokens, usage = [], [], None
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=180) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -156,8 +160,10 @@ def _first_token_and_text(url: str, messages) -> tuple[str, str, int]:
             for c in chunk["choices"]:
                 if c["delta"].get("content"):
                     pieces.append(c["delta"]["content"])
+                tokens += [t["token"] for t in ((c.get("logprobs") or {}).get("content") or [])]
     text = "".join(pieces)
-    return (pieces[0] if pieces else ""), text, usage["prompt_tokens_details"]["cached_tokens"]
+    assert "".join(tokens) == text, "the logprobs entries spell the streamed text"
+    return (tokens[0] if tokens else ""), text, usage["prompt_tokens_details"]["cached_tokens"]
 
 
 def test_reuse_matches_cold_computation(tmp_path, capsys):

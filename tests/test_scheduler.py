@@ -193,3 +193,23 @@ def test_a_short_prefill_goes_ahead_of_a_long_uncached_one(server, tmp_path):
     # tokenizing time both share -- measured 0.20 to 0.45 on 2 cores; fifo -0.01 to 0.02)
     assert ahead > 0.12, "the short prompt did not go ahead of the long prefill"
     assert ahead_fifo < 0.06, "fifo served the short prompt before the long one's prefill ended"
+
+
+def test_prefill_seqs_is_one_sequence_a_step_on_a_cpu_unless_set():
+    """``scheduler.prefill_seqs``: null (the default) is one prefilling sequence a step when the
+    model runs on a CPU (the real default model here), 0 is no limit, a number is that limit."""
+    import pytest
+
+    from kv3d_core.config import compose
+    from kv3d_core.engine.engine import Engine
+
+    base = ["server.threads=1", "cache.stream_ctx=256", "scheduler.n_seq_max=2"]
+    for extra, expected in (([], 1), (["scheduler.prefill_seqs=0"], None), (["scheduler.prefill_seqs=3"], 3)):
+        eng = Engine(compose(base + extra))
+        try:
+            assert eng.backend.info.gpu_layers == 0
+            assert eng.scheduler.cfg.prefill_seqs == expected
+        finally:
+            eng.close()
+    with pytest.raises(Exception, match="prefill_seqs must be >= 0"):
+        compose(base + ["scheduler.prefill_seqs=-1"])

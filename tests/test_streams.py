@@ -182,7 +182,7 @@ def test_requests_of_a_new_family_arriving_together_compute_its_prefix_once(layo
 
 
 def test_prefill_chunks_planned_for_fewer_passes_keep_every_reply_a_cold_servers():
-    """``scheduler.microbatch_tokens`` on (as on a GPU): four raw completions of different
+    """``scheduler.microbatch_tokens`` on and ``prefill_seqs`` unlimited (as on a GPU): four raw completions of different
     lengths, admitted together into consecutive streams, prefill in chunks cut to one length
     where that saves passes of the model (tokens put off to later steps); each reply is a cold
     server's, and ``/debug/stats`` counts the passes (at least one per step)."""
@@ -191,7 +191,7 @@ def test_prefill_chunks_planned_for_fewer_passes_keep_every_reply_a_cold_servers
 
     prompts = [f"Question {i}: {q}\nAnswer:" + " Think." * (3 * i) for i, q in enumerate(TURNS[:4])]
     with Engine(compose(["server.threads=2", "scheduler.n_seq_max=6", "scheduler.max_running=4",
-                         "cache.stream_ctx=512", "scheduler.prefill_chunk=16",
+                         "cache.stream_ctx=512", "scheduler.prefill_chunk=16", "scheduler.prefill_seqs=0",
                          "scheduler.microbatch_tokens=64"])) as eng:
         assert eng.backend.info.build["kv_unified"] is False
         views = [eng.prepare_completion(p) for p in prompts]

@@ -103,7 +103,7 @@ class Engine:
                 step_tokens=cfg.scheduler.step_tokens,
                 prefill_order=cfg.scheduler.prefill_order,
                 prefill_aging_s=cfg.scheduler.prefill_aging_s,
-                prefill_seqs=cfg.scheduler.prefill_seqs,
+                prefill_seqs=self._prefill_seqs(cfg.scheduler.prefill_seqs),
                 implicit_families=cfg.scheduler.implicit_families,
                 microbatch_tokens=cfg.scheduler.microbatch_tokens,
                 finish_first=cfg.scheduler.finish_first,
@@ -111,6 +111,17 @@ class Engine:
         except BaseException:
             self.backend.close()
             raise
+
+    def _prefill_seqs(self, setting: int | None) -> int | None:
+        """``scheduler.prefill_seqs`` for the scheduler: 0 is no limit; null (auto) is one
+        sequence a step on a CPU -- a step's time grows with its tokens there, so prefilling
+        the shortest prompt alone first gives it, and every prompt after it, its first token
+        sooner (docs/BENCHMARKS.md, "CPU: one prefill a step") -- and no limit on a GPU, where
+        a step costs little more for more prompt tokens and a cap lost more in waiting than it
+        saved (the H100 A/B)."""
+        if setting is None:
+            return 1 if self.backend.info.gpu_layers == 0 else None
+        return int(setting) or None
 
     def _make_tiers(self, cfg: DictConfig):
         """The warm (and cold) tiers below the hot one; None in safe mode or with no
