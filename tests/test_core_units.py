@@ -279,3 +279,24 @@ def test_the_serving_overhead_benchmark_serves_its_streams_over_http(monkeypatch
     assert served["generated"] == 32 and served["steps"] >= 8
     assert served["step_ms"] >= 2.0 and served["split_ms"]["decode"] >= 2.0
 
+
+
+def test_the_collab_channels_benchmark_codes_int8s_codes_exactly():
+    """``benchmarks/collab_channels.py`` (issue 20: coding int8's codes with per-channel
+    statistics a family shares), on real KV of the default model: its centred code decodes to
+    exactly int8's codes, and every figure is a bit count a byte can hold."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    out = subprocess.run([sys.executable, "collab_channels.py", "--sessions", "2", "--system-tokens", "64",
+                          "--user-tokens", "40", "--block", "16", "--classes", "1,4", "--threads", "1"],
+                         cwd=bench, capture_output=True, text=True, timeout=300, check=True).stdout
+    res = json.loads(out)
+    assert res["centred_codes_decode_exactly"] is True
+    bits = res["bits_per_value_codes"]
+    assert {"int8", "per-channel bound", "centred, 4 classes, 16-cell pieces"} <= set(bits)
+    assert all(0 < v <= 8.1 for v in bits.values())
+    assert res["int8_over_with_scales"]["int8"] == 1.0
