@@ -280,7 +280,6 @@ def test_the_serving_overhead_benchmark_serves_its_streams_over_http(monkeypatch
     assert served["step_ms"] >= 2.0 and served["split_ms"]["decode"] >= 2.0
 
 
-
 def test_the_collab_channels_benchmark_codes_int8s_codes_exactly():
     """``benchmarks/collab_channels.py`` (issue 20: coding int8's codes with per-channel
     statistics a family shares), on real KV of the default model: its centred code decodes to
