@@ -16,11 +16,12 @@ the codes only: int8's scales, 16 bits per 64 values, are the same for every row
 
 - ``int8``: the codes as int8 stores them (high nibbles at zstd level 3, low nibbles at -1, in
   chunks of 64 Ki values);
-- ``mixture bound``: the empirical entropy of the codes of each layer's K or V as one
-  distribution, learnt on the first half (what one table per layer could reach);
-- ``per-channel bound``: the cross-entropy under a distribution per channel learnt on the first
-  half (smoothed with the layer's), what an entropy coder with shared per-channel tables
-  could reach;
+- ``per-layer model``: the cross-entropy of the codes under one distribution for each layer's K
+  or V, learnt on the first half (about what an entropy coder with one shared table per layer
+  would store);
+- ``per-channel model``: the cross-entropy under a distribution per channel learnt on the first
+  half (smoothed with the layer's): about what an entropy coder with shared per-channel
+  tables would store;
 - ``centred, N classes``: each channel's codes minus its family median, the channels sorted
   into N classes by their family spread, each class's values channel-major in one zstd frame
   (level 3): what zstd alone makes of those statistics, for whole deltas and for
@@ -117,8 +118,8 @@ def main() -> None:
             alpha = 0.5 * 256            # per-channel counts smoothed with the layer's distribution
             pc = (hist[i] + alpha * mp) / (hist[i].sum(axis=1, keepdims=True) + alpha)
             chan_bits += float(-np.log2(pc[np.arange(u.shape[1])[None, :], u]).sum())
-    bits["mixture bound"] = mix_bits / n_test
-    bits["per-channel bound"] = chan_bits / n_test
+    bits["per-layer model"] = mix_bits / n_test
+    bits["per-channel model"] = chan_bits / n_test
 
     every_spread = np.concatenate(spread)
     classes_of = {}

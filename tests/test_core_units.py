@@ -296,6 +296,6 @@ def test_the_collab_channels_benchmark_codes_int8s_codes_exactly():
     res = json.loads(out)
     assert res["centred_codes_decode_exactly"] is True
     bits = res["bits_per_value_codes"]
-    assert {"int8", "per-channel bound", "centred, 4 classes, 16-cell pieces"} <= set(bits)
+    assert {"int8", "per-channel model", "centred, 4 classes, 16-cell pieces"} <= set(bits)
     assert all(0 < v <= 8.1 for v in bits.values())
     assert res["int8_over_with_scales"]["int8"] == 1.0
