@@ -149,7 +149,7 @@ def _first_token_and_text(url: str, messages) -> tuple[str, str, int]:
     many depends on timing, not on the KV."""
     body = {"model": MODEL_ID, "messages": messages, "max_tokens": 32, "temperature": 0, "stream": True,
             "logprobs": True, "stream_options": {"include_usage": True}}
-    pieces, tokens, usage = [], [], None
+    pieces, tokens, raw, usage = [], [], b"", None
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=180) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -160,9 +160,13 @@ def _first_token_and_text(url: str, messages) -> tuple[str, str, int]:
             for c in chunk["choices"]:
                 if c["delta"].get("content"):
                     pieces.append(c["delta"]["content"])
-                tokens += [t["token"] for t in ((c.get("logprobs") or {}).get("content") or [])]
+                for t in (c.get("logprobs") or {}).get("content") or []:
+                    tokens.append(t["token"])
+                    raw += bytes(t["bytes"])
     text = "".join(pieces)
-    assert "".join(tokens) == text, "the logprobs entries spell the streamed text"
+    # (a reply cut inside a UTF-8 character ends either way, with U+FFFD or without it)
+    assert text in (raw.decode("utf-8", "replace"), raw.decode("utf-8", "ignore")), \
+        "the logprobs entries spell the streamed text"
     return (tokens[0] if tokens else ""), text, usage["prompt_tokens_details"]["cached_tokens"]
 
 
