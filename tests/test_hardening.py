@@ -240,9 +240,12 @@ def test_malformed_http_gets_an_openai_shaped_400(hserver):
 
 def test_small_request_does_not_wait_for_big_prompts_to_tokenize(hserver):
     """Bodies of 64 KiB and more are rendered and tokenized on a pool of their own: a
-    1-token request sent while a dozen ~300 KB prompts are being tokenized is answered
-    before the last of them. (Each big prompt is under the cheap bound, so it really is
-    tokenized, then refused for exceeding the context.)"""
+    1-token request sent while 48 big prompts are being tokenized (one after the other,
+    ~30 ms each here) is answered before the last of them. It is sent once the first big
+    one is answered, so every body has arrived and it competes with the tokenizing alone:
+    sent at a fixed delay with 16 big prompts, it lost to the last one by 12 ms once in a
+    clean-clone CI. (Each big prompt is under the cheap bound, so it really is tokenized,
+    then refused for exceeding the context.)"""
     n_ctx = httpx.get(hserver.url + "/v1/models").json()["data"][0]["meta"]["n_ctx"]
     # ~5 bytes a token: far past n_ctx, at least 64 KiB, under the cheap bound (n_ctx * 81 bytes)
     text = "lorem ipsum dolor sit amet " * (max(n_ctx * 60, 68 * 1024) // 27)
@@ -256,16 +259,18 @@ def test_small_request_does_not_wait_for_big_prompts_to_tokenize(hserver):
         statuses.append(r.status_code)
         done[name] = time.monotonic()
 
-    threads = [threading.Thread(target=send, args=(f"big{i}", big)) for i in range(16)]
+    threads = [threading.Thread(target=send, args=(f"big{i}", big)) for i in range(48)]
     for t in threads:
         t.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 120
+    while not any(k.startswith("big") for k in list(done)) and time.monotonic() < deadline:
+        time.sleep(0.005)
     small = threading.Thread(target=send, args=("small", json.dumps({"model": MODEL_ID, "prompt": "Hi",
                                                                       "max_tokens": 1})))
     small.start()
     for t in threads + [small]:
         t.join()
-    assert sorted(statuses) == [200] + [400] * 16
+    assert sorted(statuses) == [200] + [400] * 48
     assert done["small"] < max(v for k, v in done.items() if k.startswith("big"))
 
 
