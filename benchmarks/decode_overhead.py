@@ -107,7 +107,7 @@ def served(a, n: int, n_vocab: int, log: Path) -> dict:
         after = httpx.get(srv.url + "/debug/stats", timeout=60).json()["scheduler"]
     steps = after["steps"] - before["steps"]
     split = {k: (after["step_seconds"][k] - before["step_seconds"][k]) / max(1, steps) * 1e3
-             for k in ("decode", "sample", "other")}
+             for k in ("decode", "sample", "admit", "other")}
     return {"tokens_per_s": generated / wall, "generated": generated, "wall_s": wall, "steps": steps,
             "step_ms_split": split}
 

@@ -155,7 +155,7 @@ def served(a, n: int, log: Path) -> dict:
     steps = after["steps"] - before["steps"]
     return {"steps": steps, "generated": generated, "wall_s": wall, "step_ms": wall / steps * 1e3,
             "split_ms": {k: (after["step_seconds"][k] - before["step_seconds"][k]) / steps * 1e3
-                         for k in ("decode", "sample", "other")}}
+                         for k in ("decode", "sample", "admit", "other")}}
 
 
 def main() -> None:

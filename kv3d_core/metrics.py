@@ -39,8 +39,8 @@ class Metrics:
                                         "prompts without a family of their own were found to share, snapshotted",
                                         registry=r)
         self.step_seconds = Counter("kv3d_step_seconds", "Scheduler time by part of a step: llama_decode (decode), "
-                                    "sampling every sequence (sample), the rest (admission, batching, text, "
-                                    "events: other)", ["part"], registry=r)
+                                    "sampling every sequence (sample), admitting requests (admit: their "
+                                    "restores and prefix copies), the rest (batching, text, events: other)", ["part"], registry=r)
         self.prompt_tokens = Counter("kv3d_prompt_tokens", "Prompt tokens received", registry=r)
         self.llama_steps = Counter("kv3d_llama_steps", "llama_decode steps by kind: with prefill tokens (prefill) "
                                    "or decoding only (decode)", ["kind"], registry=r)

@@ -60,6 +60,8 @@ def test_a_long_conversation_resumed_after_every_turn_left_its_stream(staging):
         spills = spy_on_spills(eng)
         warm = converse(eng)
         restores = eng.metrics.restores.labels("warm")._value.get()
+        split, admit_max = dict(eng.scheduler.step_split), eng.scheduler.admit_max_s
+        assert eng.stats()["scheduler"]["admit_max_s"] == admit_max
         prepared = {k: eng.metrics.restores_prepared.labels(k)._value.get() for k in ("started", "used")}
     assert prepared["started"] >= len(TURNS) - 1 and prepared["used"] == restores, (prepared, restores)
     # a session leaving its stream is read from the device without its family prefix
@@ -69,6 +71,8 @@ def test_a_long_conversation_resumed_after_every_turn_left_its_stream(staging):
     with Engine(compose([*common, "safe_mode=true"])) as eng:
         cold = converse(eng)
     assert restores >= len(TURNS) - 1, "every later turn was restored from the warm tier"
+    # admission (the restores among it) is timed apart from the rest of the scheduler's work
+    assert split["admit"] > 0 and 0 < admit_max <= split["admit"], (split, admit_max)
     for i, ((w, wu), (c, cu)) in enumerate(zip(warm, cold)):
         assert w.split()[:1] == c.split()[:1], (i, w, c)
         if i:

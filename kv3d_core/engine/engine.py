@@ -226,6 +226,7 @@ class Engine:
             out["scheduler"] = dict(self.scheduler.load, steps=self.scheduler.steps,
                                     max_batch_sequences=self.scheduler.max_batch_seqs_seen,
                                     step_seconds=dict(self.scheduler.step_split),
+                                    admit_max_s=self.scheduler.admit_max_s,
                                     ttft_split=dict(self.scheduler.ttft_split),
                                     microbatches=dict(self.scheduler.microbatch_plans),
                                     finish_first_deferred=self.scheduler.finish_first_deferred)

@@ -185,7 +185,10 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_batch_seqs_seen = 0
-        self.step_split = {"decode": 0.0, "sample": 0.0, "other": 0.0}   # seconds, since start
+        # seconds, since start: llama_decode, sampling, admission (restores and prefix copies
+        # into sequences included), and the rest of the scheduler's work
+        self.step_split = {"decode": 0.0, "sample": 0.0, "admit": 0.0, "other": 0.0}
+        self.admit_max_s = 0.0             # the longest one admission pass held the thread, since start
         # where first tokens' time goes, since start: queued (no sequence yet) and admitted (prefill,
         # loads, waiting for a shared prefix), summed over ``n`` first tokens; ``parked``: prefill
         # steps a request sat out while another computed the prefix it will load
@@ -272,7 +275,7 @@ class Scheduler:
                     except BaseException as exc:  # delivered to the caller
                         fut.set_exception(exc)
             t_step = time.perf_counter()
-            before = self.step_split["decode"] + self.step_split["sample"]
+            before = self.step_split["decode"] + self.step_split["sample"] + self.step_split["admit"]
             steps_before = self.steps
             try:
                 self._step()
@@ -281,7 +284,8 @@ class Scheduler:
                 for job in list(self._running):
                     self._fail(job, FailureKind.INTERNAL, "internal error in the scheduler")
             if self.steps > steps_before:       # a step ran: what it spent outside decode and sampling
-                other = time.perf_counter() - t_step - (self.step_split["decode"] + self.step_split["sample"] - before)
+                other = time.perf_counter() - t_step - (self.step_split["decode"] + self.step_split["sample"]
+                                                        + self.step_split["admit"] - before)
                 self.step_split["other"] += other
                 self._split_metric["other"].inc(max(0.0, other))
             self.metrics.running.set(len(self._running))    # also after the last request: the
@@ -353,7 +357,12 @@ class Scheduler:
                                        self.cfg.retry_after_s))
             self._release(job, keep=False)
             job.state = SessionState.DROPPED
+        t_admit = time.perf_counter()
         self._admit()
+        dt = time.perf_counter() - t_admit
+        self.step_split["admit"] += dt
+        self._split_metric["admit"].inc(dt)
+        self.admit_max_s = max(self.admit_max_s, dt)
         self.metrics.running.set(len(self._running))
         self.metrics.waiting.set(len(self._waiting) + len(self._intake))
         if now - self._gauges_at > GAUGE_INTERVAL_S or not self._running:

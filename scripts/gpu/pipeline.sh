@@ -94,6 +94,9 @@ for s in r["systems"]:
         mb = sched.get("microbatches") or {}
         print(f"  {'':22s} steps {sched['steps']}  passes/step {mb.get('passes', 0) / sched['steps']:.2f}  "
               f"prompt tokens put off {mb.get('trimmed_tokens', 0)}  ttft_split {sched.get('ttft_split')}")
+        split = sched.get("step_seconds") or {}
+        print(f"  {'':22s} step seconds {({k: round(v, 2) for k, v in split.items()})}  "
+              f"longest admission {sched.get('admit_max_s', 0) * 1000:.0f} ms")
 print("  ratios vs", r.get("baseline"), {k: round(v, 3) if v else v for k, v in r["ratios"].items()})
 EOF
 }
