@@ -61,7 +61,7 @@ def test_a_long_conversation_resumed_after_every_turn_left_its_stream(staging):
         warm = converse(eng)
         restores = eng.metrics.restores.labels("warm")._value.get()
         split, admit_max = dict(eng.scheduler.step_split), eng.scheduler.admit_max_s
-        assert eng.stats()["scheduler"]["admit_max_s"] == admit_max
+        assert eng.stats()["scheduler"]["admit_max_s"] >= admit_max
         prepared = {k: eng.metrics.restores_prepared.labels(k)._value.get() for k in ("started", "used")}
     assert prepared["started"] >= len(TURNS) - 1 and prepared["used"] == restores, (prepared, restores)
     # a session leaving its stream is read from the device without its family prefix
