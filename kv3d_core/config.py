@@ -91,6 +91,7 @@ class SchedulerSchema:
     implicit_families: bool = False
     microbatch_tokens: Optional[int] = None
     finish_first: bool = False
+    admit_budget_ms: Optional[float] = None
 
 
 @dataclass
@@ -310,6 +311,8 @@ def validated(cfg: DictConfig) -> DictConfig:
         problems.append("scheduler.prefill_aging_s must be >= 0")
     if s.scheduler.prefill_seqs is not None and s.scheduler.prefill_seqs < 0:
         problems.append("scheduler.prefill_seqs must be >= 0 (0: no limit; null: 1 on a CPU, no limit on a GPU)")
+    if s.scheduler.admit_budget_ms is not None and s.scheduler.admit_budget_ms < 0:
+        problems.append("scheduler.admit_budget_ms must be >= 0 (or null: no bound)")
     if s.scheduler.microbatch_tokens is not None and s.scheduler.microbatch_tokens < 0:
         problems.append("scheduler.microbatch_tokens must be >= 0 (0: off; null: 128 on a GPU, off on a CPU)")
     if s.server.cached_tokens not in ("block", "exact", "off"):

@@ -141,6 +141,8 @@ def test_bad_values_are_config_errors():
         compose(["server.port=abc"])
     with pytest.raises(ConfigError, match="n_seq_max"):
         compose(["scheduler.n_seq_max=999"])
+    with pytest.raises(ConfigError, match="admit_budget_ms"):
+        compose(["scheduler.admit_budget_ms=-1"])
     with pytest.raises(ConfigError, match="codec/nope"):
         compose(["+codec=nope"])
     with pytest.raises(ConfigError, match="codec/nope"):

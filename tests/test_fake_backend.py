@@ -844,3 +844,45 @@ def test_finish_first_keeps_long_prompts_out_of_the_steps_that_end_short_ones():
         else:
             assert sched.finish_first_deferred == 0
             assert {s for s, _, _ in prefill[0]} == {0, 1, 2}
+
+
+def test_an_admission_budget_admits_the_rest_of_a_burst_at_later_steps():
+    """``scheduler.admit_budget_ms``: once an admission pass has admitted a request and run
+    this long, the requests still waiting are admitted at the next steps (0: one a step), and
+    every reply is still the job's alone. With no budget (the default) the first step admits
+    all of them."""
+
+    class Recording(FakeBackend):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.steps: list[set[int]] = []
+
+        def decode(self, entries):
+            self.steps.append({e.seq for e in entries})
+            return super().decode(entries)
+
+    specs = [PromptView(toks(170 + i, 12 + i), 0, "fake") for i in range(3)]
+    for budget in (0.0, None):
+        b = Recording(kv_unified=False, n_seq_max=4, n_ctx_seq=128, max_batch_tokens=128)
+        metrics = Metrics()
+        sched = Scheduler(b, PrefixCache(b, ExactDetector(), metrics), metrics,
+                          SchedulerConfig(max_running=3, admit_budget_ms=budget))
+        views = [PromptView(v.tokens, 0, b.info.model_id) for v in specs]
+        queues = []
+        for i, view in enumerate(views):
+            q: queue.Queue = queue.Queue()
+            sched.submit(Job(f"job-{i}", view, ExactDetector().family(view), SamplingParams(temperature=0), 4, [],
+                             q.put))
+            queues.append(q)
+        sched.start()
+        try:
+            replies = [collect(q) for q in queues]
+        finally:
+            sched.stop()
+        for view, (text, reason, usage) in zip(views, replies):
+            assert (text, reason, usage["completion_tokens"]) == greedy_reference(view, 4, False)
+        first_step = {s: next(i for i, step in enumerate(b.steps) if s in step) for s in range(3)}
+        if budget == 0.0:
+            assert sorted(first_step.values()) == [0, 1, 2], b.steps[:4]
+        else:
+            assert set(first_step.values()) == {0}, b.steps[:4]

@@ -107,6 +107,7 @@ class Engine:
                 implicit_families=cfg.scheduler.implicit_families,
                 microbatch_tokens=cfg.scheduler.microbatch_tokens,
                 finish_first=cfg.scheduler.finish_first,
+                admit_budget_ms=cfg.scheduler.admit_budget_ms,
             ))
         except BaseException:
             self.backend.close()

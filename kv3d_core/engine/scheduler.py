@@ -105,6 +105,7 @@ class SchedulerConfig:
     implicit_families: bool = False    # raw prompts prefilling together share their common prefix
     microbatch_tokens: int | None = None   # prompt tokens a micro-batch is worth (None: 128 on a GPU, 0 = off)
     finish_first: bool = False         # a step that ends a prompt carries no unfinished chunk of another
+    admit_budget_ms: float | None = None   # an admission pass stops after the first request admitted past this
 
 
 @dataclass(eq=False)
@@ -376,8 +377,12 @@ class Scheduler:
     def _admit(self) -> None:
         if self._waiting and len(self._running) < self.cfg.max_running:
             self._prepare_ahead()
+        budget = self.cfg.admit_budget_ms
+        t0, admitted_now = time.perf_counter(), 0
         i = 0
         while i < len(self._waiting) and len(self._running) < self.cfg.max_running:
+            if budget is not None and admitted_now and (time.perf_counter() - t0) * 1e3 >= budget:
+                break                  # the rest at the next step: running sequences go on meanwhile
             job = self._waiting[i]
             if job.prep is not None and not job.prep.done():
                 i += 1                 # its restore is still being decoded: the next request goes first
@@ -393,6 +398,7 @@ class Scheduler:
                 continue
             if not admitted:
                 break
+            admitted_now += 1
 
     def _prepare_ahead(self) -> None:
         """Start decoding the stored sessions the next requests to admit resume (off this
