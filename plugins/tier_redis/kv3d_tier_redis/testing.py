@@ -106,18 +106,28 @@ def make_certs(tmp: Path, name: str = "ca") -> Certs:
 
 
 # -- one server ----------------------------------------------------------------------------------------------
+class _PortTaken(RuntimeError):
+    """redis-server could not listen: another process holds one of its ports."""
+
+
 class RedisServer:
     """``redis-server`` on ``127.0.0.1:port``; :meth:`stop` and :meth:`start` again keep
     the port (the store comes back empty: it saves nothing). With ``tls`` it listens for
     TLS only on that port (``--port 0``); ``tls_auth_clients``: it requires a client
-    certificate signed by the CA."""
+    certificate signed by the CA. ``cluster_port``: it also listens on a cluster bus port of
+    its own (a cluster node). Ports it picked itself are picked again when another process
+    took one between the pick and the first start (``Address already in use``)."""
 
     def __init__(self, tmp: Path, *, port: int | None = None, password: str | None = None,
-                 extra: list[str] = (), tls: Certs | None = None, tls_auth_clients: bool = False) -> None:
+                 extra: list[str] = (), tls: Certs | None = None, tls_auth_clients: bool = False,
+                 cluster_port: bool = False) -> None:
         self.exe = _server_exe()
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._picked = port is None
         self.port = port or free_port()
+        self.cluster_port = free_port() if cluster_port else None
+        self._started = False
         self.password = password
         self.extra = list(extra)
         self.tls = tls
@@ -143,22 +153,44 @@ class RedisServer:
                      "--tls-auth-clients", "yes" if self.tls_auth_clients else "no"]
         else:
             args += ["--port", str(self.port)]
+        if self.cluster_port is not None:
+            args += ["--cluster-port", str(self.cluster_port)]
         if self.password:
             args += ["--requirepass", self.password]
         return args + self.extra
 
     def start(self, timeout: float = 20.0) -> "RedisServer":
+        for attempt in range(5):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                if self._started or not (self._picked or self.cluster_port is not None) or attempt == 4:
+                    raise
+                if self._picked:
+                    self.port = free_port()
+                if self.cluster_port is not None:
+                    self.cluster_port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> "RedisServer":
         if self.running:
             raise RuntimeError(f"redis-server on port {self.port} is already running (pid {self.proc.pid})")
+        log = self.tmp / "redis.log"
+        at = log.stat().st_size if log.exists() else 0
         self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                said = log.read_bytes()[at:].decode(errors="replace") if log.exists() else ""
+                if "Address already in use" in said:
+                    self.proc = None
+                    raise _PortTaken(said)
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {self.log()}")
             try:
                 with self._connect() as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(64):
+                        self._started = True
                         return self
             except OSError:
                 time.sleep(0.05)
@@ -243,13 +275,13 @@ class RedisClusterServers:
         self.nodes: list[RedisServer] = []
         for i in range(n):
             extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                     "--cluster-node-timeout", str(node_timeout_ms), "--cluster-port", str(free_port())]
+                     "--cluster-node-timeout", str(node_timeout_ms)]
             if password:
                 extra += ["--masterauth", password]
             if tls:
                 extra += ["--tls-cluster", "yes", "--tls-replication", "yes"]
             self.nodes.append(RedisServer(self.tmp / f"node{i}", password=password, extra=extra, tls=tls,
-                                          tls_auth_clients=tls_auth_clients))
+                                          tls_auth_clients=tls_auth_clients, cluster_port=True))
 
     @property
     def url(self) -> str:
