@@ -797,41 +797,51 @@ def test_a_stream_that_reports_itself_full_preempts_then_fails_never_spins():
     assert metrics.preemptions._value.get() >= 1
 
 
+class RecordingBackend(FakeBackend):
+    """The fake backend, keeping every step's ``(seq, pos0, n_tokens)`` entries."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.steps: list[list[tuple[int, int, int]]] = []
+
+    def decode(self, entries):
+        self.steps.append([(e.seq, e.pos0, len(e.tokens)) for e in entries])
+        return super().decode(entries)
+
+
+def run_recorded(specs: list[PromptView], n_ctx_seq: int,
+                 config: SchedulerConfig) -> tuple[RecordingBackend, Scheduler]:
+    """Greedy 4-token jobs of ``specs``, all submitted before the scheduler starts (sequences are
+    handed out in submission order), on a recording backend with a KV stream per sequence; every
+    reply is checked against the job's alone."""
+    b = RecordingBackend(kv_unified=False, n_seq_max=4, n_ctx_seq=n_ctx_seq, max_batch_tokens=128)
+    metrics = Metrics()
+    sched = Scheduler(b, PrefixCache(b, ExactDetector(), metrics), metrics, config)
+    views = [PromptView(v.tokens, 0, b.info.model_id) for v in specs]
+    queues = []
+    for i, view in enumerate(views):
+        q: queue.Queue = queue.Queue()
+        sched.submit(Job(f"job-{i}", view, ExactDetector().family(view), SamplingParams(temperature=0), 4, [], q.put))
+        queues.append(q)
+    sched.start()
+    try:
+        replies = [collect(q) for q in queues]
+    finally:
+        sched.stop()
+    for view, (text, reason, usage) in zip(views, replies):
+        assert (text, reason, usage["completion_tokens"]) == greedy_reference(view, 4, False)
+    return b, sched
+
+
 def test_finish_first_keeps_long_prompts_out_of_the_steps_that_end_short_ones():
     """``scheduler.finish_first``: a long prompt (200 tokens) and two short ones (20, 28)
     prefilling together; every step that ends a prompt carries no chunk of a prompt it does not
     end, the long one goes on in the steps between, and every reply is the job's alone. Off (the
     default), the first step carries all three."""
-
-    class Recording(FakeBackend):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.steps: list[list[tuple[int, int, int]]] = []
-
-        def decode(self, entries):
-            self.steps.append([(e.seq, e.pos0, len(e.tokens)) for e in entries])
-            return super().decode(entries)
-
     specs = [PromptView(toks(150 + i, n), 0, "fake") for i, n in enumerate((200, 20, 28))]
     for finish_first in (True, False):
-        b = Recording(kv_unified=False, n_seq_max=4, n_ctx_seq=256, max_batch_tokens=128)
-        metrics = Metrics()
-        sched = Scheduler(b, PrefixCache(b, ExactDetector(), metrics), metrics,
-                          SchedulerConfig(max_running=3, prefill_chunk=64, finish_first=finish_first))
-        views = [PromptView(v.tokens, 0, b.info.model_id) for v in specs]
-        queues = []
-        for i, view in enumerate(views):
-            q: queue.Queue = queue.Queue()
-            sched.submit(Job(f"job-{i}", view, ExactDetector().family(view), SamplingParams(temperature=0), 4, [],
-                             q.put))
-            queues.append(q)
-        sched.start()
-        try:
-            replies = [collect(q) for q in queues]
-        finally:
-            sched.stop()
-        for view, (text, reason, usage) in zip(views, replies):
-            assert (text, reason, usage["completion_tokens"]) == greedy_reference(view, 4, False)
+        b, sched = run_recorded(specs, 256, SchedulerConfig(max_running=3, prefill_chunk=64,
+                                                            finish_first=finish_first))
         lengths = {0: 200, 1: 20, 2: 28}                 # sequences are handed out in submission order
         prefill = [[(s, p, k) for s, p, k in step if k > 1 or p + k < lengths[s]] for step in b.steps]
         if finish_first:
@@ -852,36 +862,11 @@ def test_an_admission_budget_admits_the_rest_of_a_burst_at_later_steps():
     every reply is still the job's alone. With no budget (the default) the first step admits
     all of them."""
 
-    class Recording(FakeBackend):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.steps: list[set[int]] = []
-
-        def decode(self, entries):
-            self.steps.append({e.seq for e in entries})
-            return super().decode(entries)
-
     specs = [PromptView(toks(170 + i, 12 + i), 0, "fake") for i in range(3)]
     for budget in (0.0, None):
-        b = Recording(kv_unified=False, n_seq_max=4, n_ctx_seq=128, max_batch_tokens=128)
-        metrics = Metrics()
-        sched = Scheduler(b, PrefixCache(b, ExactDetector(), metrics), metrics,
-                          SchedulerConfig(max_running=3, admit_budget_ms=budget))
-        views = [PromptView(v.tokens, 0, b.info.model_id) for v in specs]
-        queues = []
-        for i, view in enumerate(views):
-            q: queue.Queue = queue.Queue()
-            sched.submit(Job(f"job-{i}", view, ExactDetector().family(view), SamplingParams(temperature=0), 4, [],
-                             q.put))
-            queues.append(q)
-        sched.start()
-        try:
-            replies = [collect(q) for q in queues]
-        finally:
-            sched.stop()
-        for view, (text, reason, usage) in zip(views, replies):
-            assert (text, reason, usage["completion_tokens"]) == greedy_reference(view, 4, False)
-        first_step = {s: next(i for i, step in enumerate(b.steps) if s in step) for s in range(3)}
+        b, _ = run_recorded(specs, 128, SchedulerConfig(max_running=3, admit_budget_ms=budget))
+        first_step = {s: next(i for i, step in enumerate(b.steps) if any(e[0] == s for e in step))
+                      for s in range(3)}
         if budget == 0.0:
             assert sorted(first_step.values()) == [0, 1, 2], b.steps[:4]
         else:
